@@ -1,0 +1,141 @@
+//! Parsing the server's `CLIENT LIST` reply into per-client records.
+//!
+//! The module API exposes only a few client fields (flags, address, db); everything else a
+//! `CLIENT KILL` filter can test (name, idle, user, laddr, lib-name, ...) comes from one
+//! `CLIENT LIST` call per command. Fields a server version lacks (lib-name on 7.0) parse as empty.
+
+/// One line of `CLIENT LIST`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListedClient {
+    pub id: u64,
+    pub addr: String,
+    pub laddr: String,
+    pub name: String,
+    /// Whole seconds, as the server reports it.
+    pub age_s: u64,
+    pub idle_s: u64,
+    pub flags: String,
+    /// `r` when the client sent `CLIENT CAPA redirect` (Valkey 8+; always empty on Redis 7.0).
+    pub capa: String,
+    pub db: i64,
+    pub sub: u64,
+    pub psub: u64,
+    pub ssub: u64,
+    /// -1 outside MULTI, else the number of queued commands.
+    pub multi: i64,
+    pub qbuf: u64,
+    pub obl: u64,
+    pub oll: u64,
+    pub cmd: String,
+    pub user: String,
+    pub resp: u32,
+    pub lib_name: String,
+    pub lib_ver: String,
+    /// The client that receives this client's tracking invalidations (-1 when none).
+    pub redir: i64,
+}
+
+impl ListedClient {
+    /// The IP part of `addr` (`[::1]:6379` style is not used by the server: the last colon splits).
+    pub fn ip(&self) -> &str {
+        self.addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(ip, _)| ip)
+    }
+
+    pub fn has_flag(&self, flag: char) -> bool {
+        self.flags.contains(flag)
+    }
+}
+
+/// Parses a whole `CLIENT LIST` reply; lines without a numeric id are skipped.
+pub fn parse_client_list(text: &str) -> Vec<ListedClient> {
+    text.lines().filter_map(parse_client_line).collect()
+}
+
+pub fn parse_client_line(line: &str) -> Option<ListedClient> {
+    let mut client = ListedClient {
+        multi: -1,
+        redir: -1,
+        ..ListedClient::default()
+    };
+    let mut has_id = false;
+    for field in line.split(' ') {
+        let Some((key, value)) = field.split_once('=') else {
+            continue;
+        };
+        match key {
+            "id" => {
+                client.id = value.parse().ok()?;
+                has_id = true;
+            }
+            "addr" => client.addr = value.to_string(),
+            "laddr" => client.laddr = value.to_string(),
+            "name" => client.name = value.to_string(),
+            "age" => client.age_s = value.parse().unwrap_or(0),
+            "idle" => client.idle_s = value.parse().unwrap_or(0),
+            "flags" => client.flags = value.to_string(),
+            "capa" => client.capa = value.to_string(),
+            "db" => client.db = value.parse().unwrap_or(0),
+            "sub" => client.sub = value.parse().unwrap_or(0),
+            "psub" => client.psub = value.parse().unwrap_or(0),
+            "ssub" => client.ssub = value.parse().unwrap_or(0),
+            "multi" => client.multi = value.parse().unwrap_or(-1),
+            "qbuf" => client.qbuf = value.parse().unwrap_or(0),
+            "obl" => client.obl = value.parse().unwrap_or(0),
+            "oll" => client.oll = value.parse().unwrap_or(0),
+            "cmd" => client.cmd = value.to_string(),
+            "user" => client.user = value.to_string(),
+            "resp" => client.resp = value.parse().unwrap_or(2),
+            "lib-name" => client.lib_name = value.to_string(),
+            "lib-ver" => client.lib_ver = value.to_string(),
+            "redir" => client.redir = value.parse().unwrap_or(-1),
+            _ => {}
+        }
+    }
+    has_id.then_some(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REDIS_70_LINE: &str = "id=5 addr=127.0.0.1:50100 laddr=127.0.0.1:7000 fd=8 name=web-1 age=12 idle=3 flags=N db=2 sub=0 psub=0 ssub=0 multi=-1 qbuf=26 qbuf-free=20448 argv-mem=10 multi-mem=0 rbs=1024 rbp=0 obl=0 oll=0 omem=0 tot-mem=22298 events=r cmd=client|list user=default redir=-1 resp=2";
+    const VALKEY_91_LINE: &str = "id=7 addr=[::1]:41234 laddr=[::1]:7001 fd=9 name= age=0 idle=0 flags=P capa= db=0 sub=1 psub=0 ssub=0 multi=-1 watch=0 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=1024 rbp=5 obl=0 oll=0 omem=0 tot-mem=1928 events=r cmd=subscribe user=alice redir=-1 resp=3 lib-name=redis-py lib-ver=5.0.1 tot-net-in=30";
+
+    #[test]
+    fn parses_a_redis_70_line() {
+        let client = parse_client_line(REDIS_70_LINE).unwrap();
+        assert_eq!(client.id, 5);
+        assert_eq!(client.addr, "127.0.0.1:50100");
+        assert_eq!(client.ip(), "127.0.0.1");
+        assert_eq!(client.laddr, "127.0.0.1:7000");
+        assert_eq!(client.name, "web-1");
+        assert_eq!((client.age_s, client.idle_s), (12, 3));
+        assert_eq!(client.db, 2);
+        assert_eq!(client.qbuf, 26);
+        assert_eq!(client.user, "default");
+        assert_eq!(client.lib_name, "");
+        assert_eq!(client.multi, -1);
+        assert!(client.has_flag('N'));
+    }
+
+    #[test]
+    fn parses_a_valkey_91_line_with_ipv6_and_lib_fields() {
+        let client = parse_client_line(VALKEY_91_LINE).unwrap();
+        assert_eq!(client.id, 7);
+        assert_eq!(client.ip(), "[::1]");
+        assert_eq!(client.name, "");
+        assert_eq!(client.sub, 1);
+        assert_eq!(client.resp, 3);
+        assert_eq!(client.lib_name, "redis-py");
+        assert_eq!(client.lib_ver, "5.0.1");
+    }
+
+    #[test]
+    fn skips_lines_without_an_id() {
+        let text = format!("{REDIS_70_LINE}\n\ngarbage\nid=x addr=1\n{VALKEY_91_LINE}\n");
+        let ids: Vec<u64> = parse_client_list(&text).iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![5, 7]);
+    }
+}

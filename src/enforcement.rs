@@ -1,0 +1,301 @@
+//! Automatic enforcement, the server side of `policy`: the client-change events, the one timer,
+//! the bounded tick that retires due clients, and the close path shared with `MAXAGE.KILL`.
+
+use std::collections::HashMap;
+
+use lazy_static::lazy_static;
+use redis_module::{Context, RedisValue, raw};
+
+use crate::audit::{Reason, RetiredClient, retirement_line};
+use crate::client_list::{ListedClient, parse_client_list};
+use crate::config;
+use crate::ffi::{self, LogLevel, TimerId, monotonic_ms, monotonic_us};
+use crate::policy::Decision;
+use crate::state::{MainThreadCell, STATE};
+use crate::stats;
+
+/// Closes per timer callback. The server frees closed clients right after the callback (about
+/// 14 us each), so this also bounds the stall that follows it.
+const MAX_CLOSES_PER_TICK: usize = 32;
+/// Due clients looked up with one `CLIENT LIST ID ...` call.
+const LOOKUP_BATCH: usize = 32;
+/// Time one callback may spend before it yields to the event loop and continues next pass.
+const TICK_BUDGET_US: u64 = 700;
+
+lazy_static! {
+    /// The armed timer: when it fires and its id. At most one is armed at a time.
+    static ref ARMED: MainThreadCell<Option<(u64, TimerId)>> = MainThreadCell::new(None);
+}
+
+pub fn on_client_change(_ctx: *mut raw::RedisModuleCtx, client_id: u64, connected: bool) {
+    let now_ms = monotonic_ms();
+    STATE.with(|policy| {
+        if connected {
+            policy.on_connect(client_id, now_ms);
+        } else {
+            policy.on_disconnect(client_id);
+        }
+    });
+    if connected {
+        rearm(now_ms);
+    }
+}
+
+/// Called after any `maxage.*` setting changes: re-times every connected client at once.
+pub fn on_settings_changed() {
+    let now_ms = monotonic_ms();
+    STATE.with(|policy| policy.apply_settings(config::snapshot(), now_ms));
+    rearm(now_ms);
+}
+
+/// Arms the timer for the policy's next wake-up, unless one is already armed for no later.
+pub fn rearm(now_ms: u64) {
+    let wake = STATE.with(|policy| policy.next_wake_ms(now_ms)).flatten();
+    ARMED.with(|armed| match (wake, *armed) {
+        (Some(wake), Some((fires_at, _))) if fires_at <= wake => {}
+        (Some(wake), current) => {
+            if let Some((_, timer)) = current {
+                ffi::stop_timer(timer);
+            }
+            *armed = ffi::create_timer(wake.saturating_sub(now_ms)).map(|timer| (wake, timer));
+        }
+        (None, _) => {}
+    });
+}
+
+/// Stops the timer (unload refuses while a module timer is pending).
+pub fn disarm() {
+    ARMED.with(|armed| {
+        if let Some((_, timer)) = armed.take() {
+            ffi::stop_timer(timer);
+        }
+    });
+}
+
+pub fn on_timer(ctx: *mut raw::RedisModuleCtx) {
+    ARMED.with(|armed| *armed = None);
+    let context = Context::new(ctx);
+    tick(&context);
+    rearm(monotonic_ms());
+}
+
+/// `CLIENT LIST`, or `CLIENT LIST ID ...` for just the given clients.
+pub fn list_clients(ctx: &Context, ids: Option<&[u64]>) -> Vec<ListedClient> {
+    let id_strings: Vec<String> = ids
+        .unwrap_or_default()
+        .iter()
+        .map(u64::to_string)
+        .collect();
+    let mut args: Vec<&str> = vec!["LIST"];
+    if ids.is_some() {
+        args.push("ID");
+        args.extend(id_strings.iter().map(String::as_str));
+    }
+    match ctx.call("CLIENT", args.as_slice()) {
+        Ok(reply) => parse_client_list(&reply_text(reply)),
+        Err(error) => {
+            ffi::log(
+                ctx.ctx,
+                LogLevel::Warning,
+                &format!("maxage: CLIENT LIST failed: {error}"),
+            );
+            Vec::new()
+        }
+    }
+}
+
+pub fn reply_text(reply: RedisValue) -> String {
+    match reply {
+        RedisValue::SimpleString(s) | RedisValue::BulkString(s) => s,
+        RedisValue::StringBuffer(bytes) | RedisValue::VerbatimString((_, bytes)) => {
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        RedisValue::BulkRedisString(s) => s.to_string_lossy(),
+        _ => String::new(),
+    }
+}
+
+/// Closes one client (or, in observe mode for enforcement, only says it would), counts it and
+/// writes the audit line.
+pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason, now_ms: u64) {
+    let observe_only = reason != Reason::ManualKill
+        && STATE
+            .with(|policy| policy.settings.observe_only)
+            .unwrap_or(false);
+    if !observe_only && !ffi::close_client(ctx.ctx, client.id) {
+        return;
+    }
+    record_retirement(ctx, client, age_ms, reason, observe_only, now_ms);
+}
+
+/// Counts a retirement and writes its audit line.
+pub fn record_retirement(
+    ctx: &Context,
+    client: &ListedClient,
+    age_ms: u64,
+    reason: Reason,
+    observe_only: bool,
+    now_ms: u64,
+) {
+    stats::count_retirement(reason, observe_only);
+    let line = retirement_line(
+        &RetiredClient {
+            client_id: client.id,
+            addr: &client.addr,
+            user: &client.user,
+            name: &client.name,
+            age_ms,
+        },
+        reason,
+        observe_only,
+    );
+    audit(ctx.ctx, Some(line), now_ms);
+}
+
+/// Logs an audit line through the per-second cap, and any summary the cap owes.
+fn audit(ctx: *mut raw::RedisModuleCtx, line: Option<String>, now_ms: u64) {
+    let admitted = STATE.with(|policy| match line {
+        Some(_) => policy.audit.admit(now_ms),
+        None => (policy.audit.flush(now_ms), false),
+    });
+    let Some((summary, log_line)) = admitted else {
+        return;
+    };
+    if let Some(summary) = summary {
+        ffi::log(ctx, LogLevel::Notice, &summary);
+    }
+    if let (true, Some(line)) = (log_line, line) {
+        ffi::log(ctx, LogLevel::Notice, &line);
+    }
+}
+
+/// Closes the client after its current reply has gone out (the caller of a kill that matched
+/// itself). The server drops any reply still queued for a client it closes, so the close waits
+/// until the client's output buffers are empty.
+pub fn close_after_reply(client_id: u64) {
+    STATE.with(|policy| policy.closes_after_reply.push(client_id));
+    wake_soon();
+}
+
+/// Makes the timer fire on the next event-loop pass that is at least a millisecond away.
+fn wake_soon() {
+    let now_ms = monotonic_ms();
+    ARMED.with(|armed| {
+        if armed.is_some_and(|(fires_at, _)| fires_at <= now_ms + 1) {
+            return;
+        }
+        if let Some((_, timer)) = armed.take() {
+            ffi::stop_timer(timer);
+        }
+        *armed = ffi::create_timer(1).map(|timer| (now_ms + 1, timer));
+    });
+}
+
+fn close_callers_whose_reply_is_out(ctx: &Context) {
+    let waiting = STATE
+        .with(|policy| std::mem::take(&mut policy.closes_after_reply))
+        .unwrap_or_default();
+    if waiting.is_empty() {
+        return;
+    }
+    let mut still_waiting = Vec::new();
+    for client in list_clients(ctx, Some(&waiting)) {
+        if client.obl == 0 && client.oll == 0 {
+            ffi::close_client(ctx.ctx, client.id);
+        } else {
+            still_waiting.push(client.id);
+        }
+    }
+    if !still_waiting.is_empty() {
+        STATE.with(|policy| policy.closes_after_reply.extend(still_waiting));
+        wake_soon();
+    }
+}
+
+fn tick(ctx: &Context) {
+    let started_us = monotonic_us();
+    let now_ms = monotonic_ms();
+    close_callers_whose_reply_is_out(ctx);
+    audit(ctx.ctx, None, now_ms);
+
+    let observe_only = STATE
+        .with(|policy| policy.settings.observe_only)
+        .unwrap_or(false);
+    let mut closed = 0;
+    'batches: while closed < MAX_CLOSES_PER_TICK
+        && monotonic_us().saturating_sub(started_us) < TICK_BUDGET_US
+    {
+        let batch = STATE
+            .with(|policy| policy.take_due(now_ms, LOOKUP_BATCH))
+            .unwrap_or_default();
+        if batch.is_empty() {
+            break;
+        }
+        let listed: HashMap<u64, ListedClient> = list_clients(ctx, Some(&batch))
+            .into_iter()
+            .map(|client| (client.id, client))
+            .collect();
+        for (position, client_id) in batch.iter().enumerate() {
+            let Some(client) = listed.get(client_id) else {
+                continue;
+            };
+            let Some((decision, age_ms)) = STATE.with(|policy| {
+                let age_ms = policy
+                    .registry
+                    .get(*client_id)
+                    .map_or(client.age_s * 1000, |c| c.age_ms(now_ms));
+                (policy.decide(client, now_ms), age_ms)
+            }) else {
+                continue;
+            };
+            match decision {
+                Decision::Exempt { recheck_at_ms } => {
+                    stats::EXEMPTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    STATE.with(|policy| policy.requeue(*client_id, recheck_at_ms));
+                }
+                Decision::Grace { retry_at_ms } => {
+                    stats::GRACE_DELAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    STATE.with(|policy| policy.requeue(*client_id, retry_at_ms));
+                }
+                Decision::Retire(reason) => {
+                    let paced_out = closed >= MAX_CLOSES_PER_TICK
+                        || !STATE
+                            .with(|policy| policy.try_take_token(now_ms))
+                            .unwrap_or(false);
+                    if paced_out {
+                        stats::PACING_DELAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        STATE.with(|policy| {
+                            for waiting in &batch[position..] {
+                                policy.requeue(*waiting, now_ms);
+                            }
+                        });
+                        break 'batches;
+                    }
+                    retire(ctx, client, age_ms, reason, now_ms);
+                    if !observe_only {
+                        closed += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Seeds the registry with the clients that were connected before the module loaded. Their
+/// connect time comes from `age=` (whole seconds, rounded down, so a seeded client is never
+/// thought older than it is) and is marked approximate.
+pub fn seed_existing_clients(ctx: &Context) -> usize {
+    let now_ms = monotonic_ms();
+    let listed = list_clients(ctx, None);
+    STATE
+        .with(|policy| {
+            for client in &listed {
+                if !policy.registry.contains(client.id) {
+                    let connected_at_ms = now_ms.saturating_sub(client.age_s * 1000);
+                    policy.track(client.id, connected_at_ms, true);
+                }
+            }
+            listed.len()
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,341 @@
+//! Every raw module-API call the crate does not wrap, in one place, each with the reason it is sound.
+//!
+//! Everything here runs on the server's main thread: commands, server events, timers, INFO and
+//! config callbacks are all called by the server with its global lock held.
+
+use std::ffi::{CStr, CString, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use redis_module::raw;
+
+/// Runs `body`, turning a panic into `fallback` so it never unwinds into the server (which would
+/// abort it). The panic message goes to the server log.
+pub fn no_unwind<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            log(
+                module_ctx(),
+                LogLevel::Warning,
+                &format!("maxage: internal error in {what}: {message}"),
+            );
+            fallback
+        }
+    }
+}
+
+/// Milliseconds from `CLOCK_MONOTONIC`: NTP steps and wall-clock jumps do not move it, so they
+/// cannot make a connection look old. (`RedisModule_Microseconds` is missing on Redis 7.0.)
+pub fn monotonic_ms() -> u64 {
+    monotonic_us() / 1000
+}
+
+pub fn monotonic_us() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64) * 1_000_000 + (now.tv_nsec as u64) / 1000
+}
+
+// ---------------------------------------------------------------------------------------------
+// The module's own long-lived context.
+
+static MODULE_CTX: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(ptr::null_mut());
+
+/// Keeps a detached context for work that arrives without one (config callbacks, logging from
+/// deep inside the logic). It is only used on the main thread, with the server lock held.
+pub fn init_module_ctx(ctx: *mut raw::RedisModuleCtx) {
+    // SAFETY: `ctx` is the OnLoad context; GetDetachedThreadSafeContext exists since Redis 6.2.
+    let detached = unsafe { raw::RedisModule_GetDetachedThreadSafeContext.unwrap()(ctx) };
+    let previous = MODULE_CTX.swap(detached, Ordering::AcqRel);
+    free_detached(previous);
+}
+
+pub fn release_module_ctx() {
+    free_detached(MODULE_CTX.swap(ptr::null_mut(), Ordering::AcqRel));
+}
+
+fn free_detached(ctx: *mut raw::RedisModuleCtx) {
+    if !ctx.is_null() {
+        // SAFETY: `ctx` came from GetDetachedThreadSafeContext and is freed exactly once (swapped out).
+        unsafe { raw::RedisModule_FreeThreadSafeContext.unwrap()(ctx) };
+    }
+}
+
+pub fn module_ctx() -> *mut raw::RedisModuleCtx {
+    MODULE_CTX.load(Ordering::Acquire)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging.
+
+#[derive(Clone, Copy)]
+pub enum LogLevel {
+    Verbose,
+    Notice,
+    Warning,
+}
+
+pub fn log(ctx: *mut raw::RedisModuleCtx, level: LogLevel, message: &str) {
+    let level = match level {
+        LogLevel::Verbose => c"verbose",
+        LogLevel::Notice => c"notice",
+        LogLevel::Warning => c"warning",
+    };
+    // Interior NULs cannot come from the server's own strings; replace them rather than fail.
+    let message = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    // SAFETY: the format is a constant "%s" with one matching C-string argument, so nothing in
+    // the message is ever read as a format directive. A null ctx logs as "the module" on both servers.
+    unsafe { raw::RedisModule_Log.unwrap()(ctx, level.as_ptr(), c"%s".as_ptr(), message.as_ptr()) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients.
+
+pub const CLIENT_FLAG_PUBSUB: u64 = raw::REDISMODULE_CLIENTINFO_FLAG_PUBSUB as u64;
+pub const CLIENT_FLAG_BLOCKED: u64 = raw::REDISMODULE_CLIENTINFO_FLAG_BLOCKED as u64;
+pub const CLIENT_FLAG_MULTI: u64 = raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64;
+
+/// The fields of `RedisModuleClientInfo` version 1 the module uses.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientInfo {
+    pub flags: u64,
+}
+
+/// `None` when no client has this id (any more).
+pub fn client_info(client_id: u64) -> Option<ClientInfo> {
+    // SAFETY: an all-zero RedisModuleClientInfoV1 is a valid value (integers and a char array).
+    let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };
+    info.version = 1;
+    // SAFETY: `info` is a version-1 struct as the call expects; the server only writes into it.
+    let status = unsafe {
+        raw::RedisModule_GetClientInfoById.unwrap()(ptr::addr_of_mut!(info).cast(), client_id)
+    };
+    (status == raw::REDISMODULE_OK as c_int).then_some(ClientInfo { flags: info.flags })
+}
+
+/// Closes a client the way the server frees clients asynchronously: after the current command,
+/// in the same event-loop pass. Returns false if there is no such client.
+pub fn close_client(ctx: *mut raw::RedisModuleCtx, client_id: u64) -> bool {
+    // SAFETY: `ctx` is a live module context; the call looks the id up and ignores unknown ids.
+    // It must never be replaced by RM_Call("CLIENT","KILL",...): that crashes Redis 7.0 when
+    // the id is the caller's own.
+    let status = unsafe { raw::RedisModule_DeauthenticateAndCloseClient.unwrap()(ctx, client_id) };
+    status == raw::REDISMODULE_OK as c_int
+}
+
+/// The id of the client that sent the current command (0 inside a timer or event).
+pub fn current_client_id(ctx: *mut raw::RedisModuleCtx) -> u64 {
+    // SAFETY: `ctx` is the context the server passed to the running callback.
+    unsafe { raw::RedisModule_GetClientId.unwrap()(ctx) }
+}
+
+/// The server's client-change events: connected (`true`) and disconnected (`false`), with the id.
+pub type ClientChangeHandler = fn(ctx: *mut raw::RedisModuleCtx, client_id: u64, connected: bool);
+
+static CLIENT_CHANGE_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+unsafe extern "C" fn on_client_change(
+    ctx: *mut raw::RedisModuleCtx,
+    _event: raw::RedisModuleEvent,
+    subevent: u64,
+    data: *mut c_void,
+) {
+    no_unwind("client-change event", (), || {
+        if data.is_null() {
+            return;
+        }
+        // SAFETY: for the ClientChange event the server passes a RedisModuleClientInfo (V1);
+        // only its `id` field is read, which every version has at the same offset.
+        let client_id = unsafe { (*data.cast::<raw::RedisModuleClientInfo>()).id };
+        let handler = CLIENT_CHANGE_HANDLER.load(Ordering::Acquire);
+        if !handler.is_null() {
+            // SAFETY: only `subscribe_client_changes` stores here, and it stores a ClientChangeHandler.
+            let handler: ClientChangeHandler = unsafe { std::mem::transmute(handler) };
+            let connected = subevent == u64::from(raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_CONNECTED);
+            handler(ctx, client_id, connected);
+        }
+    })
+}
+
+pub fn subscribe_client_changes(
+    ctx: *mut raw::RedisModuleCtx,
+    handler: ClientChangeHandler,
+) -> bool {
+    CLIENT_CHANGE_HANDLER.store(handler as *mut (), Ordering::Release);
+    let event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_CLIENT_CHANGE as u64,
+        dataver: 1,
+    };
+    // SAFETY: `ctx` is the OnLoad context and the callback has the signature the server calls.
+    unsafe {
+        raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx, event, Some(on_client_change))
+            == raw::REDISMODULE_OK as c_int
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timers. One callback type: the module only ever needs "wake me at this time".
+
+pub type TimerHandler = fn(ctx: *mut raw::RedisModuleCtx);
+
+static TIMER_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+unsafe extern "C" fn on_timer(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
+    no_unwind("timer", (), || {
+        let handler = TIMER_HANDLER.load(Ordering::Acquire);
+        if !handler.is_null() {
+            // SAFETY: only `set_timer_handler` stores here, and it stores a TimerHandler.
+            let handler: TimerHandler = unsafe { std::mem::transmute(handler) };
+            handler(ctx);
+        }
+    })
+}
+
+pub fn set_timer_handler(handler: TimerHandler) {
+    TIMER_HANDLER.store(handler as *mut (), Ordering::Release);
+}
+
+pub type TimerId = raw::RedisModuleTimerID;
+
+pub fn create_timer(delay_ms: u64) -> Option<TimerId> {
+    let ctx = module_ctx();
+    if ctx.is_null() {
+        return None;
+    }
+    let delay = i64::try_from(delay_ms).unwrap_or(i64::MAX);
+    // SAFETY: the module context is live until unload (which stops timers first); no data is
+    // attached to the timer, so nothing can leak or dangle.
+    Some(unsafe { raw::RedisModule_CreateTimer.unwrap()(ctx, delay, Some(on_timer), ptr::null_mut()) })
+}
+
+pub fn stop_timer(timer: TimerId) {
+    let ctx = module_ctx();
+    if ctx.is_null() {
+        return;
+    }
+    // SAFETY: stopping an id that already fired is refused by the server and harmless; no data
+    // was attached, so there is nothing to free.
+    unsafe { raw::RedisModule_StopTimer.unwrap()(ctx, timer, ptr::null_mut()) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies the crate's `RedisValue` cannot express in order (maps keep insertion order here).
+
+pub enum Reply {
+    Int(i64),
+    Str(String),
+    Bool(bool),
+    Null,
+    Array(Vec<Reply>),
+    /// RESP3 clients see a map; RESP2 clients a flat [key, value, ...] array, as the server's own
+    /// map replies (CONFIG GET, XINFO) do.
+    Map(Vec<(&'static str, Reply)>),
+}
+
+pub fn reply(ctx: *mut raw::RedisModuleCtx, value: &Reply) {
+    // SAFETY (all calls below): `ctx` is the context of the command being answered, and every
+    // string pointer is valid for the length passed with it during the call.
+    unsafe {
+        match value {
+            Reply::Int(n) => {
+                raw::RedisModule_ReplyWithLongLong.unwrap()(ctx, *n);
+            }
+            Reply::Str(s) => {
+                raw::RedisModule_ReplyWithStringBuffer.unwrap()(ctx, s.as_ptr().cast(), s.len());
+            }
+            Reply::Bool(b) => {
+                raw::RedisModule_ReplyWithBool.unwrap()(ctx, c_int::from(*b));
+            }
+            Reply::Null => {
+                raw::RedisModule_ReplyWithNull.unwrap()(ctx);
+            }
+            Reply::Array(items) => {
+                raw::RedisModule_ReplyWithArray.unwrap()(ctx, items.len() as _);
+                items.iter().for_each(|item| reply(ctx, item));
+            }
+            Reply::Map(fields) => {
+                raw::RedisModule_ReplyWithMap.unwrap()(ctx, fields.len() as _);
+                for (key, item) in fields {
+                    raw::RedisModule_ReplyWithStringBuffer.unwrap()(
+                        ctx,
+                        key.as_ptr().cast(),
+                        key.len(),
+                    );
+                    reply(ctx, item);
+                }
+            }
+        }
+    }
+}
+
+pub fn reply_error(ctx: *mut raw::RedisModuleCtx, message: &str) {
+    let message = CString::new(message.replace(['\r', '\n', '\0'], " ")).unwrap_or_default();
+    // SAFETY: `message` is a valid C string for the duration of the call.
+    unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx, message.as_ptr()) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// INFO.
+
+pub type InfoHandler = fn(&mut InfoWriter);
+
+static INFO_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+pub struct InfoWriter {
+    ctx: *mut raw::RedisModuleInfoCtx,
+}
+
+impl InfoWriter {
+    pub fn section(&mut self, name: &CStr) {
+        // SAFETY: `ctx` is the INFO context of the running callback; `name` is a C string.
+        unsafe { raw::RedisModule_InfoAddSection.unwrap()(self.ctx, name.as_ptr()) };
+    }
+
+    pub fn field_u64(&mut self, name: &str, value: u64) {
+        let name = CString::new(name).unwrap_or_default();
+        // SAFETY: as above.
+        unsafe { raw::RedisModule_InfoAddFieldULongLong.unwrap()(self.ctx, name.as_ptr(), value) };
+    }
+
+    pub fn field_str(&mut self, name: &str, value: &str) {
+        let name = CString::new(name).unwrap_or_default();
+        let value = CString::new(value.replace(['\r', '\n', '\0'], " ")).unwrap_or_default();
+        // SAFETY: as above.
+        unsafe {
+            raw::RedisModule_InfoAddFieldCString.unwrap()(self.ctx, name.as_ptr(), value.as_ptr())
+        };
+    }
+}
+
+unsafe extern "C" fn on_info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {
+    no_unwind("INFO", (), || {
+        let handler = INFO_HANDLER.load(Ordering::Acquire);
+        if !handler.is_null() {
+            // SAFETY: only `register_info` stores here, and it stores an InfoHandler.
+            let handler: InfoHandler = unsafe { std::mem::transmute(handler) };
+            handler(&mut InfoWriter { ctx });
+        }
+    })
+}
+
+/// Replaces the INFO callback the `redis_module!` macro installs with ours (the server keeps
+/// the last one registered).
+pub fn register_info(ctx: *mut raw::RedisModuleCtx, handler: InfoHandler) -> bool {
+    INFO_HANDLER.store(handler as *mut (), Ordering::Release);
+    // SAFETY: `ctx` is the OnLoad context and `on_info` has the signature the server calls.
+    unsafe {
+        raw::RedisModule_RegisterInfoFunc.unwrap()(ctx, Some(on_info))
+            == raw::REDISMODULE_OK as c_int
+    }
+}

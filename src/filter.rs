@@ -1,0 +1,606 @@
+//! The `CLIENT KILL` filter grammar of Valkey 9.1, parsed and matched without a server.
+//!
+//! Parsing follows the server's own loop: keywords are case-insensitive, every keyword but
+//! `ID`/`NOT-ID`/`DRYRUN` takes one value, single-valued filters are last-one-wins (each
+//! occurrence is still validated), `ID` lists are variadic and accumulate, the first error from
+//! the left wins, and nothing is done unless the whole command parses. The module adds
+//! `MAXAGE-MS`, `DRYRUN` (kill only) and `LIMIT`.
+
+use std::collections::BTreeSet;
+
+use crate::client_list::ListedClient;
+
+/// The flag letters a `FLAGS`/`NOT-FLAGS` filter may use (Valkey 9.1's set).
+const KNOWN_FLAG_LETTERS: &str = "bcdeirtuxABEIMNOPRSTU";
+
+pub const ERR_SYNTAX: &str = "ERR syntax error";
+pub const ERR_CLIENT_ID: &str = "ERR client-id should be greater than 0";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Kill,
+    List,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientType {
+    Normal,
+    Master,
+    Replica,
+    PubSub,
+}
+
+impl ClientType {
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "normal" => Some(Self::Normal),
+            "master" | "primary" => Some(Self::Master),
+            "replica" | "slave" => Some(Self::Replica),
+            "pubsub" => Some(Self::PubSub),
+            _ => None,
+        }
+    }
+
+    /// The server's `getClientType`: a MONITOR client (flag `O`) is normal, not a replica.
+    pub fn of(client: &ListedClient) -> Self {
+        if client.has_flag('M') {
+            Self::Master
+        } else if client.has_flag('S') {
+            Self::Replica
+        } else if client.has_flag('P') {
+            Self::PubSub
+        } else {
+            Self::Normal
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Master => "master",
+            Self::Replica => "replica",
+            Self::PubSub => "pubsub",
+        }
+    }
+}
+
+/// A positive filter value and its `NOT-` twin; both apply when both are given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pair<T> {
+    pub is: Option<T>,
+    pub is_not: Option<T>,
+}
+
+impl<T> Default for Pair<T> {
+    fn default() -> Self {
+        Self {
+            is: None,
+            is_not: None,
+        }
+    }
+}
+
+impl<T> Pair<T> {
+    fn holds(&self, predicate: impl Fn(&T) -> bool) -> bool {
+        self.is.as_ref().is_none_or(&predicate) && self.is_not.as_ref().is_none_or(|v| !predicate(v))
+    }
+}
+
+/// A parsed filter list. `None` fields were not given and constrain nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientFilter {
+    /// `Some(empty)` when `ID` was given without ids: it matches nothing, as in the server.
+    pub ids: Option<BTreeSet<u64>>,
+    pub not_ids: BTreeSet<u64>,
+    pub client_type: Pair<ClientType>,
+    pub user: Pair<String>,
+    pub addr: Pair<String>,
+    pub laddr: Pair<String>,
+    pub ip: Pair<String>,
+    pub name: Pair<String>,
+    pub lib_name: Pair<String>,
+    pub lib_ver: Pair<String>,
+    pub flags: Pair<String>,
+    pub capa: Pair<String>,
+    pub db: Pair<i64>,
+    pub skip_me: bool,
+    /// Minimum age in milliseconds (`MAXAGE n` is `n * 1000`, `MAXAGE-MS n` is `n`).
+    pub min_age_ms: Option<u64>,
+    pub min_idle_s: Option<u64>,
+    pub dry_run: bool,
+    pub limit: Option<u64>,
+}
+
+/// What the parser needs to ask the server: whether an ACL user exists, how many databases.
+pub trait ServerFacts {
+    fn user_exists(&mut self, name: &str) -> bool;
+    fn databases(&mut self) -> i64;
+}
+
+/// The server's `string2ll`: optional `-`, digits, no `+`, no leading zeros, no `-0`, fits i64.
+pub fn parse_strict_i64(bytes: &[u8]) -> Option<i64> {
+    let digits = bytes.strip_prefix(b"-").unwrap_or(bytes);
+    let negative = digits.len() != bytes.len();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if digits[0] == b'0' && (digits.len() > 1 || negative) {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+/// Replaces CR and LF the way the server does when it echoes a value in an error.
+fn echo(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).replace(['\r', '\n'], " ")
+}
+
+fn text(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).into_owned()
+}
+
+fn positive(value: &[u8], what: &str) -> Result<u64, String> {
+    match parse_strict_i64(value) {
+        None => Err(format!("ERR {what} is not an integer or out of range")),
+        Some(n) if n <= 0 => Err(format!("ERR {what} should be greater than 0")),
+        Some(n) => Ok(n as u64),
+    }
+}
+
+fn db_number(value: &[u8], what: &str, facts: &mut dyn ServerFacts) -> Result<i64, String> {
+    let n = parse_strict_i64(value)
+        .filter(|n| i32::try_from(*n).is_ok())
+        .ok_or_else(|| format!("ERR {what} is not an integer or out of range"))?;
+    let databases = facts.databases();
+    if n < 0 || n >= databases {
+        return Err(format!(
+            "ERR {what} number should be between 0 and {}",
+            databases - 1
+        ));
+    }
+    Ok(n)
+}
+
+fn checked_letters(value: &[u8], allowed: &str, error_prefix: &str) -> Result<String, String> {
+    if value.iter().all(|b| allowed.as_bytes().contains(b)) {
+        Ok(text(value))
+    } else {
+        Err(format!("{error_prefix}{}", echo(value)))
+    }
+}
+
+/// Parses the filter arguments that follow the command name.
+pub fn parse(
+    args: &[&[u8]],
+    command: Command,
+    facts: &mut dyn ServerFacts,
+) -> Result<ClientFilter, String> {
+    let mut filter = ClientFilter {
+        skip_me: command == Command::Kill,
+        ..ClientFilter::default()
+    };
+    let mut i = 0;
+    while i < args.len() {
+        let keyword = args[i].to_ascii_uppercase();
+        i += 1;
+        match keyword.as_slice() {
+            b"ID" | b"NOT-ID" => {
+                let negated = keyword.starts_with(b"NOT-");
+                let mut listed = BTreeSet::new();
+                while let Some(id) = args.get(i).and_then(|a| parse_strict_i64(a)) {
+                    if id <= 0 {
+                        return Err(ERR_CLIENT_ID.to_string());
+                    }
+                    listed.insert(id as u64);
+                    i += 1;
+                }
+                if negated {
+                    filter.not_ids.extend(listed);
+                } else {
+                    filter.ids.get_or_insert_with(BTreeSet::new).extend(listed);
+                }
+                continue;
+            }
+            b"DRYRUN" if command == Command::Kill => {
+                filter.dry_run = true;
+                continue;
+            }
+            _ => {}
+        }
+        let Some(value) = args.get(i).copied() else {
+            return Err(ERR_SYNTAX.to_string());
+        };
+        i += 1;
+        match keyword.as_slice() {
+            b"TYPE" | b"NOT-TYPE" => {
+                let parsed = ClientType::parse(&text(value))
+                    .ok_or_else(|| format!("ERR Unknown client type '{}'", echo(value)))?;
+                set(&mut filter.client_type, &keyword, parsed);
+            }
+            b"USER" | b"NOT-USER" => {
+                let user = text(value);
+                if !facts.user_exists(&user) {
+                    return Err(format!("ERR No such user '{}'", echo(value)));
+                }
+                set(&mut filter.user, &keyword, user);
+            }
+            b"ADDR" | b"NOT-ADDR" => set(&mut filter.addr, &keyword, text(value)),
+            b"LADDR" | b"NOT-LADDR" => set(&mut filter.laddr, &keyword, text(value)),
+            b"IP" | b"NOT-IP" => set(&mut filter.ip, &keyword, text(value)),
+            b"NAME" | b"NOT-NAME" => set(&mut filter.name, &keyword, text(value)),
+            b"LIB-NAME" | b"NOT-LIB-NAME" => set(&mut filter.lib_name, &keyword, text(value)),
+            b"LIB-VER" | b"NOT-LIB-VER" => set(&mut filter.lib_ver, &keyword, text(value)),
+            b"FLAGS" => {
+                let flags = checked_letters(
+                    value,
+                    KNOWN_FLAG_LETTERS,
+                    "ERR Unknown flags found in the provided filter: ",
+                )?;
+                filter.flags.is = Some(flags);
+            }
+            b"NOT-FLAGS" => {
+                let flags = checked_letters(
+                    value,
+                    KNOWN_FLAG_LETTERS,
+                    "ERR Unknown flags found in the NOT-FLAGS filter: ",
+                )?;
+                filter.flags.is_not = Some(flags);
+            }
+            b"CAPA" => {
+                let capa =
+                    checked_letters(value, "r", "ERR Unknown capa found in the provided filter: ")?;
+                filter.capa.is = Some(capa);
+            }
+            b"NOT-CAPA" => {
+                let capa =
+                    checked_letters(value, "r", "ERR Unknown capa found in the NOT-CAPA filter: ")?;
+                filter.capa.is_not = Some(capa);
+            }
+            b"DB" => filter.db.is = Some(db_number(value, "DB", facts)?),
+            b"NOT-DB" => filter.db.is_not = Some(db_number(value, "NOT-DB", facts)?),
+            b"SKIPME" => {
+                filter.skip_me = match value.to_ascii_lowercase().as_slice() {
+                    b"yes" => true,
+                    b"no" => false,
+                    _ => return Err(ERR_SYNTAX.to_string()),
+                }
+            }
+            b"MAXAGE" => filter.min_age_ms = Some(positive(value, "maxage")?.saturating_mul(1000)),
+            b"MAXAGE-MS" => filter.min_age_ms = Some(positive(value, "maxage-ms")?),
+            b"IDLE" => filter.min_idle_s = Some(positive(value, "idle")?),
+            b"LIMIT" => filter.limit = Some(positive(value, "limit")?),
+            _ => return Err(ERR_SYNTAX.to_string()),
+        }
+    }
+    Ok(filter)
+}
+
+fn set<T>(pair: &mut Pair<T>, keyword: &[u8], value: T) {
+    if keyword.starts_with(b"NOT-") {
+        pair.is_not = Some(value);
+    } else {
+        pair.is = Some(value);
+    }
+}
+
+/// Everything a filter tests about one client.
+pub struct Candidate<'a> {
+    pub listed: &'a ListedClient,
+    /// From the registry (milliseconds) where the client is tracked, else from `age=`.
+    pub age_ms: u64,
+    /// The caller's own id (`SKIPME yes` spares it).
+    pub caller_id: u64,
+}
+
+impl ClientFilter {
+    pub fn matches(&self, candidate: &Candidate) -> bool {
+        let client = candidate.listed;
+        if self.skip_me && client.id == candidate.caller_id {
+            return false;
+        }
+        if self.ids.as_ref().is_some_and(|ids| !ids.contains(&client.id))
+            || self.not_ids.contains(&client.id)
+        {
+            return false;
+        }
+        if self.min_age_ms.is_some_and(|min| candidate.age_ms < min)
+            || self.min_idle_s.is_some_and(|min| client.idle_s < min)
+        {
+            return false;
+        }
+        self.client_type.holds(|t| ClientType::of(client) == *t)
+            // The primary link has no ACL user: it never matches USER, so NOT-USER keeps it.
+            && self.user.holds(|u| !client.has_flag('M') && client.user == *u)
+            && self.addr.holds(|a| client.addr == *a)
+            && self.laddr.holds(|a| client.laddr == *a)
+            && self.ip.holds(|ip| ip_matches(&client.addr, ip))
+            // An unset name, lib-name or lib-ver never equals anything, not even "".
+            && self.name.holds(|n| !client.name.is_empty() && client.name == *n)
+            && self.lib_name.holds(|n| !client.lib_name.is_empty() && client.lib_name == *n)
+            && self.lib_ver.holds(|v| !client.lib_ver.is_empty() && client.lib_ver == *v)
+            && self.flags.holds(|letters| has_all_flags(&client.flags, letters))
+            && self.capa.holds(|letters| letters.chars().all(|c| client.capa.contains(c)))
+            && self.db.holds(|db| client.db == *db)
+    }
+}
+
+/// `FLAGS` needs every letter. `N` means "no other flag"; `S` is the replica flag, which MONITOR
+/// clients (shown as `O`) carry too.
+fn has_all_flags(client_flags: &str, letters: &str) -> bool {
+    letters.chars().all(|letter| match letter {
+        'N' => client_flags == "N",
+        'S' => client_flags.contains('S') || client_flags.contains('O'),
+        other => client_flags.contains(other),
+    })
+}
+
+/// The server's IP test: `addr` (with an optional leading `[`) starts with the IP, then an
+/// optional `]`, then `:` and a port that does not start with `0` (unix sockets show port 0).
+fn ip_matches(addr: &str, ip: &str) -> bool {
+    let rest = addr.strip_prefix('[').unwrap_or(addr);
+    let Some(rest) = rest.strip_prefix(ip) else {
+        return false;
+    };
+    let rest = rest.strip_prefix(']').unwrap_or(rest);
+    rest.strip_prefix(':')
+        .is_some_and(|port| !port.starts_with('0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeServer;
+    impl ServerFacts for FakeServer {
+        fn user_exists(&mut self, name: &str) -> bool {
+            matches!(name, "default" | "alice")
+        }
+        fn databases(&mut self) -> i64 {
+            16
+        }
+    }
+
+    fn parse_kill(args: &[&str]) -> Result<ClientFilter, String> {
+        let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        parse(&bytes, Command::Kill, &mut FakeServer)
+    }
+
+    fn client(line: &str) -> ListedClient {
+        crate::client_list::parse_client_line(line).unwrap()
+    }
+
+    fn matches(filter: &ClientFilter, listed: &ListedClient, age_ms: u64) -> bool {
+        filter.matches(&Candidate {
+            listed,
+            age_ms,
+            caller_id: 1,
+        })
+    }
+
+    #[test]
+    fn strict_integers_follow_string2ll() {
+        assert_eq!(parse_strict_i64(b"5"), Some(5));
+        assert_eq!(parse_strict_i64(b"-3"), Some(-3));
+        assert_eq!(parse_strict_i64(b"0"), Some(0));
+        assert_eq!(parse_strict_i64(b"9223372036854775807"), Some(i64::MAX));
+        for bad in ["", "-", "+5", "05", "-0", " 5", "1.5", "abc", "99999999999999999999"] {
+            assert_eq!(parse_strict_i64(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_differ_between_kill_and_list() {
+        assert!(parse_kill(&[]).unwrap().skip_me);
+        assert!(!parse(&[], Command::List, &mut FakeServer).unwrap().skip_me);
+    }
+
+    #[test]
+    fn ids_are_variadic_and_accumulate() {
+        let filter = parse_kill(&["ID", "8", "9", "SKIPME", "no", "id", "10"]).unwrap();
+        assert_eq!(filter.ids, Some(BTreeSet::from([8, 9, 10])));
+        assert!(!filter.skip_me);
+        let empty = parse_kill(&["SKIPME", "no", "ID"]).unwrap();
+        assert_eq!(empty.ids, Some(BTreeSet::new()));
+        let not = parse_kill(&["NOT-ID", "3", "NOT-ID", "4"]).unwrap();
+        assert_eq!(not.not_ids, BTreeSet::from([3, 4]));
+    }
+
+    #[test]
+    fn id_errors_match_the_server() {
+        assert_eq!(parse_kill(&["ID", "0"]).unwrap_err(), ERR_CLIENT_ID);
+        assert_eq!(parse_kill(&["ID", "5", "-1"]).unwrap_err(), ERR_CLIENT_ID);
+        assert_eq!(parse_kill(&["NOT-ID", "-3"]).unwrap_err(), ERR_CLIENT_ID);
+        for bad in ["abc", "+5", "05", "-0", "1.5"] {
+            assert_eq!(parse_kill(&["ID", bad]).unwrap_err(), ERR_SYNTAX, "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_error_message() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["BOGUS", "1"], ERR_SYNTAX),
+            (&["TYPE"], ERR_SYNTAX),
+            (&["TYPE", "normal", "NAME"], ERR_SYNTAX),
+            (&["NOT-SKIPME", "yes"], ERR_SYNTAX),
+            (&["NOT-MAXAGE", "1"], ERR_SYNTAX),
+            (&["NAME", "a", "b"], ERR_SYNTAX),
+            (&["SKIPME", "maybe"], ERR_SYNTAX),
+            (&["TYPE", "monitor"], "ERR Unknown client type 'monitor'"),
+            (&["NOT-TYPE", "a\r\nb"], "ERR Unknown client type 'a  b'"),
+            (&["USER", "nosuch"], "ERR No such user 'nosuch'"),
+            (&["NOT-USER", "DEFAULT"], "ERR No such user 'DEFAULT'"),
+            (&["MAXAGE", "x"], "ERR maxage is not an integer or out of range"),
+            (&["MAXAGE", "05"], "ERR maxage is not an integer or out of range"),
+            (&["MAXAGE", "0"], "ERR maxage should be greater than 0"),
+            (&["MAXAGE", "-5"], "ERR maxage should be greater than 0"),
+            (&["MAXAGE-MS", "1.5"], "ERR maxage-ms is not an integer or out of range"),
+            (&["MAXAGE-MS", "0"], "ERR maxage-ms should be greater than 0"),
+            (&["IDLE", "0"], "ERR idle should be greater than 0"),
+            (&["IDLE", "y"], "ERR idle is not an integer or out of range"),
+            (&["LIMIT", "0"], "ERR limit should be greater than 0"),
+            (&["LIMIT", "many"], "ERR limit is not an integer or out of range"),
+            (&["FLAGS", "Nw"], "ERR Unknown flags found in the provided filter: Nw"),
+            (&["NOT-FLAGS", "n"], "ERR Unknown flags found in the NOT-FLAGS filter: n"),
+            (&["CAPA", "R"], "ERR Unknown capa found in the provided filter: R"),
+            (&["NOT-CAPA", "x"], "ERR Unknown capa found in the NOT-CAPA filter: x"),
+            (&["DB", "16"], "ERR DB number should be between 0 and 15"),
+            (&["DB", "01"], "ERR DB is not an integer or out of range"),
+            (&["NOT-DB", "-1"], "ERR NOT-DB number should be between 0 and 15"),
+            (&["NOT-DB", "x"], "ERR NOT-DB is not an integer or out of range"),
+            // The first error from the left wins; a later duplicate does not excuse an earlier one.
+            (&["TYPE", "bogus", "USER", "nosuch"], "ERR Unknown client type 'bogus'"),
+            (&["USER", "nosuch", "TYPE", "bogus"], "ERR No such user 'nosuch'"),
+            (&["MAXAGE", "5", "MAXAGE", "0"], "ERR maxage should be greater than 0"),
+        ];
+        for (args, expected) in cases {
+            assert_eq!(parse_kill(args).unwrap_err(), *expected, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn dryrun_is_kill_only() {
+        assert!(parse_kill(&["DRYRUN"]).unwrap().dry_run);
+        assert_eq!(
+            parse(&[b"DRYRUN"], Command::List, &mut FakeServer).unwrap_err(),
+            ERR_SYNTAX
+        );
+    }
+
+    #[test]
+    fn keywords_are_case_insensitive_values_are_not() {
+        let filter = parse_kill(&["not-type", "Normal", "maxage-ms", "1500", "Skipme", "NO"]).unwrap();
+        assert_eq!(filter.client_type.is_not, Some(ClientType::Normal));
+        assert_eq!(filter.min_age_ms, Some(1500));
+        assert!(!filter.skip_me);
+        assert_eq!(parse_kill(&["MAXAGE", "2"]).unwrap().min_age_ms, Some(2000));
+        assert_eq!(parse_kill(&["TYPE", "primary"]).unwrap().client_type.is, Some(ClientType::Master));
+    }
+
+    const PLAIN: &str = "id=5 addr=127.0.0.1:50100 laddr=127.0.0.1:7000 fd=8 name=web-1 age=12 idle=3 flags=N capa= db=2 multi=-1 user=alice resp=2 lib-name=redis-py lib-ver=5.0.1";
+    const PUBSUB: &str = "id=6 addr=[::1]:40000 laddr=[::1]:7000 fd=9 name= age=1 idle=1 flags=P db=0 user=default";
+    const MONITOR: &str = "id=7 addr=127.0.0.1:50101 laddr=127.0.0.1:7000 fd=10 name= age=1 idle=0 flags=O db=0 user=default";
+    const REPLICA: &str = "id=8 addr=127.0.0.1:50102 laddr=127.0.0.1:7000 fd=11 name= age=9 idle=0 flags=S db=0 user=default";
+    const PRIMARY: &str = "id=9 addr=127.0.0.1:7001 laddr=127.0.0.1:50103 fd=12 name= age=9 idle=0 flags=M db=0 user=(superuser)";
+    const UNIX: &str = "id=10 addr=/tmp/r.sock:0 laddr=/tmp/r.sock:0 fd=13 name= age=1 idle=0 flags=U db=0 user=default";
+
+    #[test]
+    fn types_follow_get_client_type() {
+        assert_eq!(ClientType::of(&client(PLAIN)), ClientType::Normal);
+        assert_eq!(ClientType::of(&client(PUBSUB)), ClientType::PubSub);
+        assert_eq!(ClientType::of(&client(MONITOR)), ClientType::Normal);
+        assert_eq!(ClientType::of(&client(REPLICA)), ClientType::Replica);
+        assert_eq!(ClientType::of(&client(PRIMARY)), ClientType::Master);
+    }
+
+    #[test]
+    fn each_filter_and_its_negation() {
+        let plain = client(PLAIN);
+        let cases: &[&[&str]] = &[
+            &["ID", "5"],
+            &["TYPE", "normal"],
+            &["USER", "alice"],
+            &["ADDR", "127.0.0.1:50100"],
+            &["LADDR", "127.0.0.1:7000"],
+            &["IP", "127.0.0.1"],
+            &["NAME", "web-1"],
+            &["LIB-NAME", "redis-py"],
+            &["LIB-VER", "5.0.1"],
+            &["FLAGS", "N"],
+            &["DB", "2"],
+        ];
+        for args in cases {
+            let filter = parse_kill(args).unwrap();
+            assert!(matches(&filter, &plain, 0), "{args:?}");
+            let mut negated = args.to_vec();
+            let not_keyword = format!("NOT-{}", args[0]);
+            negated[0] = &not_keyword;
+            let filter = parse_kill(&negated).unwrap();
+            assert!(!matches(&filter, &plain, 0), "{negated:?}");
+        }
+    }
+
+    #[test]
+    fn ages_and_idle_are_minimums() {
+        let plain = client(PLAIN);
+        let filter = parse_kill(&["MAXAGE-MS", "1000"]).unwrap();
+        assert!(matches(&filter, &plain, 1000));
+        assert!(!matches(&filter, &plain, 999));
+        assert!(matches(&parse_kill(&["IDLE", "3"]).unwrap(), &plain, 0));
+        assert!(!matches(&parse_kill(&["IDLE", "4"]).unwrap(), &plain, 0));
+    }
+
+    #[test]
+    fn filters_and_together() {
+        let plain = client(PLAIN);
+        assert!(matches(&parse_kill(&["TYPE", "normal", "DB", "2", "MAXAGE", "1"]).unwrap(), &plain, 1500));
+        assert!(!matches(&parse_kill(&["TYPE", "normal", "DB", "3"]).unwrap(), &plain, 1500));
+        assert!(!matches(&parse_kill(&["TYPE", "normal", "NOT-TYPE", "normal"]).unwrap(), &plain, 0));
+        assert!(!matches(&parse_kill(&["ID", "5", "NOT-ID", "5"]).unwrap(), &plain, 0));
+        assert!(!matches(&parse_kill(&["SKIPME", "no", "ID"]).unwrap(), &plain, 0));
+    }
+
+    #[test]
+    fn skipme_spares_the_caller() {
+        let plain = client(PLAIN);
+        let me = Candidate {
+            listed: &plain,
+            age_ms: 0,
+            caller_id: 5,
+        };
+        assert!(!parse_kill(&["ID", "5"]).unwrap().matches(&me));
+        assert!(parse_kill(&["ID", "5", "SKIPME", "no"]).unwrap().matches(&me));
+    }
+
+    #[test]
+    fn flag_edge_cases() {
+        let monitor = client(MONITOR);
+        let replica = client(REPLICA);
+        let pubsub = client(PUBSUB);
+        assert!(matches(&parse_kill(&["FLAGS", "S"]).unwrap(), &monitor, 0));
+        assert!(matches(&parse_kill(&["FLAGS", "S"]).unwrap(), &replica, 0));
+        assert!(!matches(&parse_kill(&["FLAGS", "N"]).unwrap(), &pubsub, 0));
+        assert!(!matches(&parse_kill(&["FLAGS", "NP"]).unwrap(), &pubsub, 0));
+        assert!(matches(&parse_kill(&["FLAGS", ""]).unwrap(), &pubsub, 0));
+        assert!(!matches(&parse_kill(&["NOT-FLAGS", ""]).unwrap(), &pubsub, 0));
+        assert!(matches(&parse_kill(&["NOT-FLAGS", "xP"]).unwrap(), &pubsub, 0));
+    }
+
+    #[test]
+    fn unset_names_never_match() {
+        let pubsub = client(PUBSUB);
+        assert!(!matches(&parse_kill(&["NAME", ""]).unwrap(), &pubsub, 0));
+        assert!(matches(&parse_kill(&["NOT-NAME", "x"]).unwrap(), &pubsub, 0));
+        assert!(matches(&parse_kill(&["NOT-NAME", ""]).unwrap(), &pubsub, 0));
+        assert!(!matches(&parse_kill(&["LIB-NAME", ""]).unwrap(), &pubsub, 0));
+        assert!(matches(&parse_kill(&["NOT-LIB-VER", "1"]).unwrap(), &pubsub, 0));
+    }
+
+    #[test]
+    fn ip_matching_like_the_server() {
+        assert!(ip_matches("127.0.0.1:5000", "127.0.0.1"));
+        assert!(!ip_matches("127.0.0.1:5000", "127.0.0"));
+        assert!(!ip_matches("127.0.0.1:5000", "127"));
+        assert!(ip_matches("[::1]:5000", "::1"));
+        assert!(!ip_matches("[::1]:5000", "[::1]"));
+        assert!(!ip_matches("/tmp/r.sock:0", "/tmp/r.sock"));
+        assert!(!ip_matches("127.0.0.1:5000", ""));
+        let unix = client(UNIX);
+        assert!(matches(&parse_kill(&["NOT-IP", "/tmp/r.sock"]).unwrap(), &unix, 0));
+    }
+
+    #[test]
+    fn primary_link_has_no_user() {
+        let primary = client(PRIMARY);
+        assert!(!matches(&parse_kill(&["USER", "default"]).unwrap(), &primary, 0));
+        assert!(matches(&parse_kill(&["NOT-USER", "default"]).unwrap(), &primary, 0));
+    }
+
+    #[test]
+    fn capa_on_servers_without_it() {
+        let plain = client(PLAIN);
+        assert!(!matches(&parse_kill(&["CAPA", "r"]).unwrap(), &plain, 0));
+        assert!(matches(&parse_kill(&["CAPA", ""]).unwrap(), &plain, 0));
+        assert!(!matches(&parse_kill(&["NOT-CAPA", ""]).unwrap(), &plain, 0));
+        assert!(matches(&parse_kill(&["NOT-CAPA", "r"]).unwrap(), &plain, 0));
+    }
+}

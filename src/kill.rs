@@ -1,0 +1,177 @@
+//! `MAXAGE.KILL` and `MAXAGE.LIST`: the one-shot commands over the `CLIENT KILL` filter grammar.
+
+use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+
+use crate::audit::Reason;
+use crate::client_list::ListedClient;
+use crate::enforcement::{close_after_reply, list_clients, record_retirement, reply_text, retire};
+use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
+use crate::ffi::{self, Reply, monotonic_ms};
+use crate::policy::exemption;
+use crate::state::STATE;
+
+/// Answers the parser's questions with `RM_Call`, only when a filter needs them.
+struct CallFacts<'a> {
+    ctx: &'a Context,
+    databases: Option<i64>,
+}
+
+impl ServerFacts for CallFacts<'_> {
+    fn user_exists(&mut self, name: &str) -> bool {
+        !matches!(
+            self.ctx.call("ACL", &["GETUSER", name][..]),
+            Ok(RedisValue::Null) | Err(_)
+        )
+    }
+
+    fn databases(&mut self) -> i64 {
+        *self.databases.get_or_insert_with(|| {
+            match self.ctx.call("CONFIG", &["GET", "databases"][..]) {
+                Ok(RedisValue::Array(items)) => items
+                    .into_iter()
+                    .nth(1)
+                    .and_then(|value| reply_text(value).parse().ok())
+                    .unwrap_or(16),
+                _ => 16,
+            }
+        })
+    }
+}
+
+/// A client that matched, with what the registry adds to the server's view.
+pub struct Matched {
+    pub listed: ListedClient,
+    pub age_ms: u64,
+    pub approximate: bool,
+    /// Milliseconds from now to the enforcement deadline (negative when overdue).
+    pub deadline_in_ms: Option<i64>,
+    pub exempt_reason: Option<&'static str>,
+}
+
+pub fn parse_args(
+    ctx: &Context,
+    args: &[RedisString],
+    command: Command,
+) -> Result<ClientFilter, RedisError> {
+    let raw: Vec<&[u8]> = args.iter().map(RedisString::as_slice).collect();
+    filter::parse(
+        &raw,
+        command,
+        &mut CallFacts {
+            ctx,
+            databases: None,
+        },
+    )
+    .map_err(RedisError::String)
+}
+
+/// The clients the filter selects, oldest first (then by id), at most `LIMIT` of them.
+pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
+    let ids: Option<Vec<u64>> = filter.ids.as_ref().map(|ids| ids.iter().copied().collect());
+    if ids.as_ref().is_some_and(Vec::is_empty) {
+        return Vec::new();
+    }
+    let listed = list_clients(ctx, ids.as_deref());
+    let caller_id = ffi::current_client_id(ctx.ctx);
+    let now_ms = monotonic_ms();
+    let mut matched: Vec<Matched> = STATE
+        .with(|policy| {
+            listed
+                .into_iter()
+                .filter_map(|client| {
+                    let tracked = policy.registry.get(client.id);
+                    let age_ms = tracked.map_or(client.age_s * 1000, |t| t.age_ms(now_ms));
+                    let candidate = filter::Candidate {
+                        listed: &client,
+                        age_ms,
+                        caller_id,
+                    };
+                    if !filter.matches(&candidate) {
+                        return None;
+                    }
+                    let exempt_reason = exemption(&policy.settings, &client);
+                    let deadline_in_ms = tracked
+                        .filter(|_| exempt_reason.is_none())
+                        .and_then(|t| policy.deadline_of(&t))
+                        .map(|deadline| deadline as i64 - now_ms as i64);
+                    Some(Matched {
+                        age_ms,
+                        approximate: tracked.is_none_or(|t| t.approximate),
+                        deadline_in_ms,
+                        exempt_reason,
+                        listed: client,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    matched.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.listed.id.cmp(&b.listed.id)));
+    if let Some(limit) = filter.limit {
+        matched.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+    matched
+}
+
+/// Kills the selected clients (unless `DRYRUN`) and replies with how many. The reply goes out
+/// before any close, and the caller itself (`SKIPME no`) is closed only after its reply is sent.
+pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
+    let matched = select(ctx, filter);
+    ffi::reply(ctx.ctx, &Reply::Int(matched.len() as i64));
+    if filter.dry_run {
+        return matched.len();
+    }
+    let caller_id = ffi::current_client_id(ctx.ctx);
+    let now_ms = monotonic_ms();
+    for client in &matched {
+        if client.listed.id == caller_id {
+            close_after_reply(caller_id);
+            record_retirement(ctx, &client.listed, client.age_ms, Reason::ManualKill, false, now_ms);
+        } else {
+            retire(ctx, &client.listed, client.age_ms, Reason::ManualKill, now_ms);
+        }
+    }
+    matched.len()
+}
+
+/// MAXAGE.KILL <filter> [<filter> ...]
+pub fn kill_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let filter = parse_args(ctx, args.get(1..).unwrap_or_default(), Command::Kill)?;
+    kill(ctx, &filter);
+    Ok(RedisValue::NoReply)
+}
+
+/// MAXAGE.LIST [<filter> ...]
+pub fn list_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let filter = parse_args(ctx, args.get(1..).unwrap_or_default(), Command::List)?;
+    let entries: Vec<Reply> = select(ctx, &filter).into_iter().map(entry).collect();
+    ffi::reply(ctx.ctx, &Reply::Array(entries));
+    Ok(RedisValue::NoReply)
+}
+
+fn entry(client: Matched) -> Reply {
+    let listed = client.listed;
+    Reply::Map(vec![
+        ("id", Reply::Int(listed.id as i64)),
+        ("addr", Reply::Str(listed.addr.clone())),
+        ("laddr", Reply::Str(listed.laddr.clone())),
+        ("name", Reply::Str(listed.name.clone())),
+        ("user", Reply::Str(listed.user.clone())),
+        ("type", Reply::Str(ClientType::of(&listed).name().to_string())),
+        ("db", Reply::Int(listed.db)),
+        ("flags", Reply::Str(listed.flags.clone())),
+        ("lib-name", Reply::Str(listed.lib_name.clone())),
+        ("age-ms", Reply::Int(client.age_ms as i64)),
+        ("age-approximate", Reply::Bool(client.approximate)),
+        ("idle-s", Reply::Int(listed.idle_s as i64)),
+        (
+            "deadline-in-ms",
+            client.deadline_in_ms.map_or(Reply::Null, Reply::Int),
+        ),
+        (
+            "exempt",
+            client
+                .exempt_reason
+                .map_or(Reply::Null, |reason| Reply::Str(reason.to_string())),
+        ),
+    ])
+}

@@ -1,0 +1,158 @@
+//! redis-maxage: a Redis/Valkey module that gives every client connection a maximum age.
+//!
+//! This file only declares the module (name, commands, configs) and wires the parts together;
+//! each other file has the one responsibility its name says.
+
+pub mod audit;
+pub mod client_list;
+pub mod config;
+pub mod docs;
+pub mod enforcement;
+pub mod ffi;
+pub mod filter;
+pub mod glob;
+pub mod kill;
+pub mod policy;
+pub mod registry;
+pub mod schedule;
+pub mod state;
+pub mod stats;
+
+use redis_module::configuration::{ConfigurationContext, ConfigurationFlags};
+use redis_module::{Context, RedisError, RedisResult, RedisString, Status, redis_module};
+
+use crate::config::Mode;
+use crate::ffi::{LogLevel, no_unwind};
+
+/// Every command handler runs inside this: a panic becomes an error reply, never an abort.
+fn guarded(
+    what: &str,
+    ctx: &Context,
+    args: Vec<RedisString>,
+    handler: fn(&Context, Vec<RedisString>) -> RedisResult,
+) -> RedisResult {
+    no_unwind(
+        what,
+        Err(RedisError::Str("ERR internal error in the maxage module (see the server log)")),
+        || handler(ctx, args),
+    )
+}
+
+/// MAXAGE.KILL <filter> [<filter> ...]: closes matching clients, replies with how many.
+fn maxage_kill(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("MAXAGE.KILL", ctx, args, kill::kill_command)
+}
+
+/// MAXAGE.LIST [<filter> ...]: the matching clients, oldest first.
+fn maxage_list(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("MAXAGE.LIST", ctx, args, kill::list_command)
+}
+
+fn on_setting_changed<T>(_ctx: &ConfigurationContext, _name: &str, _value: &'static T) {
+    no_unwind("config change", (), enforcement::on_settings_changed);
+}
+
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    no_unwind("module load", Status::Err, || load(ctx, args))
+}
+
+fn refuse(ctx: &Context, why: &str) -> Status {
+    ffi::log(
+        ctx.ctx,
+        LogLevel::Warning,
+        &format!("maxage: refusing to load: {why}"),
+    );
+    ffi::release_module_ctx();
+    Status::Err
+}
+
+fn load(ctx: &Context, args: &[RedisString]) -> Status {
+    // Detect, never assume: each of these is needed and each is missing on some servers.
+    // SAFETY (each read): the function-pointer statics were filled in by RedisModule_Init.
+    let required = [
+        ("DeauthenticateAndCloseClient", unsafe { redis_module::raw::RedisModule_DeauthenticateAndCloseClient }.is_some()),
+        ("GetClientInfoById", unsafe { redis_module::raw::RedisModule_GetClientInfoById }.is_some()),
+        ("SubscribeToServerEvent", unsafe { redis_module::raw::RedisModule_SubscribeToServerEvent }.is_some()),
+        ("SetCommandInfo", unsafe { redis_module::raw::RedisModule_SetCommandInfo }.is_some()),
+        ("GetDetachedThreadSafeContext", unsafe { redis_module::raw::RedisModule_GetDetachedThreadSafeContext }.is_some()),
+    ];
+    if let Some((missing, _)) = required.iter().find(|(_, present)| !present) {
+        return refuse(
+            ctx,
+            &format!("the server lacks the module API {missing} (Redis 7.0 or newer is needed)"),
+        );
+    }
+    ffi::init_module_ctx(ctx.ctx);
+    let args: Vec<String> = args.iter().map(|a| a.to_string_lossy()).collect();
+    if let Err(why) = config::apply_load_args(&args) {
+        return refuse(ctx, &why);
+    }
+    if let Err(why) = docs::register(ctx.ctx) {
+        return refuse(ctx, &why);
+    }
+    ffi::set_timer_handler(enforcement::on_timer);
+    if !ffi::subscribe_client_changes(ctx.ctx, enforcement::on_client_change) {
+        return refuse(ctx, "cannot subscribe to client connect/disconnect events");
+    }
+    if !ffi::register_info(ctx.ctx, stats::write_info) {
+        return refuse(ctx, "cannot register the INFO section");
+    }
+    let seeded = enforcement::seed_existing_clients(ctx);
+    enforcement::on_settings_changed();
+    let settings = config::snapshot();
+    ffi::log(
+        ctx.ctx,
+        LogLevel::Notice,
+        &format!(
+            "maxage: loaded; {seeded} already-connected clients seeded from CLIENT LIST (ages approximate); max-age-ms={} mode={}",
+            settings.max_age_ms,
+            if settings.observe_only { "observe" } else { "enforce" }
+        ),
+    );
+    Status::Ok
+}
+
+fn deinit(_ctx: &Context) -> Status {
+    no_unwind("module unload", Status::Ok, || {
+        enforcement::disarm();
+        state::STATE.with(|policy| {
+            *policy = policy::Policy::new(config::snapshot(), 0, ffi::monotonic_ms())
+        });
+        ffi::release_module_ctx();
+        Status::Ok
+    })
+}
+
+redis_module! {
+    name: "maxage",
+    version: 1,
+    allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
+    data_types: [],
+    init: init,
+    deinit: deinit,
+    commands: [
+        // No keys; the ACL-categories field stays empty because Redis 7.0 cannot set categories.
+        ["maxage.kill", maxage_kill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
+        ["maxage.list", maxage_list, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
+    ],
+    configurations: [
+        i64: [
+            ["max-age-ms", &*config::MAX_AGE_MS, config::MAX_AGE_MS_DEFAULT, config::MAX_AGE_MS_MIN, config::MAX_AGE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["jitter-pct", &*config::JITTER_PCT, config::JITTER_PCT_DEFAULT, config::JITTER_PCT_MIN, config::JITTER_PCT_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["max-evictions-per-sec", &*config::MAX_EVICTIONS_PER_SEC, config::MAX_EVICTIONS_PER_SEC_DEFAULT, config::MAX_EVICTIONS_PER_SEC_MIN, config::MAX_EVICTIONS_PER_SEC_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["grace-ms", &*config::GRACE_MS, config::GRACE_MS_DEFAULT, config::GRACE_MS_MIN, config::GRACE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+        ],
+        string: [
+            ["exempt-types", &*config::EXEMPT_TYPES, config::EXEMPT_TYPES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["exempt-users", &*config::EXEMPT_USERS, config::EXEMPT_USERS_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["exempt-names", &*config::EXEMPT_NAMES, config::EXEMPT_NAMES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+        ],
+        bool: [
+            ["client-kill-compat", &*config::CLIENT_KILL_COMPAT, config::CLIENT_KILL_COMPAT_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+        ],
+        enum: [
+            ["mode", &*config::MODE, Mode::enforce, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+        ],
+        module_args_as_configuration: false,
+    ]
+}

@@ -1,0 +1,393 @@
+//! The enforcement policy as pure logic: the registry, each client's deadline, who is due, who
+//! is spared and why, grace and pacing. It never reads the clock or calls the server: `now_ms`
+//! and the server's view of a client (`ListedClient`) are passed in, so it is unit-tested with
+//! fixed times and made-up clients.
+
+use std::collections::HashMap;
+
+use crate::audit::{AuditLimiter, Reason};
+use crate::client_list::ListedClient;
+use crate::config::Settings;
+use crate::filter::ClientType;
+use crate::registry::{Registry, TrackedClient};
+use crate::schedule::{DeadlineQueue, Pacer, deadline_ms};
+
+/// How often a client held by grace is looked at again.
+pub const GRACE_POLL_MS: u64 = 10;
+/// The shortest interval at which an exempt client is looked at again (exemptions can end:
+/// `CLIENT NO-EVICT off`, `CLIENT SETNAME`).
+pub const EXEMPT_RECHECK_MIN_MS: u64 = 1000;
+
+/// What to do with a client whose deadline has come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Retire(Reason),
+    /// Spared by `maxage.exempt-*`; looked at again at `recheck_at_ms`.
+    Exempt { recheck_at_ms: u64 },
+    /// Mid-request: looked at again at `retry_at_ms`, closed anyway when grace runs out.
+    Grace { retry_at_ms: u64 },
+}
+
+/// Why a client is exempt, if it is.
+pub fn exemption(settings: &Settings, client: &ListedClient) -> Option<&'static str> {
+    let types = &settings.exempt_types;
+    // MONITOR clients carry the replica flag inside the server but are shown as `O`.
+    if client.has_flag('O') {
+        return types.monitor.then_some("monitor");
+    }
+    match ClientType::of(client) {
+        ClientType::Master if types.master => return Some("master"),
+        ClientType::Replica if types.replica => return Some("replica"),
+        ClientType::PubSub if types.pubsub => return Some("pubsub"),
+        ClientType::Normal if types.normal => return Some("normal"),
+        _ => {}
+    }
+    if types.no_evict && client.has_flag('e') {
+        return Some("no-evict");
+    }
+    if settings.exempt_users.any_matches(&client.user) {
+        return Some("user");
+    }
+    if !client.name.is_empty() && settings.exempt_names.any_matches(&client.name) {
+        return Some("name");
+    }
+    None
+}
+
+/// In the middle of a request: inside MULTI, blocked (BLPOP, WAIT, ...), with part of a command
+/// read, or with a reply not yet written. Closing it now would fail a request in flight.
+pub fn mid_request(client: &ListedClient) -> bool {
+    client.multi >= 0 || client.has_flag('b') || client.qbuf > 0 || client.obl > 0 || client.oll > 0
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    pub registry: Registry,
+    pub settings: Settings,
+    deadlines: DeadlineQueue,
+    pacer: Pacer,
+    /// Clients held by grace, with the time their grace began.
+    graced_since: HashMap<u64, u64>,
+    /// Clients that closing must wait for until their reply is out (the caller of a kill).
+    pub closes_after_reply: Vec<u64>,
+    pub audit: AuditLimiter,
+    seed: u64,
+}
+
+impl Policy {
+    pub fn new(settings: Settings, seed: u64, now_ms: u64) -> Self {
+        Self {
+            registry: Registry::new(),
+            pacer: Pacer::new(settings.max_evictions_per_sec, now_ms),
+            settings,
+            deadlines: DeadlineQueue::default(),
+            graced_since: HashMap::new(),
+            closes_after_reply: Vec::new(),
+            audit: AuditLimiter::default(),
+            seed,
+        }
+    }
+
+    /// The deadline enforcement gives this client, if enforcement is on.
+    pub fn deadline_of(&self, client: &TrackedClient) -> Option<u64> {
+        self.settings.enforcing().then(|| {
+            deadline_ms(
+                client.connected_at_ms,
+                self.settings.max_age_ms,
+                self.settings.jitter_pct,
+                client.client_id,
+                self.seed,
+            )
+        })
+    }
+
+    pub fn on_connect(&mut self, client_id: u64, now_ms: u64) {
+        self.track(client_id, now_ms, false);
+    }
+
+    /// Records a client (seeded ones are `approximate`) and schedules it.
+    pub fn track(&mut self, client_id: u64, connected_at_ms: u64, approximate: bool) {
+        self.registry
+            .insert(client_id, connected_at_ms, approximate);
+        if let Some(client) = self.registry.get(client_id) {
+            if let Some(deadline) = self.deadline_of(&client) {
+                self.deadlines.push(deadline, client_id);
+            }
+        }
+    }
+
+    pub fn on_disconnect(&mut self, client_id: u64) {
+        self.registry.remove(client_id);
+        self.graced_since.remove(&client_id);
+        let live = self.registry.len();
+        let registry = &self.registry;
+        self.deadlines
+            .compact_if_stale(live, |id| registry.contains(id));
+    }
+
+    /// Applies new settings to every connected client at once.
+    pub fn apply_settings(&mut self, settings: Settings, now_ms: u64) {
+        if settings.max_evictions_per_sec != self.pacer.rate_per_sec() {
+            self.pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
+        }
+        self.settings = settings;
+        self.retime_all();
+    }
+
+    pub fn retime_all(&mut self) {
+        self.deadlines.clear();
+        if !self.settings.enforcing() {
+            self.graced_since.clear();
+            return;
+        }
+        let clients: Vec<TrackedClient> = self.registry.iter().collect();
+        for client in clients {
+            if let Some(deadline) = self.deadline_of(&client) {
+                self.deadlines.push(deadline, client.client_id);
+            }
+        }
+    }
+
+    /// Takes up to `max` due clients that are still connected, earliest deadline first.
+    pub fn take_due(&mut self, now_ms: u64, max: usize) -> Vec<u64> {
+        let mut due = Vec::new();
+        while due.len() < max {
+            let Some((_, client_id)) = self.deadlines.pop_due(now_ms) else {
+                break;
+            };
+            if self.registry.contains(client_id) && !due.contains(&client_id) {
+                due.push(client_id);
+            }
+        }
+        due
+    }
+
+    /// Puts a due client back at the front of the line (pacing ran out of tokens).
+    pub fn requeue(&mut self, client_id: u64, at_ms: u64) {
+        self.deadlines.push(at_ms, client_id);
+    }
+
+    pub fn try_take_token(&mut self, now_ms: u64) -> bool {
+        self.pacer.try_take(now_ms)
+    }
+
+    /// The decision for a due client, as the server describes it now.
+    pub fn decide(&mut self, client: &ListedClient, now_ms: u64) -> Decision {
+        if exemption(&self.settings, client).is_some() {
+            self.graced_since.remove(&client.id);
+            let recheck = self.settings.max_age_ms.max(EXEMPT_RECHECK_MIN_MS);
+            return Decision::Exempt {
+                recheck_at_ms: now_ms + recheck,
+            };
+        }
+        if mid_request(client) {
+            let since = *self.graced_since.entry(client.id).or_insert(now_ms);
+            let grace_ends = since.saturating_add(self.settings.grace_ms);
+            if now_ms < grace_ends {
+                return Decision::Grace {
+                    retry_at_ms: (now_ms + GRACE_POLL_MS).min(grace_ends),
+                };
+            }
+            self.graced_since.remove(&client.id);
+            return Decision::Retire(Reason::MaxAgeGraceExpired);
+        }
+        self.graced_since.remove(&client.id);
+        Decision::Retire(Reason::MaxAge)
+    }
+
+    /// When the timer should next fire: the earliest deadline (or, when that is due but pacing
+    /// has no token, the next token), or a pending audit summary, whichever is first.
+    pub fn next_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
+        let deadline = self.deadlines.next_deadline().map(|(deadline, _)| {
+            if deadline <= now_ms {
+                self.pacer.next_token_at_ms(now_ms)
+            } else {
+                deadline
+            }
+        });
+        let summary = self.audit.summary_due_at_ms();
+        match (deadline, summary) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.deadlines.next_deadline().map(|(deadline, _)| deadline)
+    }
+
+    pub fn clients_in_grace(&self) -> usize {
+        self.graced_since.len()
+    }
+
+    /// Due clients waiting (for a pacing token, or for the next tick). Linear: INFO only.
+    pub fn clients_due(&self, now_ms: u64) -> usize {
+        self.deadlines.count_due(now_ms)
+    }
+
+    pub fn oldest_age_ms(&self, now_ms: u64) -> Option<u64> {
+        self.registry
+            .iter()
+            .map(|c| c.age_ms(now_ms))
+            .max()
+    }
+
+    /// Heap bytes of the per-client structures (registry and deadline queue).
+    pub fn heap_bytes(&self) -> usize {
+        self.registry.heap_bytes() + self.deadlines.heap_bytes()
+    }
+
+    pub fn scheduled_len(&self) -> usize {
+        self.deadlines.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client_list::parse_client_line;
+    use crate::config::{ExemptTypes, Patterns};
+
+    fn settings(max_age_ms: u64) -> Settings {
+        Settings {
+            max_age_ms,
+            jitter_pct: 0,
+            max_evictions_per_sec: 0,
+            grace_ms: 100,
+            ..Settings::default()
+        }
+    }
+
+    fn listed(line: &str) -> ListedClient {
+        parse_client_line(line).unwrap()
+    }
+
+    #[test]
+    fn nothing_is_due_before_its_deadline() {
+        let mut policy = Policy::new(settings(500), 1, 0);
+        for id in 1..=50 {
+            policy.on_connect(id, 1000 + id);
+        }
+        assert_eq!(policy.next_deadline_ms(), Some(1501));
+        assert!(policy.take_due(1500, 100).is_empty());
+        assert_eq!(policy.take_due(1510, 100), (1..=10).collect::<Vec<_>>());
+        assert_eq!(policy.next_wake_ms(1510), Some(1511));
+    }
+
+    #[test]
+    fn enforcement_off_schedules_nothing() {
+        let mut policy = Policy::new(settings(0), 1, 0);
+        policy.on_connect(1, 0);
+        assert_eq!(policy.next_deadline_ms(), None);
+        assert_eq!(policy.next_wake_ms(10_000), None);
+        assert_eq!(policy.registry.len(), 1);
+    }
+
+    #[test]
+    fn departed_clients_are_skipped() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        policy.on_connect(1, 0);
+        policy.on_connect(2, 0);
+        policy.on_disconnect(1);
+        assert_eq!(policy.take_due(1000, 10), vec![2]);
+    }
+
+    #[test]
+    fn new_settings_retime_connected_clients() {
+        let mut policy = Policy::new(settings(10_000), 1, 0);
+        policy.on_connect(1, 0);
+        assert_eq!(policy.next_deadline_ms(), Some(10_000));
+        policy.apply_settings(settings(500), 0);
+        assert_eq!(policy.next_deadline_ms(), Some(500));
+        policy.apply_settings(settings(0), 0);
+        assert_eq!(policy.next_deadline_ms(), None);
+    }
+
+    #[test]
+    fn pacing_spreads_a_mass_expiry() {
+        let mut config = settings(100);
+        config.max_evictions_per_sec = 100;
+        let mut policy = Policy::new(config, 1, 0);
+        for id in 1..=2000 {
+            policy.on_connect(id, 0);
+        }
+        let mut retired = 0;
+        for now in 100..1100 {
+            for id in policy.take_due(now, 64) {
+                if policy.try_take_token(now) {
+                    retired += 1;
+                } else {
+                    policy.requeue(id, now);
+                    break;
+                }
+            }
+        }
+        assert!((100..=106).contains(&retired), "{retired}");
+    }
+
+    const IDLE: &str = "id=5 addr=127.0.0.1:1 name=web flags=N db=0 multi=-1 qbuf=0 obl=0 oll=0 user=default";
+
+    #[test]
+    fn exemptions_have_reasons() {
+        let config = Settings {
+            exempt_users: Patterns::parse("ops-*"),
+            exempt_names: Patterns::parse("monitoring-*"),
+            ..settings(100)
+        };
+        let reason = |line: &str| exemption(&config, &listed(line));
+        assert_eq!(reason(IDLE), None);
+        assert_eq!(reason(&IDLE.replace("flags=N", "flags=S")), Some("replica"));
+        assert_eq!(reason(&IDLE.replace("flags=N", "flags=M")), Some("master"));
+        assert_eq!(reason(&IDLE.replace("flags=N", "flags=e")), Some("no-evict"));
+        assert_eq!(reason(&IDLE.replace("flags=N", "flags=O")), None);
+        assert_eq!(reason(&IDLE.replace("user=default", "user=ops-1")), Some("user"));
+        assert_eq!(reason(&IDLE.replace("name=web", "name=monitoring-a")), Some("name"));
+        let hard = Settings {
+            exempt_types: ExemptTypes::parse("master replica").unwrap(),
+            ..settings(100)
+        };
+        assert_eq!(exemption(&hard, &listed(&IDLE.replace("flags=N", "flags=e"))), None);
+    }
+
+    #[test]
+    fn grace_holds_then_expires() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        policy.on_connect(5, 0);
+        let busy = listed(&IDLE.replace("multi=-1", "multi=2"));
+        assert_eq!(policy.decide(&busy, 100), Decision::Grace { retry_at_ms: 110 });
+        assert_eq!(policy.clients_in_grace(), 1);
+        assert_eq!(policy.decide(&busy, 195), Decision::Grace { retry_at_ms: 200 });
+        assert_eq!(policy.decide(&busy, 200), Decision::Retire(Reason::MaxAgeGraceExpired));
+        assert_eq!(policy.clients_in_grace(), 0);
+        let blocked = listed(&IDLE.replace("flags=N", "flags=b"));
+        assert!(matches!(policy.decide(&blocked, 300), Decision::Grace { .. }));
+        assert_eq!(policy.decide(&listed(IDLE), 305), Decision::Retire(Reason::MaxAge));
+        assert_eq!(policy.clients_in_grace(), 0);
+    }
+
+    #[test]
+    fn every_mid_request_sign_counts() {
+        for busy in ["multi=0", "flags=b", "qbuf=10", "obl=5", "oll=1"] {
+            let key = busy.split('=').next().unwrap();
+            let line: String = IDLE
+                .split(' ')
+                .map(|f| if f.starts_with(&format!("{key}=")) { busy } else { f })
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(mid_request(&listed(&line)), "{line}");
+        }
+        assert!(!mid_request(&listed(IDLE)));
+    }
+
+    #[test]
+    fn exempt_clients_are_rechecked_later() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        let replica = listed(&IDLE.replace("flags=N", "flags=S"));
+        assert_eq!(
+            policy.decide(&replica, 100),
+            Decision::Exempt {
+                recheck_at_ms: 100 + EXEMPT_RECHECK_MIN_MS
+            }
+        );
+    }
+}

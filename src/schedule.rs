@@ -1,0 +1,294 @@
+//! Deadline scheduling, jitter and pacing: pure logic, every function takes `now_ms` as an argument.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Where in `[max_age * (1 - jitter), max_age]` a client's deadline falls.
+///
+/// The draw is a hash of the client id and a per-load seed rather than a random number kept per
+/// client: the registry stays at 16 bytes a client, a changed max age re-times every client
+/// without new draws, and clients that connected in the same millisecond still spread out.
+pub fn deadline_ms(
+    connected_at_ms: u64,
+    max_age_ms: u64,
+    jitter_pct: u64,
+    client_id: u64,
+    seed: u64,
+) -> u64 {
+    let window_ms = max_age_ms.saturating_mul(jitter_pct.min(100)) / 100;
+    let offset_ms = if window_ms == 0 {
+        0
+    } else {
+        // Multiply-shift maps the 64-bit hash onto [0, window] without modulo bias worth noting.
+        ((u128::from(mix64(client_id ^ seed)) * u128::from(window_ms + 1)) >> 64) as u64
+    };
+    connected_at_ms.saturating_add(max_age_ms - offset_ms)
+}
+
+/// SplitMix64's finaliser: cheap, and consecutive ids land far apart.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Pending deadlines ordered by (deadline, client id), earliest first.
+///
+/// Entries of clients that have gone are not searched for and removed on disconnect; the
+/// caller skips them when they come up (client ids are never reused), and `compact` drops them
+/// in bulk when they pile up.
+#[derive(Default, Debug)]
+pub struct DeadlineQueue {
+    heap: BinaryHeap<Reverse<(u64, u64)>>,
+}
+
+impl DeadlineQueue {
+    pub fn push(&mut self, deadline_ms: u64, client_id: u64) {
+        self.heap.push(Reverse((deadline_ms, client_id)));
+    }
+
+    /// The earliest pending (deadline, client id), whether or not it is due.
+    pub fn next_deadline(&self) -> Option<(u64, u64)> {
+        self.heap.peek().map(|Reverse(entry)| *entry)
+    }
+
+    /// Removes and returns the earliest entry if its deadline is at or before `now_ms`.
+    pub fn pop_due(&mut self, now_ms: u64) -> Option<(u64, u64)> {
+        match self.heap.peek() {
+            Some(Reverse((deadline, _))) if *deadline <= now_ms => {
+                self.heap.pop().map(|Reverse(entry)| entry)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.heap = BinaryHeap::new();
+    }
+
+    /// How many entries are due at `now_ms` (an INFO figure; linear, never on the tick path).
+    pub fn count_due(&self, now_ms: u64) -> usize {
+        self.heap
+            .iter()
+            .filter(|Reverse((deadline, _))| *deadline <= now_ms)
+            .count()
+    }
+
+    /// Drops entries whose client is gone, once they outnumber the live ones.
+    pub fn compact_if_stale(&mut self, live_clients: usize, is_live: impl Fn(u64) -> bool) {
+        if self.heap.len() > 2 * live_clients + 1024 {
+            self.heap.retain(|Reverse((_, client_id))| is_live(*client_id));
+            self.heap.shrink_to(self.heap.len() * 2);
+        }
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.heap.capacity() * std::mem::size_of::<Reverse<(u64, u64)>>()
+    }
+}
+
+/// A token bucket: at most `rate_per_sec` retirements a second on average, in bursts of at most
+/// `burst` (a twentieth of a second's worth), so a mass expiry becomes a steady trickle.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    rate_per_sec: u64,
+    /// Tokens scaled by 1000 so that rates below 1000/s accrue without rounding loss.
+    milli_tokens: u64,
+    last_refill_ms: u64,
+}
+
+impl Pacer {
+    /// `rate_per_sec == 0` means unlimited.
+    pub fn new(rate_per_sec: u64, now_ms: u64) -> Self {
+        let mut pacer = Self {
+            rate_per_sec,
+            milli_tokens: 0,
+            last_refill_ms: now_ms,
+        };
+        pacer.milli_tokens = pacer.burst_milli_tokens();
+        pacer
+    }
+
+    pub fn rate_per_sec(&self) -> u64 {
+        self.rate_per_sec
+    }
+
+    fn burst_milli_tokens(&self) -> u64 {
+        (self.rate_per_sec / 20).max(1) * 1000
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let elapsed_ms = now_ms.saturating_sub(self.last_refill_ms);
+        self.last_refill_ms = self.last_refill_ms.max(now_ms);
+        self.milli_tokens = self
+            .milli_tokens
+            .saturating_add(elapsed_ms.saturating_mul(self.rate_per_sec))
+            .min(self.burst_milli_tokens());
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now_ms: u64) -> bool {
+        if self.rate_per_sec == 0 {
+            return true;
+        }
+        self.refill(now_ms);
+        if self.milli_tokens >= 1000 {
+            self.milli_tokens -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token will be there (`now_ms` if one is there already).
+    pub fn next_token_at_ms(&mut self, now_ms: u64) -> u64 {
+        if self.rate_per_sec == 0 {
+            return now_ms;
+        }
+        self.refill(now_ms);
+        if self.milli_tokens >= 1000 {
+            return now_ms;
+        }
+        let missing = 1000 - self.milli_tokens;
+        now_ms + missing.div_ceil(self.rate_per_sec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_jitter_means_exact_deadline() {
+        for id in 1..100 {
+            assert_eq!(deadline_ms(1000, 500, 0, id, 7), 1500);
+        }
+    }
+
+    #[test]
+    fn jitter_stays_inside_the_window_and_covers_it() {
+        let (connected_at, max_age, jitter) = (10_000, 1000, 10);
+        let deadlines: Vec<u64> = (1..=5000)
+            .map(|id| deadline_ms(connected_at, max_age, jitter, id, 42))
+            .collect();
+        let earliest = *deadlines.iter().min().unwrap();
+        let latest = *deadlines.iter().max().unwrap();
+        assert!(earliest >= connected_at + 900, "earliest {earliest}");
+        assert!(latest <= connected_at + 1000, "latest {latest}");
+        // Spread: every tenth of the window is hit by a fair share of clients.
+        let mut buckets = [0u32; 10];
+        for deadline in &deadlines {
+            let offset = connected_at + 1000 - deadline;
+            buckets[(offset.min(99) / 10) as usize] += 1;
+        }
+        for count in buckets {
+            assert!((350..=650).contains(&count), "buckets {buckets:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_is_stable_per_client_and_varies_with_seed() {
+        assert_eq!(
+            deadline_ms(0, 10_000, 50, 9, 1),
+            deadline_ms(0, 10_000, 50, 9, 1)
+        );
+        let differing = (1..100)
+            .filter(|id| deadline_ms(0, 10_000, 50, *id, 1) != deadline_ms(0, 10_000, 50, *id, 2))
+            .count();
+        assert!(differing > 90);
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        assert_eq!(deadline_ms(u64::MAX - 5, u64::MAX, 100, 1, 1), u64::MAX);
+        assert!(deadline_ms(0, u64::MAX, 100, 1, 1) <= u64::MAX);
+        assert_eq!(deadline_ms(5, 0, 100, 1, 1), 5);
+        assert!(deadline_ms(0, 1000, 250, 1, 1) <= 1000);
+    }
+
+    #[test]
+    fn queue_pops_in_deadline_order_and_only_when_due() {
+        let mut queue = DeadlineQueue::default();
+        queue.push(30, 3);
+        queue.push(10, 1);
+        queue.push(20, 2);
+        queue.push(10, 0);
+        assert_eq!(queue.next_deadline(), Some((10, 0)));
+        assert_eq!(queue.pop_due(5), None);
+        assert_eq!(queue.pop_due(20), Some((10, 0)));
+        assert_eq!(queue.pop_due(20), Some((10, 1)));
+        assert_eq!(queue.pop_due(20), Some((20, 2)));
+        assert_eq!(queue.pop_due(20), None);
+        assert_eq!(queue.count_due(30), 1);
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn compaction_drops_departed_clients() {
+        let mut queue = DeadlineQueue::default();
+        for id in 0..5000 {
+            queue.push(id, id);
+        }
+        queue.compact_if_stale(10, |id| id < 10);
+        assert_eq!(queue.len(), 10);
+        queue.compact_if_stale(3, |_| false);
+        assert_eq!(queue.len(), 10, "below the threshold nothing happens");
+    }
+
+    #[test]
+    fn pacer_holds_the_rate() {
+        let mut pacer = Pacer::new(100, 0);
+        let mut taken_per_second = Vec::new();
+        for second in 0..5u64 {
+            let mut taken = 0;
+            for ms in 0..1000 {
+                while pacer.try_take(second * 1000 + ms) {
+                    taken += 1;
+                }
+            }
+            taken_per_second.push(taken);
+        }
+        for taken in &taken_per_second {
+            assert!((99..=105).contains(taken), "{taken_per_second:?}");
+        }
+    }
+
+    #[test]
+    fn pacer_bursts_are_bounded_and_next_token_is_predicted() {
+        let mut pacer = Pacer::new(1000, 0);
+        let burst = (0..1000).take_while(|_| pacer.try_take(0)).count();
+        assert_eq!(burst, 50);
+        assert_eq!(pacer.next_token_at_ms(0), 1);
+        let mut slow = Pacer::new(4, 0);
+        assert!(slow.try_take(0));
+        assert!(!slow.try_take(0));
+        assert_eq!(slow.next_token_at_ms(0), 250);
+        assert!(!slow.try_take(249));
+        assert!(slow.try_take(250));
+    }
+
+    #[test]
+    fn unlimited_pacer_never_refuses() {
+        let mut pacer = Pacer::new(0, 0);
+        assert!((0..100_000).all(|_| pacer.try_take(0)));
+        assert_eq!(pacer.next_token_at_ms(7), 7);
+    }
+
+    #[test]
+    fn clock_going_backwards_does_not_mint_tokens() {
+        let mut pacer = Pacer::new(10, 1000);
+        assert!(pacer.try_take(1000));
+        assert!(!pacer.try_take(500));
+        assert!(!pacer.try_take(1000));
+        assert!(pacer.try_take(1100));
+    }
+}

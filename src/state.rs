@@ -1,0 +1,44 @@
+//! The module's one piece of mutable state, confined to the server's main thread.
+
+use std::cell::RefCell;
+
+use lazy_static::lazy_static;
+
+use crate::config;
+use crate::ffi::{monotonic_ms, monotonic_us};
+use crate::policy::Policy;
+use crate::schedule::mix64;
+
+/// A `RefCell` that may sit in a `static` because only the server's main thread touches it.
+///
+/// Every module entry point (commands, server events, timers, INFO, config callbacks) is called
+/// by the server on its main thread with the global lock held, so there is never a second
+/// thread; lookups therefore need no mutex or atomic read-modify-write. A re-entrant borrow
+/// (which the async close path rules out) is refused instead of aliasing.
+pub struct MainThreadCell<T>(RefCell<T>);
+
+// SAFETY: see the type's comment: the value is only ever reached from the server's main thread.
+unsafe impl<T> Sync for MainThreadCell<T> {}
+// SAFETY: as above; the value never moves between threads.
+unsafe impl<T> Send for MainThreadCell<T> {}
+
+impl<T> MainThreadCell<T> {
+    pub fn new(value: T) -> Self {
+        Self(RefCell::new(value))
+    }
+
+    /// Runs `body` with the value; `None` if it is already borrowed further up the stack.
+    pub fn with<R>(&self, body: impl FnOnce(&mut T) -> R) -> Option<R> {
+        self.0.try_borrow_mut().ok().map(|mut value| body(&mut value))
+    }
+}
+
+lazy_static! {
+    /// The registry and the enforcement policy. The jitter seed differs per load so that a
+    /// fleet restarted together does not retire its clients in lockstep.
+    pub static ref STATE: MainThreadCell<Policy> = MainThreadCell::new(Policy::new(
+        config::snapshot(),
+        mix64(monotonic_us() ^ u64::from(std::process::id())),
+        monotonic_ms(),
+    ));
+}

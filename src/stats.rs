@@ -1,0 +1,95 @@
+//! Counters and the `INFO maxage` section.
+//!
+//! Counters are relaxed atomics: they are written on the main thread and only ever read whole,
+//! so no ordering between them is needed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::audit::Reason;
+use crate::ffi::{InfoWriter, monotonic_ms};
+use crate::state::STATE;
+
+pub static EVICTED_BY_MAX_AGE: AtomicU64 = AtomicU64::new(0);
+pub static EVICTED_AFTER_GRACE: AtomicU64 = AtomicU64::new(0);
+pub static EVICTED_BY_COMMAND: AtomicU64 = AtomicU64::new(0);
+pub static OBSERVED_WOULD_EVICT: AtomicU64 = AtomicU64::new(0);
+pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
+pub static GRACE_DELAYS: AtomicU64 = AtomicU64::new(0);
+pub static PACING_DELAYS: AtomicU64 = AtomicU64::new(0);
+pub static COMPAT_KILLS: AtomicU64 = AtomicU64::new(0);
+
+pub fn count_retirement(reason: Reason, observe_only: bool) {
+    let counter = match (observe_only, reason) {
+        (true, _) => &OBSERVED_WOULD_EVICT,
+        (false, Reason::MaxAge) => &EVICTED_BY_MAX_AGE,
+        (false, Reason::MaxAgeGraceExpired) => &EVICTED_AFTER_GRACE,
+        (false, Reason::ManualKill) => &EVICTED_BY_COMMAND,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Writes the `maxage` section. The server prefixes every field with `maxage_`.
+pub fn write_info(info: &mut InfoWriter) {
+    let now_ms = monotonic_ms();
+    info.section(c"");
+    let snapshot = STATE.with(|policy| {
+        (
+            policy.registry.len() as u64,
+            policy.registry.iter().filter(|c| c.approximate).count() as u64,
+            policy.clients_in_grace() as u64,
+            policy.clients_due(now_ms) as u64,
+            policy.oldest_age_ms(now_ms),
+            policy.next_deadline_ms(),
+            policy.heap_bytes() as u64,
+            policy.settings.clone(),
+        )
+    });
+    let Some((tracked, approximate, in_grace, due, oldest, next_deadline, heap_bytes, settings)) =
+        snapshot
+    else {
+        return;
+    };
+    let by_max_age = get(&EVICTED_BY_MAX_AGE);
+    let after_grace = get(&EVICTED_AFTER_GRACE);
+    let by_command = get(&EVICTED_BY_COMMAND);
+    info.field_u64("tracked_clients", tracked);
+    info.field_u64("approximate_age_clients", approximate);
+    info.field_u64("evicted_connections", by_max_age + after_grace + by_command);
+    info.field_u64("evicted_max_age", by_max_age);
+    info.field_u64("evicted_max_age_after_grace", after_grace);
+    info.field_u64("evicted_manual", by_command);
+    info.field_u64("observed_would_evict", get(&OBSERVED_WOULD_EVICT));
+    info.field_u64("exempted", get(&EXEMPTIONS));
+    info.field_u64("grace_delays", get(&GRACE_DELAYS));
+    info.field_u64("pacing_delays", get(&PACING_DELAYS));
+    info.field_u64("compat_client_kill_calls", get(&COMPAT_KILLS));
+    info.field_u64("clients_in_grace", in_grace);
+    info.field_u64("clients_delayed_by_pacing", due);
+    info.field_u64("oldest_client_age_ms", oldest.unwrap_or(0));
+    let next = next_deadline.map_or(-1, |deadline| deadline.saturating_sub(now_ms) as i64);
+    info.field_str("next_deadline_in_ms", &next.to_string());
+    info.field_u64("registry_bytes", heap_bytes);
+    info.field_u64(
+        "registry_bytes_per_client",
+        if tracked == 0 { 0 } else { heap_bytes / tracked },
+    );
+    info.field_str(
+        "mode",
+        if settings.observe_only {
+            "observe"
+        } else {
+            "enforce"
+        },
+    );
+    info.field_u64("max_age_ms", settings.max_age_ms);
+    info.field_u64("jitter_pct", settings.jitter_pct);
+    info.field_u64("max_evictions_per_sec", settings.max_evictions_per_sec);
+    info.field_u64("grace_ms", settings.grace_ms);
+    info.field_str("exempt_types", &crate::config::EXEMPT_TYPES.current());
+    info.field_str("exempt_users", &crate::config::EXEMPT_USERS.current());
+    info.field_str("exempt_names", &crate::config::EXEMPT_NAMES.current());
+}

