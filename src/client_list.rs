@@ -21,8 +21,6 @@ pub struct ListedClient {
     pub sub: u64,
     pub psub: u64,
     pub ssub: u64,
-    /// -1 outside MULTI, else the number of queued commands.
-    pub multi: i64,
     pub qbuf: u64,
     pub obl: u64,
     pub oll: u64,
@@ -55,7 +53,6 @@ pub fn parse_client_list(text: &str) -> Vec<ListedClient> {
 
 pub fn parse_client_line(line: &str) -> Option<ListedClient> {
     let mut client = ListedClient {
-        multi: -1,
         redir: -1,
         ..ListedClient::default()
     };
@@ -80,7 +77,6 @@ pub fn parse_client_line(line: &str) -> Option<ListedClient> {
             "sub" => client.sub = value.parse().unwrap_or(0),
             "psub" => client.psub = value.parse().unwrap_or(0),
             "ssub" => client.ssub = value.parse().unwrap_or(0),
-            "multi" => client.multi = value.parse().unwrap_or(-1),
             "qbuf" => client.qbuf = value.parse().unwrap_or(0),
             "obl" => client.obl = value.parse().unwrap_or(0),
             "oll" => client.oll = value.parse().unwrap_or(0),
@@ -116,7 +112,6 @@ mod tests {
         assert_eq!(client.qbuf, 26);
         assert_eq!(client.user, "default");
         assert_eq!(client.lib_name, "");
-        assert_eq!(client.multi, -1);
         assert!(client.has_flag('N'));
     }
 

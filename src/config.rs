@@ -51,10 +51,7 @@ impl CheckedString {
     }
 
     pub fn current(&self) -> String {
-        self.value
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.value.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn store(&self, value: &str) -> Result<(), String> {
@@ -243,7 +240,7 @@ fn parse_yes_no(value: &str) -> Option<bool> {
 /// Validates `loadmodule ... name value [name value ...]` completely before applying any of it,
 /// so a bad argument leaves every setting as it was. The error says which argument and why.
 pub fn apply_load_args(args: &[String]) -> Result<(), String> {
-    if args.len() % 2 != 0 {
+    if !args.len().is_multiple_of(2) {
         return Err(format!(
             "load arguments must be name/value pairs; '{}' has no value",
             args[args.len() - 1]
@@ -325,7 +322,11 @@ mod tests {
         assert!(types.master && types.replica && types.no_evict);
         assert!(!types.pubsub && !types.normal && !types.monitor);
         assert_eq!(ExemptTypes::parse("").unwrap(), ExemptTypes::default());
-        assert!(ExemptTypes::parse("master bogus").unwrap_err().contains("bogus"));
+        assert!(
+            ExemptTypes::parse("master bogus")
+                .unwrap_err()
+                .contains("bogus")
+        );
     }
 
     #[test]
@@ -340,10 +341,26 @@ mod tests {
     // One test touches the process-wide settings, so the cases run in order inside it.
     #[test]
     fn load_arguments_are_validated_before_anything_is_applied() {
-        assert!(apply_load_args(&strings(&["max-age-ms"])).unwrap_err().contains("no value"));
-        assert!(apply_load_args(&strings(&["bogus", "1"])).unwrap_err().contains("unknown argument 'bogus'"));
-        assert!(apply_load_args(&strings(&["jitter-pct", "101"])).unwrap_err().contains("out of range"));
-        assert!(apply_load_args(&strings(&["grace-ms", "soon"])).unwrap_err().contains("not an integer"));
+        assert!(
+            apply_load_args(&strings(&["max-age-ms"]))
+                .unwrap_err()
+                .contains("no value")
+        );
+        assert!(
+            apply_load_args(&strings(&["bogus", "1"]))
+                .unwrap_err()
+                .contains("unknown argument 'bogus'")
+        );
+        assert!(
+            apply_load_args(&strings(&["jitter-pct", "101"]))
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(
+            apply_load_args(&strings(&["grace-ms", "soon"]))
+                .unwrap_err()
+                .contains("not an integer")
+        );
         assert!(apply_load_args(&strings(&["mode", "maybe"])).is_err());
         assert!(apply_load_args(&strings(&["exempt-types", "robots"])).is_err());
         assert!(apply_load_args(&strings(&["client-kill-compat", "perhaps"])).is_err());

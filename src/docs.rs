@@ -4,7 +4,7 @@
 use std::ffi::{CString, c_int};
 use std::ptr;
 
-use redis_module::raw;
+use redis_module::{Context, raw};
 
 use crate::ffi;
 
@@ -102,9 +102,7 @@ fn filter_args(kill_only: bool) -> Vec<Arg> {
         arg("limit", Kind::Integer, Some("LIMIT")).summary("at most this many, oldest first"),
     ];
     if kill_only {
-        filters.push(
-            arg("dryrun", Kind::PureToken, Some("DRYRUN")).summary("count, kill nothing"),
-        );
+        filters.push(arg("dryrun", Kind::PureToken, Some("DRYRUN")).summary("count, kill nothing"));
     }
     filters
 }
@@ -207,7 +205,7 @@ impl Storage {
 }
 
 /// Sets the documentation and arity of every module command. Returns the first failure.
-pub fn register(ctx: *mut raw::RedisModuleCtx) -> Result<(), String> {
+pub fn register(ctx: &Context) -> Result<(), String> {
     let version = raw::RedisModuleCommandInfoVersion {
         version: 1,
         sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
@@ -218,7 +216,7 @@ pub fn register(ctx: *mut raw::RedisModuleCtx) -> Result<(), String> {
         let mut storage = Storage::default();
         let name = storage.c_str(doc.name);
         // SAFETY: `ctx` is the OnLoad context and `name` a registered command's name.
-        let command = unsafe { raw::RedisModule_GetCommand.unwrap()(ctx, name) };
+        let command = unsafe { raw::RedisModule_GetCommand.unwrap()(ctx.ctx, name) };
         if command.is_null() {
             return Err(format!("command {} is not registered", doc.name));
         }

@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 
 use lazy_static::lazy_static;
-use redis_module::{Context, RedisValue, raw};
+use redis_module::{Context, RedisValue};
 
 use crate::audit::{Reason, RetiredClient, retirement_line};
 use crate::client_list::{ListedClient, parse_client_list};
 use crate::config;
-use crate::ffi::{self, LogLevel, TimerId, monotonic_ms, monotonic_us};
+use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::policy::Decision;
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
@@ -23,15 +23,15 @@ const LOOKUP_BATCH: usize = 32;
 const TICK_BUDGET_US: u64 = 700;
 
 lazy_static! {
-    /// The armed timer: when it fires and its id. At most one is armed at a time.
-    static ref ARMED: MainThreadCell<Option<(u64, TimerId)>> = MainThreadCell::new(None);
+    /// When the wake-up is armed for (monotonic ms), if it is.
+    static ref ARMED: MainThreadCell<Option<u64>> = MainThreadCell::new(None);
 }
 
-pub fn on_client_change(_ctx: *mut raw::RedisModuleCtx, client_id: u64, connected: bool) {
+pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
     let now_ms = monotonic_ms();
     STATE.with(|policy| {
         if connected {
-            policy.on_connect(client_id, now_ms);
+            policy.on_connect(client_id, monotonic_ms_ceil());
         } else {
             policy.on_disconnect(client_id);
         }
@@ -48,44 +48,38 @@ pub fn on_settings_changed() {
     rearm(now_ms);
 }
 
-/// Arms the timer for the policy's next wake-up, unless one is already armed for no later.
+/// Arms the wake-up for the policy's next one, unless it is already armed for no later.
 pub fn rearm(now_ms: u64) {
     let wake = STATE.with(|policy| policy.next_wake_ms(now_ms)).flatten();
-    ARMED.with(|armed| match (wake, *armed) {
-        (Some(wake), Some((fires_at, _))) if fires_at <= wake => {}
-        (Some(wake), current) => {
-            if let Some((_, timer)) = current {
-                ffi::stop_timer(timer);
-            }
-            *armed = ffi::create_timer(wake.saturating_sub(now_ms)).map(|timer| (wake, timer));
-        }
-        (None, _) => {}
-    });
+    if let Some(wake) = wake {
+        wake_no_later_than(wake);
+    }
 }
 
-/// Stops the timer (unload refuses while a module timer is pending).
-pub fn disarm() {
+fn wake_no_later_than(wake_ms: u64) {
     ARMED.with(|armed| {
-        if let Some((_, timer)) = armed.take() {
-            ffi::stop_timer(timer);
+        if armed.is_none_or(|fires_at| fires_at > wake_ms) {
+            ffi::wake_at_us(wake_ms * 1000);
+            *armed = Some(wake_ms);
         }
     });
 }
 
-pub fn on_timer(ctx: *mut raw::RedisModuleCtx) {
+/// Disarms the wake-up (module unload).
+pub fn disarm() {
     ARMED.with(|armed| *armed = None);
-    let context = Context::new(ctx);
-    tick(&context);
+    ffi::cancel_wakeup();
+}
+
+pub fn on_wakeup(ctx: &Context) {
+    ARMED.with(|armed| *armed = None);
+    tick(ctx);
     rearm(monotonic_ms());
 }
 
 /// `CLIENT LIST`, or `CLIENT LIST ID ...` for just the given clients.
 pub fn list_clients(ctx: &Context, ids: Option<&[u64]>) -> Vec<ListedClient> {
-    let id_strings: Vec<String> = ids
-        .unwrap_or_default()
-        .iter()
-        .map(u64::to_string)
-        .collect();
+    let id_strings: Vec<String> = ids.unwrap_or_default().iter().map(u64::to_string).collect();
     let mut args: Vec<&str> = vec!["LIST"];
     if ids.is_some() {
         args.push("ID");
@@ -95,7 +89,7 @@ pub fn list_clients(ctx: &Context, ids: Option<&[u64]>) -> Vec<ListedClient> {
         Ok(reply) => parse_client_list(&reply_text(reply)),
         Err(error) => {
             ffi::log(
-                ctx.ctx,
+                ctx,
                 LogLevel::Warning,
                 &format!("maxage: CLIENT LIST failed: {error}"),
             );
@@ -122,7 +116,7 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
         && STATE
             .with(|policy| policy.settings.observe_only)
             .unwrap_or(false);
-    if !observe_only && !ffi::close_client(ctx.ctx, client.id) {
+    if !observe_only && !ffi::close_client(ctx, client.id) {
         return;
     }
     record_retirement(ctx, client, age_ms, reason, observe_only, now_ms);
@@ -149,11 +143,11 @@ pub fn record_retirement(
         reason,
         observe_only,
     );
-    audit(ctx.ctx, Some(line), now_ms);
+    audit(ctx, Some(line), now_ms);
 }
 
 /// Logs an audit line through the per-second cap, and any summary the cap owes.
-fn audit(ctx: *mut raw::RedisModuleCtx, line: Option<String>, now_ms: u64) {
+fn audit(ctx: &Context, line: Option<String>, now_ms: u64) {
     let admitted = STATE.with(|policy| match line {
         Some(_) => policy.audit.admit(now_ms),
         None => (policy.audit.flush(now_ms), false),
@@ -177,18 +171,9 @@ pub fn close_after_reply(client_id: u64) {
     wake_soon();
 }
 
-/// Makes the timer fire on the next event-loop pass that is at least a millisecond away.
+/// Wakes up a millisecond from now: after the server's next write pass.
 fn wake_soon() {
-    let now_ms = monotonic_ms();
-    ARMED.with(|armed| {
-        if armed.is_some_and(|(fires_at, _)| fires_at <= now_ms + 1) {
-            return;
-        }
-        if let Some((_, timer)) = armed.take() {
-            ffi::stop_timer(timer);
-        }
-        *armed = ffi::create_timer(1).map(|timer| (now_ms + 1, timer));
-    });
+    wake_no_later_than(monotonic_ms() + 1);
 }
 
 fn close_callers_whose_reply_is_out(ctx: &Context) {
@@ -201,7 +186,7 @@ fn close_callers_whose_reply_is_out(ctx: &Context) {
     let mut still_waiting = Vec::new();
     for client in list_clients(ctx, Some(&waiting)) {
         if client.obl == 0 && client.oll == 0 {
-            ffi::close_client(ctx.ctx, client.id);
+            ffi::close_client(ctx, client.id);
         } else {
             still_waiting.push(client.id);
         }
@@ -216,7 +201,7 @@ fn tick(ctx: &Context) {
     let started_us = monotonic_us();
     let now_ms = monotonic_ms();
     close_callers_whose_reply_is_out(ctx);
-    audit(ctx.ctx, None, now_ms);
+    audit(ctx, None, now_ms);
 
     let observe_only = STATE
         .with(|policy| policy.settings.observe_only)

@@ -6,9 +6,9 @@
 use std::ffi::{CStr, CString, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
 
-use redis_module::raw;
+use redis_module::{Context, raw};
 
 /// Runs `body`, turning a panic into `fallback` so it never unwinds into the server (which would
 /// abort it). The panic message goes to the server log.
@@ -22,7 +22,7 @@ pub fn no_unwind<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
             log(
-                module_ctx(),
+                &module_ctx(),
                 LogLevel::Warning,
                 &format!("maxage: internal error in {what}: {message}"),
             );
@@ -35,6 +35,12 @@ pub fn no_unwind<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
 /// cannot make a connection look old. (`RedisModule_Microseconds` is missing on Redis 7.0.)
 pub fn monotonic_ms() -> u64 {
     monotonic_us() / 1000
+}
+
+/// The current millisecond rounded up: a connect time taken with it is never earlier than the
+/// real one, so a deadline computed from it is never early.
+pub fn monotonic_ms_ceil() -> u64 {
+    monotonic_us().div_ceil(1000)
 }
 
 pub fn monotonic_us() -> u64 {
@@ -54,9 +60,9 @@ static MODULE_CTX: AtomicPtr<raw::RedisModuleCtx> = AtomicPtr::new(ptr::null_mut
 
 /// Keeps a detached context for work that arrives without one (config callbacks, logging from
 /// deep inside the logic). It is only used on the main thread, with the server lock held.
-pub fn init_module_ctx(ctx: *mut raw::RedisModuleCtx) {
+pub fn init_module_ctx(ctx: &Context) {
     // SAFETY: `ctx` is the OnLoad context; GetDetachedThreadSafeContext exists since Redis 6.2.
-    let detached = unsafe { raw::RedisModule_GetDetachedThreadSafeContext.unwrap()(ctx) };
+    let detached = unsafe { raw::RedisModule_GetDetachedThreadSafeContext.unwrap()(ctx.ctx) };
     let previous = MODULE_CTX.swap(detached, Ordering::AcqRel);
     free_detached(previous);
 }
@@ -72,8 +78,9 @@ fn free_detached(ctx: *mut raw::RedisModuleCtx) {
     }
 }
 
-pub fn module_ctx() -> *mut raw::RedisModuleCtx {
-    MODULE_CTX.load(Ordering::Acquire)
+/// The module's own context (null before load and after unload; logging accepts that).
+pub fn module_ctx() -> Context {
+    Context::new(MODULE_CTX.load(Ordering::Acquire))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ pub enum LogLevel {
     Warning,
 }
 
-pub fn log(ctx: *mut raw::RedisModuleCtx, level: LogLevel, message: &str) {
+pub fn log(ctx: &Context, level: LogLevel, message: &str) {
     let level = match level {
         LogLevel::Verbose => c"verbose",
         LogLevel::Notice => c"notice",
@@ -96,7 +103,9 @@ pub fn log(ctx: *mut raw::RedisModuleCtx, level: LogLevel, message: &str) {
     let message = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
     // SAFETY: the format is a constant "%s" with one matching C-string argument, so nothing in
     // the message is ever read as a format directive. A null ctx logs as "the module" on both servers.
-    unsafe { raw::RedisModule_Log.unwrap()(ctx, level.as_ptr(), c"%s".as_ptr(), message.as_ptr()) };
+    unsafe {
+        raw::RedisModule_Log.unwrap()(ctx.ctx, level.as_ptr(), c"%s".as_ptr(), message.as_ptr())
+    };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -126,22 +135,23 @@ pub fn client_info(client_id: u64) -> Option<ClientInfo> {
 
 /// Closes a client the way the server frees clients asynchronously: after the current command,
 /// in the same event-loop pass. Returns false if there is no such client.
-pub fn close_client(ctx: *mut raw::RedisModuleCtx, client_id: u64) -> bool {
+pub fn close_client(ctx: &Context, client_id: u64) -> bool {
     // SAFETY: `ctx` is a live module context; the call looks the id up and ignores unknown ids.
     // It must never be replaced by RM_Call("CLIENT","KILL",...): that crashes Redis 7.0 when
     // the id is the caller's own.
-    let status = unsafe { raw::RedisModule_DeauthenticateAndCloseClient.unwrap()(ctx, client_id) };
+    let status =
+        unsafe { raw::RedisModule_DeauthenticateAndCloseClient.unwrap()(ctx.ctx, client_id) };
     status == raw::REDISMODULE_OK as c_int
 }
 
 /// The id of the client that sent the current command (0 inside a timer or event).
-pub fn current_client_id(ctx: *mut raw::RedisModuleCtx) -> u64 {
+pub fn current_client_id(ctx: &Context) -> u64 {
     // SAFETY: `ctx` is the context the server passed to the running callback.
-    unsafe { raw::RedisModule_GetClientId.unwrap()(ctx) }
+    unsafe { raw::RedisModule_GetClientId.unwrap()(ctx.ctx) }
 }
 
 /// The server's client-change events: connected (`true`) and disconnected (`false`), with the id.
-pub type ClientChangeHandler = fn(ctx: *mut raw::RedisModuleCtx, client_id: u64, connected: bool);
+pub type ClientChangeHandler = fn(ctx: &Context, client_id: u64, connected: bool);
 
 static CLIENT_CHANGE_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
 
@@ -162,71 +172,127 @@ unsafe extern "C" fn on_client_change(
         if !handler.is_null() {
             // SAFETY: only `subscribe_client_changes` stores here, and it stores a ClientChangeHandler.
             let handler: ClientChangeHandler = unsafe { std::mem::transmute(handler) };
-            let connected = subevent == u64::from(raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_CONNECTED);
-            handler(ctx, client_id, connected);
+            let connected = subevent == raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_CONNECTED;
+            handler(&Context::new(ctx), client_id, connected);
         }
     })
 }
 
-pub fn subscribe_client_changes(
-    ctx: *mut raw::RedisModuleCtx,
-    handler: ClientChangeHandler,
-) -> bool {
+pub fn subscribe_client_changes(ctx: &Context, handler: ClientChangeHandler) -> bool {
     CLIENT_CHANGE_HANDLER.store(handler as *mut (), Ordering::Release);
     let event = raw::RedisModuleEvent {
-        id: raw::REDISMODULE_EVENT_CLIENT_CHANGE as u64,
+        id: raw::REDISMODULE_EVENT_CLIENT_CHANGE,
         dataver: 1,
     };
     // SAFETY: `ctx` is the OnLoad context and the callback has the signature the server calls.
     unsafe {
-        raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx, event, Some(on_client_change))
+        raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.ctx, event, Some(on_client_change))
             == raw::REDISMODULE_OK as c_int
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Timers. One callback type: the module only ever needs "wake me at this time".
+// Wake-ups. A timerfd in the server's own event loop rather than a module timer: the server
+// refuses MODULE UNLOAD while a module timer is pending, and enforcement always has one
+// pending. The timerfd is armed with an absolute CLOCK_MONOTONIC time, so it fires on the
+// microsecond the deadline falls, not on a rounded millisecond.
 
-pub type TimerHandler = fn(ctx: *mut raw::RedisModuleCtx);
+pub type WakeupHandler = fn(ctx: &Context);
 
-static TIMER_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+static WAKEUP_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+static WAKEUP_FD: AtomicI32 = AtomicI32::new(-1);
 
-unsafe extern "C" fn on_timer(ctx: *mut raw::RedisModuleCtx, _data: *mut c_void) {
-    no_unwind("timer", (), || {
-        let handler = TIMER_HANDLER.load(Ordering::Acquire);
+unsafe extern "C" fn on_wakeup(fd: c_int, _user_data: *mut c_void, _mask: c_int) {
+    no_unwind("wake-up", (), || {
+        let mut expirations = 0u64;
+        // SAFETY: reading the 8-byte expiration count clears the fd's readiness; the fd is
+        // non-blocking, so a spurious wake-up returns EAGAIN instead of blocking the server.
+        unsafe { libc::read(fd, ptr::addr_of_mut!(expirations).cast(), 8) };
+        let handler = WAKEUP_HANDLER.load(Ordering::Acquire);
         if !handler.is_null() {
-            // SAFETY: only `set_timer_handler` stores here, and it stores a TimerHandler.
-            let handler: TimerHandler = unsafe { std::mem::transmute(handler) };
-            handler(ctx);
+            // SAFETY: only `start_wakeups` stores here, and it stores a WakeupHandler.
+            let handler: WakeupHandler = unsafe { std::mem::transmute(handler) };
+            handler(&module_ctx());
         }
     })
 }
 
-pub fn set_timer_handler(handler: TimerHandler) {
-    TIMER_HANDLER.store(handler as *mut (), Ordering::Release);
-}
-
-pub type TimerId = raw::RedisModuleTimerID;
-
-pub fn create_timer(delay_ms: u64) -> Option<TimerId> {
-    let ctx = module_ctx();
-    if ctx.is_null() {
-        return None;
+/// Creates the timerfd and adds it to the server's event loop.
+pub fn start_wakeups(handler: WakeupHandler) -> Result<(), String> {
+    WAKEUP_HANDLER.store(handler as *mut (), Ordering::Release);
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "timerfd_create failed: {}",
+            std::io::Error::last_os_error()
+        ));
     }
-    let delay = i64::try_from(delay_ms).unwrap_or(i64::MAX);
-    // SAFETY: the module context is live until unload (which stops timers first); no data is
-    // attached to the timer, so nothing can leak or dangle.
-    Some(unsafe { raw::RedisModule_CreateTimer.unwrap()(ctx, delay, Some(on_timer), ptr::null_mut()) })
+    // SAFETY: `fd` is open and `on_wakeup` has the signature the event loop calls.
+    let status = unsafe {
+        raw::RedisModule_EventLoopAdd.unwrap()(
+            fd,
+            raw::REDISMODULE_EVENTLOOP_READABLE as c_int,
+            Some(on_wakeup),
+            ptr::null_mut(),
+        )
+    };
+    if status != raw::REDISMODULE_OK as c_int {
+        // SAFETY: `fd` is ours and not registered anywhere.
+        unsafe { libc::close(fd) };
+        return Err("cannot add the wake-up timer to the event loop".to_string());
+    }
+    WAKEUP_FD.store(fd, Ordering::Release);
+    Ok(())
 }
 
-pub fn stop_timer(timer: TimerId) {
-    let ctx = module_ctx();
-    if ctx.is_null() {
+/// Removes the timerfd from the event loop and closes it (module unload).
+pub fn stop_wakeups() {
+    let fd = WAKEUP_FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: `fd` was added by `start_wakeups` and is removed and closed exactly once.
+        unsafe {
+            raw::RedisModule_EventLoopDel.unwrap()(
+                fd,
+                raw::REDISMODULE_EVENTLOOP_READABLE as c_int,
+            );
+            libc::close(fd);
+        }
+    }
+}
+
+/// Arms the wake-up for an absolute monotonic time in microseconds (a past time fires at once).
+pub fn wake_at_us(at_us: u64) {
+    set_wakeup(at_us.max(1));
+}
+
+/// Disarms the wake-up.
+pub fn cancel_wakeup() {
+    set_wakeup(0);
+}
+
+fn set_wakeup(at_us: u64) {
+    let fd = WAKEUP_FD.load(Ordering::Acquire);
+    if fd < 0 {
         return;
     }
-    // SAFETY: stopping an id that already fired is refused by the server and harmless; no data
-    // was attached, so there is nothing to free.
-    unsafe { raw::RedisModule_StopTimer.unwrap()(ctx, timer, ptr::null_mut()) };
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: (at_us / 1_000_000) as libc::time_t,
+            tv_nsec: ((at_us % 1_000_000) * 1000) as libc::c_long,
+        },
+    };
+    // SAFETY: `fd` is our timerfd and `spec` a valid itimerspec; an all-zero value disarms it.
+    unsafe { libc::timerfd_settime(fd, libc::TFD_TIMER_ABSTIME, &spec, ptr::null_mut()) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,7 +309,12 @@ pub enum Reply {
     Map(Vec<(&'static str, Reply)>),
 }
 
-pub fn reply(ctx: *mut raw::RedisModuleCtx, value: &Reply) {
+pub fn reply(ctx: &Context, value: &Reply) {
+    let ctx = ctx.ctx;
+    reply_raw(ctx, value);
+}
+
+fn reply_raw(ctx: *mut raw::RedisModuleCtx, value: &Reply) {
     // SAFETY (all calls below): `ctx` is the context of the command being answered, and every
     // string pointer is valid for the length passed with it during the call.
     unsafe {
@@ -262,7 +333,7 @@ pub fn reply(ctx: *mut raw::RedisModuleCtx, value: &Reply) {
             }
             Reply::Array(items) => {
                 raw::RedisModule_ReplyWithArray.unwrap()(ctx, items.len() as _);
-                items.iter().for_each(|item| reply(ctx, item));
+                items.iter().for_each(|item| reply_raw(ctx, item));
             }
             Reply::Map(fields) => {
                 raw::RedisModule_ReplyWithMap.unwrap()(ctx, fields.len() as _);
@@ -272,17 +343,17 @@ pub fn reply(ctx: *mut raw::RedisModuleCtx, value: &Reply) {
                         key.as_ptr().cast(),
                         key.len(),
                     );
-                    reply(ctx, item);
+                    reply_raw(ctx, item);
                 }
             }
         }
     }
 }
 
-pub fn reply_error(ctx: *mut raw::RedisModuleCtx, message: &str) {
+pub fn reply_error(ctx: &Context, message: &str) {
     let message = CString::new(message.replace(['\r', '\n', '\0'], " ")).unwrap_or_default();
     // SAFETY: `message` is a valid C string for the duration of the call.
-    unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx, message.as_ptr()) };
+    unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx.ctx, message.as_ptr()) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,11 +402,11 @@ unsafe extern "C" fn on_info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_repor
 
 /// Replaces the INFO callback the `redis_module!` macro installs with ours (the server keeps
 /// the last one registered).
-pub fn register_info(ctx: *mut raw::RedisModuleCtx, handler: InfoHandler) -> bool {
+pub fn register_info(ctx: &Context, handler: InfoHandler) -> bool {
     INFO_HANDLER.store(handler as *mut (), Ordering::Release);
     // SAFETY: `ctx` is the OnLoad context and `on_info` has the signature the server calls.
     unsafe {
-        raw::RedisModule_RegisterInfoFunc.unwrap()(ctx, Some(on_info))
+        raw::RedisModule_RegisterInfoFunc.unwrap()(ctx.ctx, Some(on_info))
             == raw::REDISMODULE_OK as c_int
     }
 }

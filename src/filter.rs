@@ -82,7 +82,8 @@ impl<T> Default for Pair<T> {
 
 impl<T> Pair<T> {
     fn holds(&self, predicate: impl Fn(&T) -> bool) -> bool {
-        self.is.as_ref().is_none_or(&predicate) && self.is_not.as_ref().is_none_or(|v| !predicate(v))
+        self.is.as_ref().is_none_or(&predicate)
+            && self.is_not.as_ref().is_none_or(|v| !predicate(v))
     }
 }
 
@@ -247,13 +248,19 @@ pub fn parse(
                 filter.flags.is_not = Some(flags);
             }
             b"CAPA" => {
-                let capa =
-                    checked_letters(value, "r", "ERR Unknown capa found in the provided filter: ")?;
+                let capa = checked_letters(
+                    value,
+                    "r",
+                    "ERR Unknown capa found in the provided filter: ",
+                )?;
                 filter.capa.is = Some(capa);
             }
             b"NOT-CAPA" => {
-                let capa =
-                    checked_letters(value, "r", "ERR Unknown capa found in the NOT-CAPA filter: ")?;
+                let capa = checked_letters(
+                    value,
+                    "r",
+                    "ERR Unknown capa found in the NOT-CAPA filter: ",
+                )?;
                 filter.capa.is_not = Some(capa);
             }
             b"DB" => filter.db.is = Some(db_number(value, "DB", facts)?),
@@ -298,7 +305,10 @@ impl ClientFilter {
         if self.skip_me && client.id == candidate.caller_id {
             return false;
         }
-        if self.ids.as_ref().is_some_and(|ids| !ids.contains(&client.id))
+        if self
+            .ids
+            .as_ref()
+            .is_some_and(|ids| !ids.contains(&client.id))
             || self.not_ids.contains(&client.id)
         {
             return false;
@@ -383,7 +393,17 @@ mod tests {
         assert_eq!(parse_strict_i64(b"-3"), Some(-3));
         assert_eq!(parse_strict_i64(b"0"), Some(0));
         assert_eq!(parse_strict_i64(b"9223372036854775807"), Some(i64::MAX));
-        for bad in ["", "-", "+5", "05", "-0", " 5", "1.5", "abc", "99999999999999999999"] {
+        for bad in [
+            "",
+            "-",
+            "+5",
+            "05",
+            "-0",
+            " 5",
+            "1.5",
+            "abc",
+            "99999999999999999999",
+        ] {
             assert_eq!(parse_strict_i64(bad.as_bytes()), None, "{bad:?}");
         }
     }
@@ -429,28 +449,70 @@ mod tests {
             (&["NOT-TYPE", "a\r\nb"], "ERR Unknown client type 'a  b'"),
             (&["USER", "nosuch"], "ERR No such user 'nosuch'"),
             (&["NOT-USER", "DEFAULT"], "ERR No such user 'DEFAULT'"),
-            (&["MAXAGE", "x"], "ERR maxage is not an integer or out of range"),
-            (&["MAXAGE", "05"], "ERR maxage is not an integer or out of range"),
+            (
+                &["MAXAGE", "x"],
+                "ERR maxage is not an integer or out of range",
+            ),
+            (
+                &["MAXAGE", "05"],
+                "ERR maxage is not an integer or out of range",
+            ),
             (&["MAXAGE", "0"], "ERR maxage should be greater than 0"),
             (&["MAXAGE", "-5"], "ERR maxage should be greater than 0"),
-            (&["MAXAGE-MS", "1.5"], "ERR maxage-ms is not an integer or out of range"),
-            (&["MAXAGE-MS", "0"], "ERR maxage-ms should be greater than 0"),
+            (
+                &["MAXAGE-MS", "1.5"],
+                "ERR maxage-ms is not an integer or out of range",
+            ),
+            (
+                &["MAXAGE-MS", "0"],
+                "ERR maxage-ms should be greater than 0",
+            ),
             (&["IDLE", "0"], "ERR idle should be greater than 0"),
             (&["IDLE", "y"], "ERR idle is not an integer or out of range"),
             (&["LIMIT", "0"], "ERR limit should be greater than 0"),
-            (&["LIMIT", "many"], "ERR limit is not an integer or out of range"),
-            (&["FLAGS", "Nw"], "ERR Unknown flags found in the provided filter: Nw"),
-            (&["NOT-FLAGS", "n"], "ERR Unknown flags found in the NOT-FLAGS filter: n"),
-            (&["CAPA", "R"], "ERR Unknown capa found in the provided filter: R"),
-            (&["NOT-CAPA", "x"], "ERR Unknown capa found in the NOT-CAPA filter: x"),
+            (
+                &["LIMIT", "many"],
+                "ERR limit is not an integer or out of range",
+            ),
+            (
+                &["FLAGS", "Nw"],
+                "ERR Unknown flags found in the provided filter: Nw",
+            ),
+            (
+                &["NOT-FLAGS", "n"],
+                "ERR Unknown flags found in the NOT-FLAGS filter: n",
+            ),
+            (
+                &["CAPA", "R"],
+                "ERR Unknown capa found in the provided filter: R",
+            ),
+            (
+                &["NOT-CAPA", "x"],
+                "ERR Unknown capa found in the NOT-CAPA filter: x",
+            ),
             (&["DB", "16"], "ERR DB number should be between 0 and 15"),
             (&["DB", "01"], "ERR DB is not an integer or out of range"),
-            (&["NOT-DB", "-1"], "ERR NOT-DB number should be between 0 and 15"),
-            (&["NOT-DB", "x"], "ERR NOT-DB is not an integer or out of range"),
+            (
+                &["NOT-DB", "-1"],
+                "ERR NOT-DB number should be between 0 and 15",
+            ),
+            (
+                &["NOT-DB", "x"],
+                "ERR NOT-DB is not an integer or out of range",
+            ),
             // The first error from the left wins; a later duplicate does not excuse an earlier one.
-            (&["TYPE", "bogus", "USER", "nosuch"], "ERR Unknown client type 'bogus'"),
-            (&["USER", "nosuch", "TYPE", "bogus"], "ERR No such user 'nosuch'"),
-            (&["MAXAGE", "5", "MAXAGE", "0"], "ERR maxage should be greater than 0"),
+            (
+                &["TYPE", "bogus", "USER", "nosuch"],
+                "ERR Unknown client type 'bogus'",
+            ),
+            (
+                &["USER", "nosuch", "TYPE", "bogus"],
+                "ERR No such user 'nosuch'",
+            ),
+            (
+                &["MAXAGE", "5", "MAXAGE", "0"],
+                "ERR maxage should be greater than 0",
+            ),
         ];
         for (args, expected) in cases {
             assert_eq!(parse_kill(args).unwrap_err(), *expected, "{args:?}");
@@ -468,16 +530,21 @@ mod tests {
 
     #[test]
     fn keywords_are_case_insensitive_values_are_not() {
-        let filter = parse_kill(&["not-type", "Normal", "maxage-ms", "1500", "Skipme", "NO"]).unwrap();
+        let filter =
+            parse_kill(&["not-type", "Normal", "maxage-ms", "1500", "Skipme", "NO"]).unwrap();
         assert_eq!(filter.client_type.is_not, Some(ClientType::Normal));
         assert_eq!(filter.min_age_ms, Some(1500));
         assert!(!filter.skip_me);
         assert_eq!(parse_kill(&["MAXAGE", "2"]).unwrap().min_age_ms, Some(2000));
-        assert_eq!(parse_kill(&["TYPE", "primary"]).unwrap().client_type.is, Some(ClientType::Master));
+        assert_eq!(
+            parse_kill(&["TYPE", "primary"]).unwrap().client_type.is,
+            Some(ClientType::Master)
+        );
     }
 
     const PLAIN: &str = "id=5 addr=127.0.0.1:50100 laddr=127.0.0.1:7000 fd=8 name=web-1 age=12 idle=3 flags=N capa= db=2 multi=-1 user=alice resp=2 lib-name=redis-py lib-ver=5.0.1";
-    const PUBSUB: &str = "id=6 addr=[::1]:40000 laddr=[::1]:7000 fd=9 name= age=1 idle=1 flags=P db=0 user=default";
+    const PUBSUB: &str =
+        "id=6 addr=[::1]:40000 laddr=[::1]:7000 fd=9 name= age=1 idle=1 flags=P db=0 user=default";
     const MONITOR: &str = "id=7 addr=127.0.0.1:50101 laddr=127.0.0.1:7000 fd=10 name= age=1 idle=0 flags=O db=0 user=default";
     const REPLICA: &str = "id=8 addr=127.0.0.1:50102 laddr=127.0.0.1:7000 fd=11 name= age=9 idle=0 flags=S db=0 user=default";
     const PRIMARY: &str = "id=9 addr=127.0.0.1:7001 laddr=127.0.0.1:50103 fd=12 name= age=9 idle=0 flags=M db=0 user=(superuser)";
@@ -532,11 +599,31 @@ mod tests {
     #[test]
     fn filters_and_together() {
         let plain = client(PLAIN);
-        assert!(matches(&parse_kill(&["TYPE", "normal", "DB", "2", "MAXAGE", "1"]).unwrap(), &plain, 1500));
-        assert!(!matches(&parse_kill(&["TYPE", "normal", "DB", "3"]).unwrap(), &plain, 1500));
-        assert!(!matches(&parse_kill(&["TYPE", "normal", "NOT-TYPE", "normal"]).unwrap(), &plain, 0));
-        assert!(!matches(&parse_kill(&["ID", "5", "NOT-ID", "5"]).unwrap(), &plain, 0));
-        assert!(!matches(&parse_kill(&["SKIPME", "no", "ID"]).unwrap(), &plain, 0));
+        assert!(matches(
+            &parse_kill(&["TYPE", "normal", "DB", "2", "MAXAGE", "1"]).unwrap(),
+            &plain,
+            1500
+        ));
+        assert!(!matches(
+            &parse_kill(&["TYPE", "normal", "DB", "3"]).unwrap(),
+            &plain,
+            1500
+        ));
+        assert!(!matches(
+            &parse_kill(&["TYPE", "normal", "NOT-TYPE", "normal"]).unwrap(),
+            &plain,
+            0
+        ));
+        assert!(!matches(
+            &parse_kill(&["ID", "5", "NOT-ID", "5"]).unwrap(),
+            &plain,
+            0
+        ));
+        assert!(!matches(
+            &parse_kill(&["SKIPME", "no", "ID"]).unwrap(),
+            &plain,
+            0
+        ));
     }
 
     #[test]
@@ -548,7 +635,11 @@ mod tests {
             caller_id: 5,
         };
         assert!(!parse_kill(&["ID", "5"]).unwrap().matches(&me));
-        assert!(parse_kill(&["ID", "5", "SKIPME", "no"]).unwrap().matches(&me));
+        assert!(
+            parse_kill(&["ID", "5", "SKIPME", "no"])
+                .unwrap()
+                .matches(&me)
+        );
     }
 
     #[test]
@@ -561,18 +652,38 @@ mod tests {
         assert!(!matches(&parse_kill(&["FLAGS", "N"]).unwrap(), &pubsub, 0));
         assert!(!matches(&parse_kill(&["FLAGS", "NP"]).unwrap(), &pubsub, 0));
         assert!(matches(&parse_kill(&["FLAGS", ""]).unwrap(), &pubsub, 0));
-        assert!(!matches(&parse_kill(&["NOT-FLAGS", ""]).unwrap(), &pubsub, 0));
-        assert!(matches(&parse_kill(&["NOT-FLAGS", "xP"]).unwrap(), &pubsub, 0));
+        assert!(!matches(
+            &parse_kill(&["NOT-FLAGS", ""]).unwrap(),
+            &pubsub,
+            0
+        ));
+        assert!(matches(
+            &parse_kill(&["NOT-FLAGS", "xP"]).unwrap(),
+            &pubsub,
+            0
+        ));
     }
 
     #[test]
     fn unset_names_never_match() {
         let pubsub = client(PUBSUB);
         assert!(!matches(&parse_kill(&["NAME", ""]).unwrap(), &pubsub, 0));
-        assert!(matches(&parse_kill(&["NOT-NAME", "x"]).unwrap(), &pubsub, 0));
+        assert!(matches(
+            &parse_kill(&["NOT-NAME", "x"]).unwrap(),
+            &pubsub,
+            0
+        ));
         assert!(matches(&parse_kill(&["NOT-NAME", ""]).unwrap(), &pubsub, 0));
-        assert!(!matches(&parse_kill(&["LIB-NAME", ""]).unwrap(), &pubsub, 0));
-        assert!(matches(&parse_kill(&["NOT-LIB-VER", "1"]).unwrap(), &pubsub, 0));
+        assert!(!matches(
+            &parse_kill(&["LIB-NAME", ""]).unwrap(),
+            &pubsub,
+            0
+        ));
+        assert!(matches(
+            &parse_kill(&["NOT-LIB-VER", "1"]).unwrap(),
+            &pubsub,
+            0
+        ));
     }
 
     #[test]
@@ -585,14 +696,26 @@ mod tests {
         assert!(!ip_matches("/tmp/r.sock:0", "/tmp/r.sock"));
         assert!(!ip_matches("127.0.0.1:5000", ""));
         let unix = client(UNIX);
-        assert!(matches(&parse_kill(&["NOT-IP", "/tmp/r.sock"]).unwrap(), &unix, 0));
+        assert!(matches(
+            &parse_kill(&["NOT-IP", "/tmp/r.sock"]).unwrap(),
+            &unix,
+            0
+        ));
     }
 
     #[test]
     fn primary_link_has_no_user() {
         let primary = client(PRIMARY);
-        assert!(!matches(&parse_kill(&["USER", "default"]).unwrap(), &primary, 0));
-        assert!(matches(&parse_kill(&["NOT-USER", "default"]).unwrap(), &primary, 0));
+        assert!(!matches(
+            &parse_kill(&["USER", "default"]).unwrap(),
+            &primary,
+            0
+        ));
+        assert!(matches(
+            &parse_kill(&["NOT-USER", "default"]).unwrap(),
+            &primary,
+            0
+        ));
     }
 
     #[test]

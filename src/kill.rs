@@ -5,8 +5,8 @@ use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
 use crate::enforcement::{close_after_reply, list_clients, record_retirement, reply_text, retire};
-use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
 use crate::ffi::{self, Reply, monotonic_ms};
+use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
 use crate::policy::exemption;
 use crate::state::STATE;
 
@@ -72,7 +72,7 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
         return Vec::new();
     }
     let listed = list_clients(ctx, ids.as_deref());
-    let caller_id = ffi::current_client_id(ctx.ctx);
+    let caller_id = ffi::current_client_id(ctx);
     let now_ms = monotonic_ms();
     let mut matched: Vec<Matched> = STATE
         .with(|policy| {
@@ -116,18 +116,31 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
 /// before any close, and the caller itself (`SKIPME no`) is closed only after its reply is sent.
 pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
     let matched = select(ctx, filter);
-    ffi::reply(ctx.ctx, &Reply::Int(matched.len() as i64));
+    ffi::reply(ctx, &Reply::Int(matched.len() as i64));
     if filter.dry_run {
         return matched.len();
     }
-    let caller_id = ffi::current_client_id(ctx.ctx);
+    let caller_id = ffi::current_client_id(ctx);
     let now_ms = monotonic_ms();
     for client in &matched {
         if client.listed.id == caller_id {
             close_after_reply(caller_id);
-            record_retirement(ctx, &client.listed, client.age_ms, Reason::ManualKill, false, now_ms);
+            record_retirement(
+                ctx,
+                &client.listed,
+                client.age_ms,
+                Reason::ManualKill,
+                false,
+                now_ms,
+            );
         } else {
-            retire(ctx, &client.listed, client.age_ms, Reason::ManualKill, now_ms);
+            retire(
+                ctx,
+                &client.listed,
+                client.age_ms,
+                Reason::ManualKill,
+                now_ms,
+            );
         }
     }
     matched.len()
@@ -144,7 +157,7 @@ pub fn kill_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 pub fn list_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let filter = parse_args(ctx, args.get(1..).unwrap_or_default(), Command::List)?;
     let entries: Vec<Reply> = select(ctx, &filter).into_iter().map(entry).collect();
-    ffi::reply(ctx.ctx, &Reply::Array(entries));
+    ffi::reply(ctx, &Reply::Array(entries));
     Ok(RedisValue::NoReply)
 }
 
@@ -156,7 +169,10 @@ fn entry(client: Matched) -> Reply {
         ("laddr", Reply::Str(listed.laddr.clone())),
         ("name", Reply::Str(listed.name.clone())),
         ("user", Reply::Str(listed.user.clone())),
-        ("type", Reply::Str(ClientType::of(&listed).name().to_string())),
+        (
+            "type",
+            Reply::Str(ClientType::of(&listed).name().to_string()),
+        ),
         ("db", Reply::Int(listed.db)),
         ("flags", Reply::Str(listed.flags.clone())),
         ("lib-name", Reply::Str(listed.lib_name.clone())),

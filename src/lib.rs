@@ -24,6 +24,17 @@ use redis_module::{Context, RedisError, RedisResult, RedisString, Status, redis_
 use crate::config::Mode;
 use crate::ffi::{LogLevel, no_unwind};
 
+/// Inside the server all memory comes from the server's allocator (so INFO memory and maxmemory
+/// see it); unit tests run without a server and use the system allocator.
+#[cfg(not(test))]
+type ModuleAllocator = redis_module::alloc::RedisAlloc;
+#[cfg(not(test))]
+const MODULE_ALLOCATOR: ModuleAllocator = redis_module::alloc::RedisAlloc;
+#[cfg(test)]
+type ModuleAllocator = std::alloc::System;
+#[cfg(test)]
+const MODULE_ALLOCATOR: ModuleAllocator = std::alloc::System;
+
 /// Every command handler runs inside this: a panic becomes an error reply, never an abort.
 fn guarded(
     what: &str,
@@ -33,7 +44,9 @@ fn guarded(
 ) -> RedisResult {
     no_unwind(
         what,
-        Err(RedisError::Str("ERR internal error in the maxage module (see the server log)")),
+        Err(RedisError::Str(
+            "ERR internal error in the maxage module (see the server log)",
+        )),
         || handler(ctx, args),
     )
 }
@@ -58,10 +71,11 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
 
 fn refuse(ctx: &Context, why: &str) -> Status {
     ffi::log(
-        ctx.ctx,
+        ctx,
         LogLevel::Warning,
         &format!("maxage: refusing to load: {why}"),
     );
+    ffi::stop_wakeups();
     ffi::release_module_ctx();
     Status::Err
 }
@@ -70,11 +84,30 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
     // Detect, never assume: each of these is needed and each is missing on some servers.
     // SAFETY (each read): the function-pointer statics were filled in by RedisModule_Init.
     let required = [
-        ("DeauthenticateAndCloseClient", unsafe { redis_module::raw::RedisModule_DeauthenticateAndCloseClient }.is_some()),
-        ("GetClientInfoById", unsafe { redis_module::raw::RedisModule_GetClientInfoById }.is_some()),
-        ("SubscribeToServerEvent", unsafe { redis_module::raw::RedisModule_SubscribeToServerEvent }.is_some()),
-        ("SetCommandInfo", unsafe { redis_module::raw::RedisModule_SetCommandInfo }.is_some()),
-        ("GetDetachedThreadSafeContext", unsafe { redis_module::raw::RedisModule_GetDetachedThreadSafeContext }.is_some()),
+        (
+            "DeauthenticateAndCloseClient",
+            unsafe { redis_module::raw::RedisModule_DeauthenticateAndCloseClient }.is_some(),
+        ),
+        (
+            "GetClientInfoById",
+            unsafe { redis_module::raw::RedisModule_GetClientInfoById }.is_some(),
+        ),
+        (
+            "SubscribeToServerEvent",
+            unsafe { redis_module::raw::RedisModule_SubscribeToServerEvent }.is_some(),
+        ),
+        (
+            "SetCommandInfo",
+            unsafe { redis_module::raw::RedisModule_SetCommandInfo }.is_some(),
+        ),
+        (
+            "GetDetachedThreadSafeContext",
+            unsafe { redis_module::raw::RedisModule_GetDetachedThreadSafeContext }.is_some(),
+        ),
+        (
+            "EventLoopAdd",
+            unsafe { redis_module::raw::RedisModule_EventLoopAdd }.is_some(),
+        ),
     ];
     if let Some((missing, _)) = required.iter().find(|(_, present)| !present) {
         return refuse(
@@ -82,31 +115,37 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
             &format!("the server lacks the module API {missing} (Redis 7.0 or newer is needed)"),
         );
     }
-    ffi::init_module_ctx(ctx.ctx);
+    ffi::init_module_ctx(ctx);
     let args: Vec<String> = args.iter().map(|a| a.to_string_lossy()).collect();
     if let Err(why) = config::apply_load_args(&args) {
         return refuse(ctx, &why);
     }
-    if let Err(why) = docs::register(ctx.ctx) {
+    if let Err(why) = docs::register(ctx) {
         return refuse(ctx, &why);
     }
-    ffi::set_timer_handler(enforcement::on_timer);
-    if !ffi::subscribe_client_changes(ctx.ctx, enforcement::on_client_change) {
+    if let Err(why) = ffi::start_wakeups(enforcement::on_wakeup) {
+        return refuse(ctx, &why);
+    }
+    if !ffi::subscribe_client_changes(ctx, enforcement::on_client_change) {
         return refuse(ctx, "cannot subscribe to client connect/disconnect events");
     }
-    if !ffi::register_info(ctx.ctx, stats::write_info) {
+    if !ffi::register_info(ctx, stats::write_info) {
         return refuse(ctx, "cannot register the INFO section");
     }
     let seeded = enforcement::seed_existing_clients(ctx);
     enforcement::on_settings_changed();
     let settings = config::snapshot();
     ffi::log(
-        ctx.ctx,
+        ctx,
         LogLevel::Notice,
         &format!(
             "maxage: loaded; {seeded} already-connected clients seeded from CLIENT LIST (ages approximate); max-age-ms={} mode={}",
             settings.max_age_ms,
-            if settings.observe_only { "observe" } else { "enforce" }
+            if settings.observe_only {
+                "observe"
+            } else {
+                "enforce"
+            }
         ),
     );
     Status::Ok
@@ -115,6 +154,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
 fn deinit(_ctx: &Context) -> Status {
     no_unwind("module unload", Status::Ok, || {
         enforcement::disarm();
+        ffi::stop_wakeups();
         state::STATE.with(|policy| {
             *policy = policy::Policy::new(config::snapshot(), 0, ffi::monotonic_ms())
         });
@@ -126,7 +166,7 @@ fn deinit(_ctx: &Context) -> Status {
 redis_module! {
     name: "maxage",
     version: 1,
-    allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
+    allocator: (ModuleAllocator, MODULE_ALLOCATOR),
     data_types: [],
     init: init,
     deinit: deinit,

@@ -23,9 +23,13 @@ pub const EXEMPT_RECHECK_MIN_MS: u64 = 1000;
 pub enum Decision {
     Retire(Reason),
     /// Spared by `maxage.exempt-*`; looked at again at `recheck_at_ms`.
-    Exempt { recheck_at_ms: u64 },
+    Exempt {
+        recheck_at_ms: u64,
+    },
     /// Mid-request: looked at again at `retry_at_ms`, closed anyway when grace runs out.
-    Grace { retry_at_ms: u64 },
+    Grace {
+        retry_at_ms: u64,
+    },
 }
 
 /// Why a client is exempt, if it is.
@@ -57,7 +61,12 @@ pub fn exemption(settings: &Settings, client: &ListedClient) -> Option<&'static 
 /// In the middle of a request: inside MULTI, blocked (BLPOP, WAIT, ...), with part of a command
 /// read, or with a reply not yet written. Closing it now would fail a request in flight.
 pub fn mid_request(client: &ListedClient) -> bool {
-    client.multi >= 0 || client.has_flag('b') || client.qbuf > 0 || client.obl > 0 || client.oll > 0
+    // The `x` flag, not `multi=`: Valkey 9.1 shows `multi=0` after EXEC.
+    client.has_flag('x')
+        || client.has_flag('b')
+        || client.qbuf > 0
+        || client.obl > 0
+        || client.oll > 0
 }
 
 #[derive(Debug)]
@@ -109,10 +118,12 @@ impl Policy {
     pub fn track(&mut self, client_id: u64, connected_at_ms: u64, approximate: bool) {
         self.registry
             .insert(client_id, connected_at_ms, approximate);
-        if let Some(client) = self.registry.get(client_id) {
-            if let Some(deadline) = self.deadline_of(&client) {
-                self.deadlines.push(deadline, client_id);
-            }
+        if let Some(deadline) = self
+            .registry
+            .get(client_id)
+            .and_then(|client| self.deadline_of(&client))
+        {
+            self.deadlines.push(deadline, client_id);
         }
     }
 
@@ -226,10 +237,7 @@ impl Policy {
     }
 
     pub fn oldest_age_ms(&self, now_ms: u64) -> Option<u64> {
-        self.registry
-            .iter()
-            .map(|c| c.age_ms(now_ms))
-            .max()
+        self.registry.iter().map(|c| c.age_ms(now_ms)).max()
     }
 
     /// Heap bytes of the per-client structures (registry and deadline queue).
@@ -313,11 +321,14 @@ mod tests {
         }
         let mut retired = 0;
         for now in 100..1100 {
-            for id in policy.take_due(now, 64) {
+            let due = policy.take_due(now, 64);
+            for (position, _) in due.iter().enumerate() {
                 if policy.try_take_token(now) {
                     retired += 1;
                 } else {
-                    policy.requeue(id, now);
+                    due[position..]
+                        .iter()
+                        .for_each(|id| policy.requeue(*id, now));
                     break;
                 }
             }
@@ -325,7 +336,8 @@ mod tests {
         assert!((100..=106).contains(&retired), "{retired}");
     }
 
-    const IDLE: &str = "id=5 addr=127.0.0.1:1 name=web flags=N db=0 multi=-1 qbuf=0 obl=0 oll=0 user=default";
+    const IDLE: &str =
+        "id=5 addr=127.0.0.1:1 name=web flags=N db=0 multi=-1 qbuf=0 obl=0 oll=0 user=default";
 
     #[test]
     fn exemptions_have_reasons() {
@@ -338,40 +350,75 @@ mod tests {
         assert_eq!(reason(IDLE), None);
         assert_eq!(reason(&IDLE.replace("flags=N", "flags=S")), Some("replica"));
         assert_eq!(reason(&IDLE.replace("flags=N", "flags=M")), Some("master"));
-        assert_eq!(reason(&IDLE.replace("flags=N", "flags=e")), Some("no-evict"));
+        assert_eq!(
+            reason(&IDLE.replace("flags=N", "flags=e")),
+            Some("no-evict")
+        );
         assert_eq!(reason(&IDLE.replace("flags=N", "flags=O")), None);
-        assert_eq!(reason(&IDLE.replace("user=default", "user=ops-1")), Some("user"));
-        assert_eq!(reason(&IDLE.replace("name=web", "name=monitoring-a")), Some("name"));
+        assert_eq!(
+            reason(&IDLE.replace("user=default", "user=ops-1")),
+            Some("user")
+        );
+        assert_eq!(
+            reason(&IDLE.replace("name=web", "name=monitoring-a")),
+            Some("name")
+        );
         let hard = Settings {
             exempt_types: ExemptTypes::parse("master replica").unwrap(),
             ..settings(100)
         };
-        assert_eq!(exemption(&hard, &listed(&IDLE.replace("flags=N", "flags=e"))), None);
+        assert_eq!(
+            exemption(&hard, &listed(&IDLE.replace("flags=N", "flags=e"))),
+            None
+        );
     }
 
     #[test]
     fn grace_holds_then_expires() {
         let mut policy = Policy::new(settings(100), 1, 0);
         policy.on_connect(5, 0);
-        let busy = listed(&IDLE.replace("multi=-1", "multi=2"));
-        assert_eq!(policy.decide(&busy, 100), Decision::Grace { retry_at_ms: 110 });
+        let busy = listed(&IDLE.replace("flags=N", "flags=x"));
+        assert_eq!(
+            policy.decide(&busy, 100),
+            Decision::Grace { retry_at_ms: 110 }
+        );
         assert_eq!(policy.clients_in_grace(), 1);
-        assert_eq!(policy.decide(&busy, 195), Decision::Grace { retry_at_ms: 200 });
-        assert_eq!(policy.decide(&busy, 200), Decision::Retire(Reason::MaxAgeGraceExpired));
+        assert_eq!(
+            policy.decide(&busy, 195),
+            Decision::Grace { retry_at_ms: 200 }
+        );
+        assert_eq!(
+            policy.decide(&busy, 200),
+            Decision::Retire(Reason::MaxAgeGraceExpired)
+        );
         assert_eq!(policy.clients_in_grace(), 0);
         let blocked = listed(&IDLE.replace("flags=N", "flags=b"));
-        assert!(matches!(policy.decide(&blocked, 300), Decision::Grace { .. }));
-        assert_eq!(policy.decide(&listed(IDLE), 305), Decision::Retire(Reason::MaxAge));
+        assert!(matches!(
+            policy.decide(&blocked, 300),
+            Decision::Grace { .. }
+        ));
+        assert_eq!(
+            policy.decide(&listed(IDLE), 305),
+            Decision::Retire(Reason::MaxAge)
+        );
         assert_eq!(policy.clients_in_grace(), 0);
     }
 
     #[test]
     fn every_mid_request_sign_counts() {
-        for busy in ["multi=0", "flags=b", "qbuf=10", "obl=5", "oll=1"] {
+        // Valkey 9.1 leaves `multi=0` on a client after EXEC: that alone is not a transaction.
+        assert!(!mid_request(&listed(&IDLE.replace("multi=-1", "multi=0"))));
+        for busy in ["flags=x", "flags=b", "qbuf=10", "obl=5", "oll=1"] {
             let key = busy.split('=').next().unwrap();
             let line: String = IDLE
                 .split(' ')
-                .map(|f| if f.starts_with(&format!("{key}=")) { busy } else { f })
+                .map(|f| {
+                    if f.starts_with(&format!("{key}=")) {
+                        busy
+                    } else {
+                        f
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(" ");
             assert!(mid_request(&listed(&line)), "{line}");

@@ -67,7 +67,11 @@ impl Registry {
             packed_connected_at: (connected_at_ms << FLAG_BITS) | u64::from(approximate),
         };
         // The common case: ids arrive in increasing order.
-        if self.slots.last().is_none_or(|last| last.client_id < client_id) {
+        if self
+            .slots
+            .last()
+            .is_none_or(|last| last.client_id < client_id)
+        {
             self.slots.push(slot);
             return;
         }

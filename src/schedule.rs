@@ -86,7 +86,8 @@ impl DeadlineQueue {
     /// Drops entries whose client is gone, once they outnumber the live ones.
     pub fn compact_if_stale(&mut self, live_clients: usize, is_live: impl Fn(u64) -> bool) {
         if self.heap.len() > 2 * live_clients + 1024 {
-            self.heap.retain(|Reverse((_, client_id))| is_live(*client_id));
+            self.heap
+                .retain(|Reverse((_, client_id))| is_live(*client_id));
             self.heap.shrink_to(self.heap.len() * 2);
         }
     }
@@ -210,7 +211,7 @@ mod tests {
     #[test]
     fn extreme_values_do_not_overflow() {
         assert_eq!(deadline_ms(u64::MAX - 5, u64::MAX, 100, 1, 1), u64::MAX);
-        assert!(deadline_ms(0, u64::MAX, 100, 1, 1) <= u64::MAX);
+        assert!(deadline_ms(0, u64::MAX, 100, 1, 1) > 0);
         assert_eq!(deadline_ms(5, 0, 100, 1, 1), 5);
         assert!(deadline_ms(0, 1000, 250, 1, 1) <= 1000);
     }

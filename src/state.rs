@@ -29,7 +29,10 @@ impl<T> MainThreadCell<T> {
 
     /// Runs `body` with the value; `None` if it is already borrowed further up the stack.
     pub fn with<R>(&self, body: impl FnOnce(&mut T) -> R) -> Option<R> {
-        self.0.try_borrow_mut().ok().map(|mut value| body(&mut value))
+        self.0
+            .try_borrow_mut()
+            .ok()
+            .map(|mut value| body(&mut value))
     }
 }
 

@@ -75,7 +75,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("registry_bytes", heap_bytes);
     info.field_u64(
         "registry_bytes_per_client",
-        if tracked == 0 { 0 } else { heap_bytes / tracked },
+        heap_bytes.checked_div(tracked).unwrap_or(0),
     );
     info.field_str(
         "mode",

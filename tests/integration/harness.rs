@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -53,9 +53,11 @@ pub fn module_path() -> PathBuf {
     if let Some(path) = std::env::var_os("MAXAGE_MODULE_PATH") {
         return PathBuf::from(path);
     }
+    // `cargo test` builds the cdylib next to the test executable in target/<profile>/deps/ (it
+    // only copies it up to target/<profile>/ on `cargo build`), so that copy is the fresh one.
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let path = profile_dir.join("libredis_maxage.so");
+    let deps_dir = exe.parent().expect("target/<profile>/deps");
+    let path = deps_dir.join("libredis_maxage.so");
     assert!(path.exists(), "module not built at {}", path.display());
     path
 }
@@ -63,7 +65,9 @@ pub fn module_path() -> PathBuf {
 /// Timing-sensitive tests take this so that they do not share the two cores with a noisy neighbour.
 pub fn exclusive() -> MutexGuard<'static, ()> {
     static EXCLUSIVE: Mutex<()> = Mutex::new(());
-    EXCLUSIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    EXCLUSIVE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub struct ServerBuilder {
@@ -93,7 +97,8 @@ impl ServerBuilder {
     }
 
     pub fn start(self) -> Server {
-        self.try_start().unwrap_or_else(|log| panic!("server did not start:\n{log}"))
+        self.try_start()
+            .unwrap_or_else(|log| panic!("server did not start:\n{log}"))
     }
 
     /// Starts the server; on failure returns its log (for tests of refused load arguments).
@@ -118,6 +123,8 @@ impl ServerBuilder {
                 format!("dir {}", dir.display()),
                 format!("logfile {}", log_path.display()),
                 "loglevel notice".to_string(),
+                "enable-module-command yes".to_string(),
+                "enable-debug-command yes".to_string(),
             ];
             if self.load_module {
                 let mut line = format!("loadmodule {}", module_path().display());
@@ -196,19 +203,18 @@ impl Server {
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(_status)) = child.try_wait() {
-                    return Err(self.log());
-                }
+            if let Some(Ok(Some(_exited))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(self.log());
             }
             if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                 if stream.write_all(b"PING\r\n").is_ok() {
                     let mut buf = [0u8; 64];
-                    if let Ok(n) = stream.read(&mut buf) {
-                        if buf[..n].starts_with(b"+PONG") {
-                            return Ok(());
-                        }
+                    if stream
+                        .read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                    {
+                        return Ok(());
                     }
                 }
             }
@@ -230,6 +236,18 @@ impl Server {
         self.client().get_connection().expect("connect")
     }
 
+    /// A control connection that enforcement spares (`CLIENT NO-EVICT on` is exempt by default),
+    /// so a test can keep talking to the server while it retires everyone else.
+    pub fn admin(&self) -> redis::Connection {
+        let mut conn = self.conn();
+        redis::cmd("CLIENT")
+            .arg("NO-EVICT")
+            .arg("on")
+            .query::<()>(&mut conn)
+            .expect("CLIENT NO-EVICT on");
+        conn
+    }
+
     /// A bare TCP connection that sends nothing: the idle client that max age is about.
     pub fn idle_socket(&self) -> TcpStream {
         TcpStream::connect(("127.0.0.1", self.port)).expect("connect")
@@ -246,10 +264,6 @@ impl Server {
     /// The server process is still running (it did not crash).
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     pub fn stop(&mut self) {
@@ -308,7 +322,10 @@ pub fn is_closed(socket: &mut TcpStream) -> bool {
 
 /// The id the server gave this connection.
 pub fn client_id(conn: &mut redis::Connection) -> u64 {
-    redis::cmd("CLIENT").arg("ID").query(conn).expect("CLIENT ID")
+    redis::cmd("CLIENT")
+        .arg("ID")
+        .query(conn)
+        .expect("CLIENT ID")
 }
 
 /// One `INFO maxage` field as a number.
@@ -321,9 +338,73 @@ pub fn info_field(conn: &mut redis::Connection, field: &str) -> Option<i64> {
 
 /// Ids from `CLIENT LIST`, in server order.
 pub fn listed_ids(conn: &mut redis::Connection) -> Vec<u64> {
-    let list: String = redis::cmd("CLIENT").arg("LIST").query(conn).expect("CLIENT LIST");
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(conn)
+        .expect("CLIENT LIST");
     list.lines()
         .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
         .filter_map(|id| id.parse().ok())
+        .collect()
+}
+
+/// Sends one command on a bare socket in RESP and returns the first chunk of the reply.
+pub fn raw_command(socket: &mut TcpStream, args: &[&str]) -> String {
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    socket.write_all(request.as_bytes()).expect("send");
+    let _ = socket.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// The id of a bare socket's client, asked on that socket.
+pub fn raw_client_id(socket: &mut TcpStream) -> u64 {
+    let reply = raw_command(socket, &["CLIENT", "ID"]);
+    reply
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .expect("CLIENT ID reply")
+}
+
+/// Runs a command given as words, e.g. `run(&mut conn, "MAXAGE.KILL MAXAGE-MS 1000")`.
+pub fn run<T: redis::FromRedisValue>(
+    conn: &mut redis::Connection,
+    words: &[&str],
+) -> redis::RedisResult<T> {
+    let mut command = redis::cmd(words[0]);
+    for word in &words[1..] {
+        command.arg(*word);
+    }
+    command.query(conn)
+}
+
+/// The error text of a command that must fail.
+pub fn error_of(conn: &mut redis::Connection, words: &[&str]) -> String {
+    match run::<redis::Value>(conn, words) {
+        Ok(value) => panic!("{words:?} succeeded with {value:?}"),
+        Err(error) => {
+            let code = error.code().unwrap_or("").to_string();
+            let detail = error.detail().unwrap_or("").to_string();
+            format!("{code} {detail}").trim().to_string()
+        }
+    }
+}
+
+/// Ids from `MAXAGE.LIST ...` (RESP2 flat maps), in reply order.
+pub fn maxage_list_ids(conn: &mut redis::Connection, filters: &[&str]) -> Vec<u64> {
+    let mut words = vec!["MAXAGE.LIST"];
+    words.extend_from_slice(filters);
+    let entries: Vec<Vec<redis::Value>> = run(conn, &words).expect("MAXAGE.LIST");
+    entries
+        .iter()
+        .map(|fields| match &fields[1] {
+            redis::Value::Int(id) => *id as u64,
+            other => panic!("id field is {other:?}"),
+        })
         .collect()
 }

@@ -1,0 +1,464 @@
+//! Automatic enforcement on real servers: deadline precision, jitter, grace, exemptions,
+//! replication links, observe mode, re-timing on CONFIG SET, pacing, INFO and the audit log.
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Barrier};
+use std::thread::{self, sleep};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Opens `count` idle connections at once and returns how long each lived (connect to EOF).
+fn lifetimes_of_idle_clients(server: &Server, count: usize, wait: Duration) -> Vec<Duration> {
+    let barrier = Arc::new(Barrier::new(count));
+    let port = server.port;
+    let handles: Vec<_> = (0..count)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            thread::spawn(move || {
+                barrier.wait();
+                let connected = Instant::now();
+                let mut socket = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                socket.set_read_timeout(Some(wait)).unwrap();
+                let mut buf = [0u8; 16];
+                let _ = std::io::Read::read(&mut socket, &mut buf);
+                connected.elapsed()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn percentile(sorted: &[Duration], pct: f64) -> Duration {
+    let rank = ((pct / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn set(conn: &mut redis::Connection, name: &str, value: &str) {
+    run::<()>(conn, &["CONFIG", "SET", name, value]).unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+/// The "done when": max-age 500, jitter 0: 50 idle clients, never sending a command,
+/// are closed between 500 and 505 ms (p99) after they connected.
+#[test]
+fn idle_clients_are_closed_within_five_ms_of_their_deadline() {
+    let _alone = exclusive();
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        set(&mut admin, "maxage.jitter-pct", "0");
+        set(&mut admin, "maxage.max-age-ms", "500");
+        let mut lifetimes = lifetimes_of_idle_clients(&server, 50, Duration::from_secs(3));
+        lifetimes.sort();
+        let (min, p99, max) = (lifetimes[0], percentile(&lifetimes, 99.0), lifetimes[49]);
+        eprintln!("{flavor:?}: lifetimes min {min:?} p99 {p99:?} max {max:?}");
+        assert!(
+            min >= Duration::from_millis(500),
+            "{flavor:?}: closed early: {min:?}"
+        );
+        assert!(p99 <= Duration::from_millis(505), "{flavor:?}: p99 {p99:?}");
+        assert!(max < Duration::from_secs(2), "{flavor:?}: never closed");
+        assert!(info_field(&mut admin, "maxage_evicted_max_age").unwrap() >= 50);
+    }
+}
+
+#[test]
+fn jitter_spreads_closes_over_the_window_and_none_is_late() {
+    let _alone = exclusive();
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        set(&mut admin, "maxage.jitter-pct", "10");
+        set(&mut admin, "maxage.max-age-ms", "1000");
+        let mut lifetimes = lifetimes_of_idle_clients(&server, 50, Duration::from_secs(4));
+        lifetimes.sort();
+        let (min, max) = (lifetimes[0], lifetimes[49]);
+        eprintln!("{flavor:?}: jittered lifetimes {min:?} .. {max:?}");
+        assert!(min >= Duration::from_millis(900), "{flavor:?}: {min:?}");
+        assert!(
+            percentile(&lifetimes, 99.0) <= Duration::from_millis(1005),
+            "{flavor:?}: {max:?}"
+        );
+        assert!(
+            min < Duration::from_millis(930),
+            "{flavor:?}: window not covered: {min:?}"
+        );
+        assert!(
+            max > Duration::from_millis(970),
+            "{flavor:?}: window not covered: {max:?}"
+        );
+    }
+}
+
+#[test]
+fn multi_and_blocked_clients_finish_their_request_first() {
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        set(&mut admin, "maxage.grace-ms", "5000");
+        let mut in_multi = server.idle_socket();
+        raw_command(&mut in_multi, &["MULTI"]);
+        raw_command(&mut in_multi, &["SET", "k", "v"]);
+        let mut blocked = server.idle_socket();
+        blocked.write_all_resp(&["BLPOP", "queue", "0"]);
+        let mut idle = server.idle_socket();
+        sleep(Duration::from_millis(100));
+        set(&mut admin, "maxage.jitter-pct", "0");
+        set(&mut admin, "maxage.max-age-ms", "200");
+        assert!(
+            wait_until(Duration::from_secs(2), || is_closed(&mut idle)),
+            "{flavor:?}"
+        );
+        sleep(Duration::from_millis(500));
+        assert!(
+            !is_closed(&mut in_multi),
+            "{flavor:?}: MULTI client cut mid-transaction"
+        );
+        assert!(
+            !is_closed(&mut blocked),
+            "{flavor:?}: BLPOP client cut while blocked"
+        );
+        assert!(info_field(&mut admin, "maxage_clients_in_grace").unwrap() >= 2);
+
+        let reply = raw_command(&mut in_multi, &["EXEC"]);
+        assert!(reply.starts_with("*1"), "{flavor:?}: EXEC got {reply:?}");
+        assert!(
+            wait_until(Duration::from_secs(2), || is_closed(&mut in_multi)),
+            "{flavor:?}"
+        );
+
+        run::<i64>(&mut admin, &["LPUSH", "queue", "job"]).unwrap();
+        let mut served = String::new();
+        assert!(
+            wait_until(Duration::from_secs(2), || {
+                let _ = blocked.set_nonblocking(true);
+                let mut buf = [0u8; 128];
+                if let Ok(n) = std::io::Read::read(&mut blocked, &mut buf) {
+                    served.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+                served.contains("job")
+            }),
+            "{flavor:?}: BLPOP was not served before its close: {served:?}"
+        );
+        let _ = blocked.set_nonblocking(false);
+        assert!(
+            wait_until(Duration::from_secs(2), || is_closed(&mut blocked)),
+            "{flavor:?}"
+        );
+        assert_eq!(info_field(&mut admin, "maxage_clients_in_grace"), Some(0));
+    }
+}
+
+#[test]
+fn grace_runs_out_and_the_client_is_closed_anyway() {
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        set(&mut admin, "maxage.grace-ms", "300");
+        set(&mut admin, "maxage.jitter-pct", "0");
+        let started = Instant::now();
+        let mut in_multi = server.idle_socket();
+        raw_command(&mut in_multi, &["MULTI"]);
+        set(&mut admin, "maxage.max-age-ms", "200");
+        assert!(wait_until(Duration::from_secs(3), || is_closed(
+            &mut in_multi
+        )));
+        let lived = started.elapsed();
+        assert!(lived >= Duration::from_millis(480), "{flavor:?}: {lived:?}");
+        assert!(info_field(&mut admin, "maxage_evicted_max_age_after_grace").unwrap() >= 1);
+        assert!(server.log().contains("reason=max-age-after-grace"));
+    }
+}
+
+#[test]
+fn exempt_users_names_and_no_evict_clients_survive() {
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        run::<()>(
+            &mut admin,
+            &["ACL", "SETUSER", "ops", "on", ">pw", "~*", "&*", "+@all"],
+        )
+        .unwrap();
+        set(&mut admin, "maxage.exempt-users", "ops");
+        set(&mut admin, "maxage.exempt-names", "monitoring-* backup");
+        let mut monitoring = server.idle_socket();
+        raw_command(&mut monitoring, &["CLIENT", "SETNAME", "monitoring-7"]);
+        let mut ops = server.idle_socket();
+        raw_command(&mut ops, &["AUTH", "ops", "pw"]);
+        let mut no_evict = server.idle_socket();
+        raw_command(&mut no_evict, &["CLIENT", "NO-EVICT", "on"]);
+        let mut web = server.idle_socket();
+        raw_command(&mut web, &["CLIENT", "SETNAME", "web-1"]);
+        set(&mut admin, "maxage.max-age-ms", "200");
+        assert!(
+            wait_until(Duration::from_secs(2), || is_closed(&mut web)),
+            "{flavor:?}"
+        );
+        sleep(Duration::from_millis(300));
+        for (what, socket) in [
+            ("name", &mut monitoring),
+            ("user", &mut ops),
+            ("no-evict", &mut no_evict),
+        ] {
+            assert!(
+                !is_closed(socket),
+                "{flavor:?}: exempt by {what} but closed"
+            );
+        }
+        assert!(info_field(&mut admin, "maxage_exempted").unwrap() >= 3);
+        // Taking no-evict out of the exempt types makes the limit hard for those clients.
+        set(&mut admin, "maxage.exempt-types", "master replica");
+        assert!(
+            wait_until(Duration::from_secs(3), || is_closed(&mut no_evict)),
+            "{flavor:?}"
+        );
+        assert!(!is_closed(&mut monitoring));
+    }
+}
+
+#[test]
+fn replication_links_survive_a_tiny_max_age() {
+    for flavor in BOTH {
+        let master = Server::builder(flavor)
+            .module_args(&["max-age-ms", "200", "jitter-pct", "0"])
+            .start();
+        let replica = Server::builder(flavor)
+            .module_args(&["max-age-ms", "200", "jitter-pct", "0"])
+            .config(&format!("replicaof 127.0.0.1 {}", master.port))
+            .start();
+        let link_up = |server: &Server| {
+            let mut conn = server.conn();
+            let info: String = run(&mut conn, &["INFO", "replication"]).unwrap();
+            info.contains("master_link_status:up")
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || link_up(&replica)),
+            "{flavor:?}"
+        );
+        let replica_link_id = |server: &Server| -> Vec<u64> {
+            let mut conn = server.conn();
+            let list: String = run(&mut conn, &["CLIENT", "LIST", "TYPE", "replica"]).unwrap();
+            list.lines()
+                .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+                .map(|id| id.parse().unwrap())
+                .collect()
+        };
+        let before = replica_link_id(&master);
+        assert_eq!(before.len(), 1, "{flavor:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut round = 0;
+        while Instant::now() < deadline {
+            round += 1;
+            let mut writer = master.conn();
+            run::<()>(&mut writer, &["SET", "counter", &round.to_string()]).unwrap();
+            assert!(
+                link_up(&replica),
+                "{flavor:?}: link went down in round {round}"
+            );
+            sleep(Duration::from_millis(250));
+        }
+        assert_eq!(
+            replica_link_id(&master),
+            before,
+            "{flavor:?}: replica link was replaced"
+        );
+        let mut reader = replica.conn();
+        assert!(wait_until(Duration::from_secs(2), || {
+            run::<String>(&mut reader, &["GET", "counter"]).ok() == Some(round.to_string())
+        }));
+        let mut admin = master.admin();
+        assert!(
+            info_field(&mut admin, "maxage_evicted_max_age").unwrap() >= 10,
+            "{flavor:?}"
+        );
+        assert!(
+            info_field(&mut admin, "maxage_exempted").unwrap() >= 1,
+            "{flavor:?}"
+        );
+    }
+}
+
+#[test]
+fn observe_mode_closes_nothing_and_counts_everything() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["mode", "observe", "jitter-pct", "0"])
+            .start();
+        let mut admin = server.admin();
+        let mut idle: Vec<TcpStream> = (0..10).map(|_| server.idle_socket()).collect();
+        set(&mut admin, "maxage.max-age-ms", "100");
+        assert!(wait_until(Duration::from_secs(2), || {
+            info_field(&mut admin, "maxage_observed_would_evict").unwrap_or(0) >= 10
+        }));
+        sleep(Duration::from_millis(200));
+        assert!(idle.iter_mut().all(|s| !is_closed(s)), "{flavor:?}");
+        assert_eq!(
+            info_field(&mut admin, "maxage_evicted_connections"),
+            Some(0)
+        );
+        assert!(server.log().contains("would retire (observe mode)"));
+        // Switching to enforce retires them.
+        set(&mut admin, "maxage.mode", "enforce");
+        assert!(wait_until(Duration::from_secs(2), || idle
+            .iter_mut()
+            .all(is_closed)));
+    }
+}
+
+#[test]
+fn config_set_retimes_connected_clients() {
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        set(&mut admin, "maxage.jitter-pct", "0");
+        set(&mut admin, "maxage.max-age-ms", "60000");
+        let started = Instant::now();
+        let mut idle = server.idle_socket();
+        sleep(Duration::from_millis(200));
+        assert!(!is_closed(&mut idle));
+        assert!(info_field(&mut admin, "maxage_next_deadline_in_ms").unwrap() > 50_000);
+        // Lowering the limit applies to clients already connected, counted from their connect.
+        set(&mut admin, "maxage.max-age-ms", "600");
+        assert!(wait_until(Duration::from_secs(2), || is_closed(&mut idle)));
+        let lived = started.elapsed();
+        assert!(
+            lived >= Duration::from_millis(600) && lived < Duration::from_millis(900),
+            "{flavor:?} {lived:?}"
+        );
+        // Turning enforcement off stops it.
+        set(&mut admin, "maxage.max-age-ms", "0");
+        let mut spared = server.idle_socket();
+        sleep(Duration::from_millis(800));
+        assert!(!is_closed(&mut spared));
+        assert_eq!(
+            info_field(&mut admin, "maxage_next_deadline_in_ms"),
+            Some(-1)
+        );
+    }
+}
+
+/// 2,000 clients fall due at once; they are retired at no more than the configured rate.
+#[test]
+fn a_mass_expiry_is_paced() {
+    let _alone = exclusive();
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        set(&mut admin, "maxage.max-evictions-per-sec", "1000");
+        let sockets: Vec<TcpStream> = (0..2000).map(|_| server.idle_socket()).collect();
+        set(&mut admin, "maxage.max-age-ms", "100");
+        let started = Instant::now();
+        let closes = close_times(&sockets, Duration::from_secs(6));
+        assert_eq!(closes.len(), 2000, "{flavor:?}: not all retired");
+        let total = closes.last().unwrap().as_secs_f64();
+        // 2,000 at 1,000/s with a burst of 50 takes just under two seconds.
+        assert!(total >= 1.8, "{flavor:?}: too fast: {total}s");
+        // The rate allows 1,000 a second plus a burst of 50; the client sees closes through
+        // poll() on a busy machine, which can bunch a few milliseconds' worth together.
+        let busiest_second = closes
+            .iter()
+            .map(|start| {
+                closes
+                    .iter()
+                    .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap();
+        eprintln!("{flavor:?}: busiest second saw {busiest_second} closes");
+        assert!(
+            busiest_second <= 1100,
+            "{flavor:?}: {busiest_second} closes in one second"
+        );
+        assert!(info_field(&mut admin, "maxage_pacing_delays").unwrap() > 0);
+        eprintln!(
+            "{flavor:?}: 2000 retirements took {total:.2}s (started {:?} ago)",
+            started.elapsed()
+        );
+    }
+}
+
+/// When each socket saw EOF, measured from now, sorted; polls all of them at once.
+fn close_times(sockets: &[TcpStream], limit: Duration) -> Vec<Duration> {
+    let started = Instant::now();
+    let mut open: Vec<libc::pollfd> = sockets
+        .iter()
+        .map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        })
+        .collect();
+    let mut closes = Vec::new();
+    while !open.is_empty() && started.elapsed() < limit {
+        // SAFETY: `open` is a valid array of pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(open.as_mut_ptr(), open.len() as libc::nfds_t, 5) };
+        if ready <= 0 {
+            continue;
+        }
+        let now = started.elapsed();
+        open.retain(|p| {
+            let closed = p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+            if closed {
+                closes.push(now);
+            }
+            !closed
+        });
+    }
+    closes.sort();
+    closes
+}
+
+#[test]
+fn info_and_log_show_every_retirement() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["max-age-ms", "150", "jitter-pct", "0"])
+            .start();
+        let mut sockets: Vec<TcpStream> = (0..12).map(|_| server.idle_socket()).collect();
+        for (i, socket) in sockets.iter_mut().enumerate() {
+            raw_command(socket, &["CLIENT", "SETNAME", &format!("worker-{i}")]);
+        }
+        assert!(wait_until(Duration::from_secs(2), || sockets
+            .iter_mut()
+            .all(is_closed)));
+        let mut admin = server.admin();
+        run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "0"]).unwrap();
+        let retired = info_field(&mut admin, "maxage_evicted_max_age").unwrap();
+        let log = server.log();
+        let logged = log.lines().filter(|l| l.contains("reason=max-age")).count() as i64;
+        assert_eq!(logged, retired, "{flavor:?}");
+        assert!(log.contains("name=\"worker-3\""), "{flavor:?}");
+        let info: String = run(&mut admin, &["INFO", "everything"]).unwrap();
+        assert!(info.contains("# maxage"), "{flavor:?}");
+        for field in [
+            "maxage_tracked_clients",
+            "maxage_evicted_connections",
+            "maxage_clients_in_grace",
+            "maxage_clients_delayed_by_pacing",
+            "maxage_oldest_client_age_ms",
+            "maxage_next_deadline_in_ms",
+            "maxage_max_age_ms",
+        ] {
+            assert!(info.contains(field), "{flavor:?} lacks {field}");
+        }
+        let stats: String = run(&mut admin, &["INFO", "stats"]).unwrap();
+        assert!(stats.contains("rejected_connections"));
+    }
+}
+
+trait WriteResp {
+    fn write_all_resp(&mut self, args: &[&str]);
+}
+
+impl WriteResp for TcpStream {
+    fn write_all_resp(&mut self, args: &[&str]) {
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        std::io::Write::write_all(self, request.as_bytes()).unwrap();
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests against real `redis-server` 7.0 and `valkey-server` 9.1 processes.
+//! One test binary (one link step); each test starts its own server(s) through `harness`.
+
+mod harness;
+
+mod commands;
+mod differential;
+mod enforcement;
+mod lifecycle;
