@@ -140,6 +140,18 @@ fn command_docs() -> Vec<CommandDoc> {
                     .with(filter_args(false)),
             ],
         },
+        CommandDoc {
+            name: "maxage.clientkill",
+            summary: "Internal: where the module's command filter sends a CLIENT KILL whose filters this server does not support (call CLIENT KILL instead).",
+            complexity: "O(N) where N is the number of client connections",
+            arity: -4,
+            args: vec![
+                arg("kill", Kind::PureToken, Some("KILL")),
+                arg("filter", Kind::OneOf, None)
+                    .multiple()
+                    .with(filter_args(true)),
+            ],
+        },
     ]
 }
 

@@ -410,3 +410,133 @@ pub fn register_info(ctx: &Context, handler: InfoHandler) -> bool {
             == raw::REDISMODULE_OK as c_int
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Command filter: sees every command before the server runs it (and before ACL is checked).
+
+/// Gets the filter arguments of a `CLIENT KILL` (everything after `KILL`) and returns the command
+/// name to rewrite `argv[0]` to, if any.
+pub type ClientKillHandler = fn(filters: &[&[u8]]) -> Option<&'static str>;
+
+static FILTER_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+
+/// Reads argument `pos` of the filtered command.
+///
+/// # Safety
+/// `fctx` must be the live filter context and `pos` below its argument count; the slice must
+/// not outlive the filter callback or any replacement of that argument.
+unsafe fn filter_arg<'a>(fctx: *mut raw::RedisModuleCommandFilterCtx, pos: c_int) -> &'a [u8] {
+    // SAFETY: as the function's contract says.
+    unsafe {
+        let arg = raw::RedisModule_CommandFilterArgGet.unwrap()(fctx, pos);
+        let mut len = 0usize;
+        let bytes = raw::RedisModule_StringPtrLen.unwrap()(arg, &mut len);
+        std::slice::from_raw_parts(bytes.cast::<u8>(), len)
+    }
+}
+
+unsafe extern "C" fn on_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    // This runs for every command the server receives: the common case must stay two calls
+    // and a length check.
+    no_unwind("command filter", (), || {
+        // SAFETY: `fctx` is the live filter context for the duration of this callback.
+        let count = unsafe { raw::RedisModule_CommandFilterArgsCount.unwrap()(fctx) };
+        // Only the new-style form (CLIENT KILL and two or more arguments) is ever handled.
+        if count < 4 {
+            return;
+        }
+        // SAFETY: positions 0 and 1 are below `count`.
+        let (name, subcommand) = unsafe { (filter_arg(fctx, 0), filter_arg(fctx, 1)) };
+        if !name.eq_ignore_ascii_case(b"client") || !subcommand.eq_ignore_ascii_case(b"kill") {
+            return;
+        }
+        let handler = FILTER_HANDLER.load(Ordering::Acquire);
+        if handler.is_null() {
+            return;
+        }
+        // SAFETY: only `register_client_kill_filter` stores here, and it stores a ClientKillHandler.
+        let handler: ClientKillHandler = unsafe { std::mem::transmute(handler) };
+        // SAFETY: every position is below `count`; the slices are dropped before the replace.
+        let filters: Vec<&[u8]> = (2..count)
+            .map(|pos| unsafe { filter_arg(fctx, pos) })
+            .collect();
+        let rewrite_to = handler(&filters);
+        drop(filters);
+        if let Some(command) = rewrite_to {
+            // SAFETY: the new string is handed to the server, which owns and frees it.
+            unsafe {
+                let replacement = raw::RedisModule_CreateString.unwrap()(
+                    ptr::null_mut(),
+                    command.as_ptr().cast(),
+                    command.len(),
+                );
+                raw::RedisModule_CommandFilterArgReplace.unwrap()(fctx, 0, replacement);
+            }
+        }
+    })
+}
+
+/// Registers the `CLIENT KILL` filter; it skips the module's own `RM_Call`s (NOSELF).
+pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) -> bool {
+    FILTER_HANDLER.store(handler as *mut (), Ordering::Release);
+    // SAFETY: `ctx` is the OnLoad context and `on_command` has the signature the server calls.
+    let filter = unsafe {
+        raw::RedisModule_RegisterCommandFilter.unwrap()(
+            ctx.ctx,
+            Some(on_command),
+            raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
+        )
+    };
+    !filter.is_null()
+}
+
+// ---------------------------------------------------------------------------------------------
+// ACL.
+
+/// Whether the user of client `client_id` may run `argv` (e.g. `CLIENT KILL ...`).
+pub fn client_may_run(ctx: &Context, client_id: u64, argv: &[&[u8]]) -> bool {
+    // SAFETY: `ctx` is the running command's context. Every string and the user created here
+    // are freed before returning; the server only reads them during the calls.
+    unsafe {
+        let user_name = raw::RedisModule_GetClientUserNameById.unwrap()(ctx.ctx, client_id);
+        if user_name.is_null() {
+            return false;
+        }
+        let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name);
+        raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), user_name);
+        if user.is_null() {
+            return false;
+        }
+        let mut strings: Vec<*mut raw::RedisModuleString> = argv
+            .iter()
+            .map(|arg| {
+                raw::RedisModule_CreateString.unwrap()(
+                    ptr::null_mut(),
+                    arg.as_ptr().cast(),
+                    arg.len(),
+                )
+            })
+            .collect();
+        let status = raw::RedisModule_ACLCheckCommandPermissions.unwrap()(
+            user,
+            strings.as_mut_ptr(),
+            strings.len() as c_int,
+        );
+        for string in strings {
+            raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), string);
+        }
+        raw::RedisModule_FreeModuleUser.unwrap()(user);
+        status == raw::REDISMODULE_OK as c_int
+    }
+}
+
+pub fn acl_api_present() -> bool {
+    // SAFETY (each read): copies of function-pointer statics filled in by RedisModule_Init.
+    let present = [
+        unsafe { raw::RedisModule_GetClientUserNameById }.is_some(),
+        unsafe { raw::RedisModule_GetModuleUserFromUserName }.is_some(),
+        unsafe { raw::RedisModule_ACLCheckCommandPermissions }.is_some(),
+        unsafe { raw::RedisModule_FreeModuleUser }.is_some(),
+    ];
+    present.iter().all(|p| *p)
+}

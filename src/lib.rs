@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod client_list;
+pub mod compat;
 pub mod config;
 pub mod docs;
 pub mod enforcement;
@@ -59,6 +60,16 @@ fn maxage_kill(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 /// MAXAGE.LIST [<filter> ...]: the matching clients, oldest first.
 fn maxage_list(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("MAXAGE.LIST", ctx, args, kill::list_command)
+}
+
+/// CLIENT KILL <filters> that the server cannot answer itself, handed over by the filter.
+fn maxage_clientkill(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded(
+        "CLIENT KILL compatibility",
+        ctx,
+        args,
+        compat::compat_kill_command,
+    )
 }
 
 fn on_setting_changed<T>(_ctx: &ConfigurationContext, _name: &str, _value: &'static T) {
@@ -123,6 +134,30 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
     if let Err(why) = docs::register(ctx) {
         return refuse(ctx, &why);
     }
+    let native = compat::probe_native_support(ctx);
+    let handed_over: Vec<&str> = ["MAXAGE", "NAME", "IDLE", "NOT-ID"]
+        .into_iter()
+        .filter(|keyword| !native.keywords.contains(*keyword))
+        .collect();
+    compat::set_native_support(native);
+    if !ffi::acl_api_present() {
+        ffi::log(
+            ctx,
+            LogLevel::Warning,
+            "maxage: CLIENT KILL compatibility is off: the server lacks the ACL check API",
+        );
+    } else if !ffi::register_client_kill_filter(ctx, compat::rewrite_client_kill) {
+        return refuse(ctx, "cannot register the CLIENT KILL compatibility filter");
+    } else if !handed_over.is_empty() {
+        ffi::log(
+            ctx,
+            LogLevel::Notice,
+            &format!(
+                "maxage: this server's CLIENT KILL lacks {} (and more); the module answers those calls",
+                handed_over.join(", ")
+            ),
+        );
+    }
     if let Err(why) = ffi::start_wakeups(enforcement::on_wakeup) {
         return refuse(ctx, &why);
     }
@@ -174,6 +209,7 @@ redis_module! {
         // No keys; the ACL-categories field stays empty because Redis 7.0 cannot set categories.
         ["maxage.kill", maxage_kill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
         ["maxage.list", maxage_list, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
+        ["maxage.clientkill", maxage_clientkill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
     ],
     configurations: [
         i64: [

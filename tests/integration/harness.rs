@@ -72,6 +72,7 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
 
 pub struct ServerBuilder {
     flavor: Flavor,
+    cluster: bool,
     module_args: Vec<String>,
     config_lines: Vec<String>,
     load_module: bool,
@@ -87,6 +88,15 @@ impl ServerBuilder {
     /// An extra `redis.conf` line, e.g. `"maxclients 15000"`.
     pub fn config(mut self, line: &str) -> Self {
         self.config_lines.push(line.to_string());
+        self
+    }
+
+    /// A Redis Cluster node (its bus listens on port + 10000).
+    pub fn cluster_node(mut self) -> Self {
+        self.cluster = true;
+        self.config_lines.push("cluster-enabled yes".to_string());
+        self.config_lines
+            .push("cluster-node-timeout 5000".to_string());
         self
     }
 
@@ -112,7 +122,11 @@ impl ServerBuilder {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut last_log = String::new();
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = if self.cluster {
+                free_cluster_port()
+            } else {
+                free_port()
+            };
             let config_path = dir.join("server.conf");
             let log_path = dir.join("server.log");
             let mut config = vec![
@@ -179,6 +193,22 @@ fn free_port() -> u16 {
     }
 }
 
+/// A port whose cluster bus port (port + 10000) is free too; below the ephemeral range so that
+/// both fit under 65536.
+fn free_cluster_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let offset =
+            NEXT.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id() % 500) * 17;
+        let port = 20_000 + (offset % 9_000) as u16;
+        let both_free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+        if both_free && port != 6379 {
+            return port;
+        }
+    }
+}
+
 pub struct Server {
     pub flavor: Flavor,
     pub port: u16,
@@ -190,6 +220,7 @@ impl Server {
     pub fn builder(flavor: Flavor) -> ServerBuilder {
         ServerBuilder {
             flavor,
+            cluster: false,
             module_args: Vec::new(),
             config_lines: Vec::new(),
             load_module: true,
@@ -407,4 +438,29 @@ pub fn maxage_list_ids(conn: &mut redis::Connection, filters: &[&str]) -> Vec<u6
             other => panic!("id field is {other:?}"),
         })
         .collect()
+}
+
+/// Runs a Python snippet (redis-py is installed by `scripts/setup --test`) and returns its
+/// standard output; panics with its standard error if it fails.
+pub fn python(code: &str) -> String {
+    let output = Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "python failed:\n{}\n{}",
+        code,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Runs `redis-cli` with the given arguments; returns standard output.
+pub fn redis_cli(args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
 }

@@ -3,7 +3,9 @@
 
 mod harness;
 
+mod cluster;
 mod commands;
 mod differential;
+mod ecosystem;
 mod enforcement;
 mod lifecycle;

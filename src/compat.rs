@@ -1,0 +1,234 @@
+//! `CLIENT KILL` compatibility: on servers whose own `CLIENT KILL` lacks a filter (Redis 7.0 has
+//! no `MAXAGE`, `NAME`, `IDLE`, `NOT-*`, ...), a command filter hands such calls to the module's
+//! kill path, so redis-py's `client_kill_filter(maxage=...)`, go-redis and runbooks work
+//! unchanged. Every call the server can answer itself, and the old `CLIENT KILL ip:port` form,
+//! is left untouched, so servers with native support behave exactly as before.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use lazy_static::lazy_static;
+use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+
+use crate::config::CLIENT_KILL_COMPAT;
+use crate::ffi;
+use crate::filter::{Command, parse_strict_i64};
+use crate::kill;
+use crate::state::MainThreadCell;
+use crate::stats;
+
+/// The command a handed-over `CLIENT KILL` is rewritten to.
+pub const COMPAT_COMMAND: &str = "maxage.clientkill";
+
+/// Keywords every supported server's `CLIENT KILL` has had since Redis 6.
+const BASE_KEYWORDS: [&str; 6] = ["ID", "TYPE", "USER", "ADDR", "LADDR", "SKIPME"];
+
+/// Keywords some servers lack, each with a value that can be probed harmlessly.
+const PROBED_KEYWORDS: [(&str, &str); 21] = [
+    ("MAXAGE", "1"),
+    ("NAME", "x"),
+    ("IDLE", "1"),
+    ("FLAGS", "N"),
+    ("LIB-NAME", "x"),
+    ("LIB-VER", "x"),
+    ("DB", "0"),
+    ("CAPA", "r"),
+    ("IP", "127.0.0.1"),
+    ("NOT-ID", "1"),
+    ("NOT-TYPE", "normal"),
+    ("NOT-USER", "default"),
+    ("NOT-ADDR", "x"),
+    ("NOT-LADDR", "x"),
+    ("NOT-IP", "x"),
+    ("NOT-NAME", "x"),
+    ("NOT-FLAGS", "N"),
+    ("NOT-LIB-NAME", "x"),
+    ("NOT-LIB-VER", "x"),
+    ("NOT-DB", "0"),
+    ("NOT-CAPA", "r"),
+];
+
+/// Keywords only the module has.
+const MODULE_ONLY_KEYWORDS: [&str; 3] = ["MAXAGE-MS", "LIMIT", "DRYRUN"];
+
+/// An id no client has, so a probe can never kill anyone.
+const NO_SUCH_CLIENT: &str = "9223372036854775807";
+
+/// What the running server's own `CLIENT KILL` understands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NativeKillSupport {
+    pub keywords: HashSet<String>,
+    /// `ID a b c` (Valkey 8.1+); Redis takes one id.
+    pub variadic_id: bool,
+}
+
+impl NativeKillSupport {
+    /// Everything: the module leaves every call alone.
+    pub fn everything() -> Self {
+        Self {
+            keywords: BASE_KEYWORDS
+                .iter()
+                .chain(PROBED_KEYWORDS.iter().map(|(keyword, _)| keyword))
+                .map(|k| k.to_string())
+                .collect(),
+            variadic_id: true,
+        }
+    }
+
+    /// Only the keywords every supported server has (Redis 7.0-7.2).
+    pub fn base() -> Self {
+        Self {
+            keywords: BASE_KEYWORDS.iter().map(|k| k.to_string()).collect(),
+            variadic_id: false,
+        }
+    }
+}
+
+lazy_static! {
+    static ref NATIVE: MainThreadCell<NativeKillSupport> =
+        MainThreadCell::new(NativeKillSupport::everything());
+}
+
+fn is_module_keyword(keyword: &str) -> bool {
+    BASE_KEYWORDS.contains(&keyword)
+        || PROBED_KEYWORDS.iter().any(|(k, _)| *k == keyword)
+        || MODULE_ONLY_KEYWORDS.contains(&keyword)
+}
+
+/// Whether the module must answer these `CLIENT KILL` filters because the server cannot. A
+/// keyword neither knows is left to the server (it answers `ERR syntax error` either way).
+pub fn needs_module(filters: &[&[u8]], native: &NativeKillSupport) -> bool {
+    let mut i = 0;
+    while i < filters.len() {
+        let keyword = String::from_utf8_lossy(filters[i]).to_ascii_uppercase();
+        i += 1;
+        match keyword.as_str() {
+            "ID" | "NOT-ID" => {
+                let mut ids = 0;
+                while filters
+                    .get(i)
+                    .is_some_and(|arg| parse_strict_i64(arg).is_some())
+                {
+                    ids += 1;
+                    i += 1;
+                }
+                if !native.keywords.contains(&keyword) || (ids > 1 && !native.variadic_id) {
+                    return true;
+                }
+            }
+            "DRYRUN" => return true,
+            _ => {
+                if is_module_keyword(&keyword) && !native.keywords.contains(&keyword) {
+                    return true;
+                }
+                i += 1;
+            }
+        }
+    }
+    false
+}
+
+/// Finds out, by probing with an id no client has, which filters the server's `CLIENT KILL`
+/// understands. Runs once at load.
+pub fn probe_native_support(ctx: &Context) -> NativeKillSupport {
+    let accepts = |extra: &[&str]| {
+        let mut args = vec!["KILL", "ID", NO_SUCH_CLIENT];
+        args.extend_from_slice(extra);
+        matches!(
+            ctx.call("CLIENT", args.as_slice()),
+            Ok(RedisValue::Integer(_))
+        )
+    };
+    let mut support = NativeKillSupport::base();
+    for (keyword, value) in PROBED_KEYWORDS {
+        if accepts(&[keyword, value]) {
+            support.keywords.insert(keyword.to_string());
+        }
+    }
+    support.variadic_id = accepts(&["9223372036854775806"]);
+    support
+}
+
+pub fn set_native_support(support: NativeKillSupport) {
+    NATIVE.with(|native| *native = support);
+}
+
+pub fn native_support() -> NativeKillSupport {
+    NATIVE.with(|native| native.clone()).unwrap_or_default()
+}
+
+/// The command filter: `CLIENT KILL <filters>` the server cannot answer goes to the module.
+pub fn rewrite_client_kill(filters: &[&[u8]]) -> Option<&'static str> {
+    if !CLIENT_KILL_COMPAT.load(Ordering::Relaxed) {
+        return None;
+    }
+    NATIVE
+        .with(|native| needs_module(filters, native))
+        .unwrap_or(false)
+        .then_some(COMPAT_COMMAND)
+}
+
+/// `CLIENT KILL <filters>` handed over by the filter (arrives as `maxage.clientkill KILL ...`).
+/// The user must be allowed the original `CLIENT KILL` as well as this command.
+pub fn compat_kill_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let filters = args.get(2..).unwrap_or_default();
+    let mut original: Vec<&[u8]> = vec![b"CLIENT", b"KILL"];
+    original.extend(filters.iter().map(RedisString::as_slice));
+    let caller_id = ffi::current_client_id(ctx);
+    if caller_id != 0 && !ffi::client_may_run(ctx, caller_id, &original) {
+        return Err(RedisError::Str(
+            "NOPERM this user has no permissions to run the 'client|kill' command",
+        ));
+    }
+    let filter = kill::parse_args(ctx, filters, Command::Kill)?;
+    stats::COMPAT_KILLS.fetch_add(1, Ordering::Relaxed);
+    kill::kill(ctx, &filter);
+    Ok(RedisValue::NoReply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn needs(args: &[&str], native: &NativeKillSupport) -> bool {
+        let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        needs_module(&bytes, native)
+    }
+
+    #[test]
+    fn redis_70_hands_over_only_what_it_lacks() {
+        let redis70 = NativeKillSupport::base();
+        assert!(needs(&["MAXAGE", "1"], &redis70));
+        assert!(needs(&["maxage", "1", "TYPE", "normal"], &redis70));
+        assert!(needs(&["TYPE", "normal", "NOT-NAME", "x"], &redis70));
+        assert!(needs(&["ID", "5", "6"], &redis70));
+        assert!(needs(&["NOT-ID", "5"], &redis70));
+        assert!(needs(&["USER", "default", "DRYRUN"], &redis70));
+        assert!(!needs(&["TYPE", "normal", "SKIPME", "no"], &redis70));
+        assert!(!needs(&["ID", "5", "USER", "default"], &redis70));
+        assert!(!needs(&["ADDR", "127.0.0.1:5"], &redis70));
+        // Unknown to both: the server's own syntax error stands.
+        assert!(!needs(&["BOGUS", "1"], &redis70));
+    }
+
+    #[test]
+    fn a_server_with_everything_keeps_every_standard_call() {
+        let valkey = NativeKillSupport::everything();
+        for args in [
+            &["MAXAGE", "1"][..],
+            &["ID", "5", "6", "NOT-NAME", "x", "IDLE", "3"],
+            &["NOT-FLAGS", "N", "CAPA", "r", "LIB-VER", "1"],
+        ] {
+            assert!(!needs(args, &valkey), "{args:?}");
+        }
+        assert!(needs(&["MAXAGE-MS", "1500"], &valkey));
+        assert!(needs(&["TYPE", "normal", "LIMIT", "3"], &valkey));
+    }
+
+    #[test]
+    fn values_that_look_like_keywords_are_skipped() {
+        let redis70 = NativeKillSupport::base();
+        assert!(!needs(&["USER", "MAXAGE"], &redis70));
+        assert!(needs(&["USER", "MAXAGE", "MAXAGE", "1"], &redis70));
+    }
+}
