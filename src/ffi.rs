@@ -69,6 +69,24 @@ pub fn init_module_ctx(ctx: &Context) {
 
 pub fn release_module_ctx() {
     free_detached(MODULE_CTX.swap(ptr::null_mut(), Ordering::AcqRel));
+    free_detached(crate_detached_ctx().swap(ptr::null_mut(), Ordering::AcqRel));
+}
+
+// The `redis_module!` macro of redis-module 2.0.8 gives the crate a detached context at every
+// load and never frees it: about 17 KB (a fake client and its reply buffer) per MODULE LOAD /
+// MODULE UNLOAD cycle. `DetachedContext` is one `AtomicPtr` (checked below for the pinned
+// version), so the module frees it on unload and clears it.
+const _: () = assert!(
+    std::mem::size_of::<redis_module::DetachedContext>()
+        == std::mem::size_of::<AtomicPtr<raw::RedisModuleCtx>>()
+);
+
+fn crate_detached_ctx() -> &'static AtomicPtr<raw::RedisModuleCtx> {
+    // SAFETY: `DetachedContext` in redis-module =2.0.8 is `struct { ctx: AtomicPtr<RedisModuleCtx> }`
+    // (the size assertion above guards the layout); the static lives for the whole program.
+    unsafe {
+        &*(ptr::addr_of!(redis_module::MODULE_CONTEXT).cast::<AtomicPtr<raw::RedisModuleCtx>>())
+    }
 }
 
 fn free_detached(ctx: *mut raw::RedisModuleCtx) {

@@ -727,3 +727,239 @@ mod tests {
         assert!(matches(&parse_kill(&["NOT-CAPA", "r"]).unwrap(), &plain, 0));
     }
 }
+
+/// The matcher against a deliberately simple reference model, on random clients and random
+/// (valid) filter lists: no server, no extra crates, a fixed seed so failures reproduce.
+#[cfg(test)]
+mod model_tests {
+    use std::collections::{BTreeSet, HashMap};
+
+    use super::*;
+    use crate::client_list::ListedClient;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[(self.next() % items.len() as u64) as usize]
+        }
+    }
+
+    struct AnyUser;
+    impl ServerFacts for AnyUser {
+        fn user_exists(&mut self, _name: &str) -> bool {
+            true
+        }
+        fn databases(&mut self) -> i64 {
+            16
+        }
+    }
+
+    const NAMES: [&str; 3] = ["", "web", "job"];
+    const USERS: [&str; 3] = ["default", "alice", "(superuser)"];
+    const FLAGS: [&str; 7] = ["N", "P", "x", "S", "M", "O", "be"];
+    const ADDRS: [&str; 3] = ["127.0.0.1:1000", "127.0.0.1:2000", "[::1]:3000"];
+
+    fn random_client(rng: &mut Rng, id: u64) -> ListedClient {
+        ListedClient {
+            id,
+            addr: rng.pick(&ADDRS).to_string(),
+            laddr: rng.pick(&["127.0.0.1:6379", "[::1]:6379"]).to_string(),
+            name: rng.pick(&NAMES).to_string(),
+            idle_s: rng.next() % 5,
+            flags: rng.pick(&FLAGS).to_string(),
+            capa: rng.pick(&["", "r"]).to_string(),
+            db: (rng.next() % 3) as i64,
+            user: rng.pick(&USERS).to_string(),
+            lib_name: rng.pick(&["", "redis-py"]).to_string(),
+            lib_ver: rng.pick(&["", "1.0"]).to_string(),
+            ..ListedClient::default()
+        }
+    }
+
+    fn random_filter(rng: &mut Rng) -> Vec<String> {
+        let keywords = [
+            "ID",
+            "NOT-ID",
+            "TYPE",
+            "NOT-TYPE",
+            "USER",
+            "NOT-USER",
+            "ADDR",
+            "NOT-ADDR",
+            "LADDR",
+            "NOT-LADDR",
+            "IP",
+            "NOT-IP",
+            "NAME",
+            "NOT-NAME",
+            "LIB-NAME",
+            "NOT-LIB-NAME",
+            "LIB-VER",
+            "NOT-LIB-VER",
+            "FLAGS",
+            "NOT-FLAGS",
+            "CAPA",
+            "NOT-CAPA",
+            "DB",
+            "NOT-DB",
+            "SKIPME",
+            "MAXAGE",
+            "MAXAGE-MS",
+            "IDLE",
+        ];
+        let mut args = Vec::new();
+        for _ in 0..(rng.next() % 4) {
+            let keyword = rng.pick(&keywords);
+            args.push(keyword.to_string());
+            let value = match keyword {
+                "ID" | "NOT-ID" => {
+                    for _ in 0..(rng.next() % 3) {
+                        args.push((1 + rng.next() % 6).to_string());
+                    }
+                    continue;
+                }
+                "TYPE" | "NOT-TYPE" => rng.pick(&["normal", "master", "replica", "pubsub"]),
+                "USER" | "NOT-USER" => rng.pick(&USERS[..2]),
+                "ADDR" | "NOT-ADDR" => rng.pick(&ADDRS),
+                "LADDR" | "NOT-LADDR" => rng.pick(&["127.0.0.1:6379", "x"]),
+                "IP" | "NOT-IP" => rng.pick(&["127.0.0.1", "::1", "127.0.0"]),
+                "NAME" | "NOT-NAME" => rng.pick(&NAMES),
+                "LIB-NAME" | "NOT-LIB-NAME" => rng.pick(&["", "redis-py"]),
+                "LIB-VER" | "NOT-LIB-VER" => rng.pick(&["", "1.0"]),
+                "FLAGS" | "NOT-FLAGS" => rng.pick(&["", "N", "P", "x", "S", "be", "Nx"]),
+                "CAPA" | "NOT-CAPA" => rng.pick(&["", "r"]),
+                "DB" | "NOT-DB" => rng.pick(&["0", "1", "2"]),
+                "SKIPME" => rng.pick(&["yes", "no"]),
+                "MAXAGE" => rng.pick(&["1", "2", "3"]),
+                "MAXAGE-MS" => rng.pick(&["500", "1500", "2500"]),
+                _ => rng.pick(&["1", "2", "3"]),
+            };
+            args.push(value.to_string());
+        }
+        args
+    }
+
+    /// The reference: the argument list read as "last value per keyword, ids pooled", then each
+    /// filter evaluated on its own with plain string tests.
+    fn reference_matches(args: &[String], client: &ListedClient, age_ms: u64, caller: u64) -> bool {
+        let mut last: HashMap<String, String> = HashMap::new();
+        let (mut ids, mut not_ids): (Option<BTreeSet<u64>>, BTreeSet<u64>) =
+            (None, BTreeSet::new());
+        let mut i = 0;
+        while i < args.len() {
+            let keyword = args[i].to_uppercase();
+            i += 1;
+            if keyword == "ID" || keyword == "NOT-ID" {
+                let mut listed = BTreeSet::new();
+                while i < args.len() && args[i].chars().all(|c| c.is_ascii_digit()) {
+                    listed.insert(args[i].parse::<u64>().unwrap());
+                    i += 1;
+                }
+                if keyword == "ID" {
+                    ids.get_or_insert_with(BTreeSet::new).extend(listed);
+                } else {
+                    not_ids.extend(listed);
+                }
+                continue;
+            }
+            last.insert(keyword, args[i].clone());
+            i += 1;
+        }
+        let client_type = if client.flags.contains('M') {
+            "master"
+        } else if client.flags.contains('S') {
+            "replica"
+        } else if client.flags.contains('P') {
+            "pubsub"
+        } else {
+            "normal"
+        };
+        let ip = client
+            .addr
+            .trim_start_matches('[')
+            .rsplit_once(':')
+            .unwrap()
+            .0
+            .trim_end_matches(']');
+        let flag_holds = |letter: char| match letter {
+            'N' => client.flags == "N",
+            'S' => client.flags.contains('S') || client.flags.contains('O'),
+            other => client.flags.contains(other),
+        };
+        let positive = |keyword: &str, value: &str| -> bool {
+            match keyword {
+                "TYPE" => client_type == value,
+                "USER" => client.user == value && !client.flags.contains('M'),
+                "ADDR" => client.addr == value,
+                "LADDR" => client.laddr == value,
+                "IP" => ip == value,
+                "NAME" => !client.name.is_empty() && client.name == value,
+                "LIB-NAME" => !client.lib_name.is_empty() && client.lib_name == value,
+                "LIB-VER" => !client.lib_ver.is_empty() && client.lib_ver == value,
+                "FLAGS" => value.chars().all(flag_holds),
+                "CAPA" => value.chars().all(|c| client.capa.contains(c)),
+                "DB" => client.db.to_string() == value,
+                "MAXAGE" => age_ms >= value.parse::<u64>().unwrap() * 1000,
+                "MAXAGE-MS" => age_ms >= value.parse::<u64>().unwrap(),
+                "IDLE" => client.idle_s >= value.parse::<u64>().unwrap(),
+                _ => true,
+            }
+        };
+        let skip_me = last.get("SKIPME").is_none_or(|v| v == "yes");
+        if skip_me && client.id == caller {
+            return false;
+        }
+        if ids.is_some_and(|ids| !ids.contains(&client.id)) || not_ids.contains(&client.id) {
+            return false;
+        }
+        // MAXAGE and MAXAGE-MS set the same minimum: the later one wins.
+        let age_keyword = args
+            .iter()
+            .rev()
+            .map(|a| a.to_uppercase())
+            .find(|a| a == "MAXAGE" || a == "MAXAGE-MS");
+        last.iter()
+            .all(|(keyword, value)| match keyword.strip_prefix("NOT-") {
+                Some(base) => !positive(base, value),
+                None if keyword == "MAXAGE" || keyword == "MAXAGE-MS" => {
+                    age_keyword.as_deref() != Some(keyword.as_str()) || positive(keyword, value)
+                }
+                None => positive(keyword, value),
+            })
+    }
+
+    #[test]
+    fn matcher_agrees_with_the_reference_model() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut compared = 0;
+        for _ in 0..4000 {
+            let args = random_filter(&mut rng);
+            let arg_bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            let filter = parse(&arg_bytes, Command::Kill, &mut AnyUser)
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            for id in 1..=6 {
+                let client = random_client(&mut rng, id);
+                let age_ms = rng.next() % 4000;
+                let caller = 1 + rng.next() % 6;
+                let candidate = Candidate {
+                    listed: &client,
+                    age_ms,
+                    caller_id: caller,
+                };
+                assert_eq!(
+                    filter.matches(&candidate),
+                    reference_matches(&args, &client, age_ms, caller),
+                    "filters {args:?} client {client:?} age {age_ms} caller {caller}"
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 24_000);
+    }
+}
