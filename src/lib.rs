@@ -27,13 +27,14 @@ use crate::ffi::{LogLevel, no_unwind};
 
 /// Inside the server all memory comes from the server's allocator (so INFO memory and maxmemory
 /// see it); unit tests run without a server and use the system allocator.
-#[cfg(not(test))]
+/// (`cargo fuzz` builds with `--cfg fuzzing`, also without a server.)
+#[cfg(not(any(test, fuzzing)))]
 type ModuleAllocator = redis_module::alloc::RedisAlloc;
-#[cfg(not(test))]
+#[cfg(not(any(test, fuzzing)))]
 const MODULE_ALLOCATOR: ModuleAllocator = redis_module::alloc::RedisAlloc;
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 type ModuleAllocator = std::alloc::System;
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 const MODULE_ALLOCATOR: ModuleAllocator = std::alloc::System;
 
 /// Every command handler runs inside this: a panic becomes an error reply, never an abort.

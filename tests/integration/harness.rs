@@ -308,6 +308,22 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// Stops the server and starts it again from the same config file on the same port (as an
+    /// operator's restart would), keeping whatever CONFIG REWRITE wrote there.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(self.flavor.binary())
+            .arg(self.dir.join("server.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart");
+        self.child = Some(child);
+        self.wait_ready()
+            .unwrap_or_else(|log| panic!("restart failed:\n{log}"));
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -8,4 +8,5 @@ mod commands;
 mod differential;
 mod ecosystem;
 mod enforcement;
+mod faults;
 mod lifecycle;
