@@ -52,7 +52,7 @@ impl Slot {
 #[derive(Default, Debug)]
 pub struct Registry {
     slots: Vec<Slot>,
-    tombstones: usize,
+    dead_slots: usize,
 }
 
 impl Registry {
@@ -78,7 +78,7 @@ impl Registry {
         match self.slots.binary_search_by_key(&client_id, |s| s.client_id) {
             Ok(index) => {
                 if self.slots[index].is_dead() {
-                    self.tombstones -= 1;
+                    self.dead_slots -= 1;
                 }
                 self.slots[index] = slot;
             }
@@ -95,12 +95,13 @@ impl Registry {
             self.slots.pop();
             while self.slots.last().is_some_and(Slot::is_dead) {
                 self.slots.pop();
-                self.tombstones -= 1;
+                self.dead_slots -= 1;
             }
+            self.shrink_if_sparse();
         } else {
             self.slots[index].packed_connected_at |= DEAD_BIT;
-            self.tombstones += 1;
-            if self.tombstones * 4 > self.slots.len() {
+            self.dead_slots += 1;
+            if self.dead_slots * 4 > self.slots.len() {
                 self.sweep();
             }
         }
@@ -118,7 +119,7 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.slots.len() - self.tombstones
+        self.slots.len() - self.dead_slots
     }
 
     pub fn is_empty(&self) -> bool {
@@ -127,7 +128,7 @@ impl Registry {
 
     pub fn clear(&mut self) {
         self.slots = Vec::new();
-        self.tombstones = 0;
+        self.dead_slots = 0;
     }
 
     /// Tracked clients in id order, which is connect order for clients seen connecting.
@@ -152,10 +153,14 @@ impl Registry {
 
     fn sweep(&mut self) {
         self.slots.retain(|s| !s.is_dead());
-        self.tombstones = 0;
-        // Give memory back after a wave of disconnects, but keep headroom for the next wave.
+        self.dead_slots = 0;
+        self.shrink_if_sparse();
+    }
+
+    /// Gives memory back after a wave of disconnects, keeping headroom for the next wave.
+    fn shrink_if_sparse(&mut self) {
         if self.slots.capacity() > 64 && self.slots.capacity() > self.slots.len() * 4 {
-            self.slots.shrink_to(self.slots.len() * 2);
+            self.slots.shrink_to((self.slots.len() * 2).max(64));
         }
     }
 }
@@ -218,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn removing_the_tail_trims_tombstones() {
+    fn removing_the_tail_trims_dead_slots() {
         let mut registry = Registry::new();
         for id in 1..=8 {
             registry.insert(id, 0, false);

@@ -88,7 +88,10 @@ impl DeadlineQueue {
         if self.heap.len() > 2 * live_clients + 1024 {
             self.heap
                 .retain(|Reverse((_, client_id))| is_live(*client_id));
-            self.heap.shrink_to(self.heap.len() * 2);
+        }
+        // Give memory back after a wave of disconnects, keeping headroom for the next wave.
+        if self.heap.capacity() > 64 && self.heap.capacity() > self.heap.len() * 4 {
+            self.heap.shrink_to((self.heap.len() * 2).max(64));
         }
     }
 
