@@ -10,6 +10,8 @@ pub struct ListedClient {
     pub id: u64,
     pub addr: String,
     pub laddr: String,
+    /// The connection's file descriptor in the server (-1 for clients without one).
+    pub fd: i32,
     pub name: String,
     /// Whole seconds, as the server reports it.
     pub age_s: u64,
@@ -53,6 +55,7 @@ pub fn parse_client_list(text: &str) -> Vec<ListedClient> {
 
 pub fn parse_client_line(line: &str) -> Option<ListedClient> {
     let mut client = ListedClient {
+        fd: -1,
         redir: -1,
         ..ListedClient::default()
     };
@@ -68,6 +71,7 @@ pub fn parse_client_line(line: &str) -> Option<ListedClient> {
             }
             "addr" => client.addr = value.to_string(),
             "laddr" => client.laddr = value.to_string(),
+            "fd" => client.fd = value.parse().unwrap_or(-1),
             "name" => client.name = value.to_string(),
             "age" => client.age_s = value.parse().unwrap_or(0),
             "idle" => client.idle_s = value.parse().unwrap_or(0),
@@ -106,6 +110,7 @@ mod tests {
         assert_eq!(client.addr, "127.0.0.1:50100");
         assert_eq!(client.ip(), "127.0.0.1");
         assert_eq!(client.laddr, "127.0.0.1:7000");
+        assert_eq!(client.fd, 8);
         assert_eq!(client.name, "web-1");
         assert_eq!((client.age_s, client.idle_s), (12, 3));
         assert_eq!(client.db, 2);

@@ -2,6 +2,7 @@
 //! the bounded tick that retires due clients, and the close path shared with `MAXAGE.KILL`.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisValue};
@@ -10,7 +11,7 @@ use crate::audit::{Reason, RetiredClient, retirement_line};
 use crate::client_list::{ListedClient, parse_client_list};
 use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
-use crate::policy::Decision;
+use crate::policy::{Decision, Moment};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
 
@@ -116,8 +117,11 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
         && STATE
             .with(|policy| policy.settings.observe_only)
             .unwrap_or(false);
-    if !observe_only && !ffi::close_client(ctx, client.id) {
-        return;
+    if !observe_only {
+        if !ffi::close_client(ctx, client.id) {
+            return;
+        }
+        ffi::send_fin_now(client.fd);
     }
     record_retirement(ctx, client, age_ms, reason, observe_only, now_ms);
 }
@@ -207,6 +211,9 @@ fn tick(ctx: &Context) {
         .with(|policy| policy.settings.observe_only)
         .unwrap_or(false);
     let mut closed = 0;
+    // Clients to look at again go back into the queue only after this pass, so that one asked
+    // to be looked at "right after the next write" is not looked at again within this pass.
+    let mut look_again: Vec<(u64, u64)> = Vec::new();
     'batches: while closed < MAX_CLOSES_PER_TICK
         && monotonic_us().saturating_sub(started_us) < TICK_BUDGET_US
     {
@@ -224,23 +231,26 @@ fn tick(ctx: &Context) {
             let Some(client) = listed.get(client_id) else {
                 continue;
             };
+            let moment = Moment {
+                unread_input_bytes: ffi::unread_input_bytes(client.fd),
+            };
             let Some((decision, age_ms)) = STATE.with(|policy| {
                 let age_ms = policy
                     .registry
                     .get(*client_id)
                     .map_or(client.age_s * 1000, |c| c.age_ms(now_ms));
-                (policy.decide(client, now_ms), age_ms)
+                (policy.decide(client, moment, now_ms), age_ms)
             }) else {
                 continue;
             };
             match decision {
                 Decision::Exempt { recheck_at_ms } => {
-                    stats::EXEMPTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    STATE.with(|policy| policy.requeue(*client_id, recheck_at_ms));
+                    stats::EXEMPTIONS.fetch_add(1, Ordering::Relaxed);
+                    look_again.push((*client_id, recheck_at_ms));
                 }
-                Decision::Grace { retry_at_ms } => {
-                    stats::GRACE_DELAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    STATE.with(|policy| policy.requeue(*client_id, retry_at_ms));
+                Decision::Wait { retry_at_ms } => {
+                    stats::GRACE_DELAYS.fetch_add(1, Ordering::Relaxed);
+                    look_again.push((*client_id, retry_at_ms));
                 }
                 Decision::Retire(reason) => {
                     let paced_out = closed >= MAX_CLOSES_PER_TICK
@@ -248,12 +258,8 @@ fn tick(ctx: &Context) {
                             .with(|policy| policy.try_take_token(now_ms))
                             .unwrap_or(false);
                     if paced_out {
-                        stats::PACING_DELAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        STATE.with(|policy| {
-                            for waiting in &batch[position..] {
-                                policy.requeue(*waiting, now_ms);
-                            }
-                        });
+                        stats::PACING_DELAYS.fetch_add(1, Ordering::Relaxed);
+                        look_again.extend(batch[position..].iter().map(|id| (*id, now_ms)));
                         break 'batches;
                     }
                     retire(ctx, client, age_ms, reason, now_ms);
@@ -264,6 +270,11 @@ fn tick(ctx: &Context) {
             }
         }
     }
+    STATE.with(|policy| {
+        for (client_id, at_ms) in look_again {
+            policy.requeue(client_id, at_ms);
+        }
+    });
 }
 
 /// Seeds the registry with the clients that were connected before the module loaded. Their

@@ -162,6 +162,34 @@ pub fn close_client(ctx: &Context, client_id: u64) -> bool {
     status == raw::REDISMODULE_OK as c_int
 }
 
+/// Bytes waiting unread in a client's socket: a request the client has sent and the server has
+/// not read yet. The module lives in the server's process, so the server's fd is valid here.
+pub fn unread_input_bytes(fd: i32) -> usize {
+    if fd < 0 {
+        return 0;
+    }
+    let mut pending: c_int = 0;
+    // SAFETY: FIONREAD only reads the socket's receive-queue length into `pending`; it does not
+    // change the socket. An fd that is not a socket makes the call fail, which reads as 0.
+    let status = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) };
+    if status == 0 {
+        pending.max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// Sends the FIN of a connection the server has just been told to close, instead of after the
+/// rest of this event-loop pass. A pooled client that is between two requests then sees the
+/// close before it hands the connection out again, rather than after sending a request on it.
+pub fn send_fin_now(fd: i32) {
+    if fd >= 0 {
+        // SAFETY: only for a client already marked close-asap, whose socket the server will
+        // neither read nor write again before closing it; SHUT_WR only ends our sending side.
+        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    }
+}
+
 /// The id of the client that sent the current command (0 inside a timer or event).
 pub fn current_client_id(ctx: &Context) -> u64 {
     // SAFETY: `ctx` is the context the server passed to the running callback.

@@ -12,8 +12,16 @@ use crate::filter::ClientType;
 use crate::registry::{Registry, TrackedClient};
 use crate::schedule::{DeadlineQueue, Pacer, deadline_ms};
 
-/// How often a client held by grace is looked at again.
+/// How often a client in the middle of a request is looked at again.
 pub const GRACE_POLL_MS: u64 = 10;
+/// How often a recently active client is looked at while the module waits for it to finish a
+/// request (short: the moment to catch lasts one event-loop pass).
+pub const QUIET_POLL_MS: u64 = 1;
+/// At most this many clients are watched for a quiet moment at once; others wait their turn,
+/// which bounds the cost of watching to one small `CLIENT LIST ID` call per millisecond.
+pub const MAX_WATCHED: usize = 32;
+/// How soon a client that found the watch list full is looked at again.
+pub const WATCH_FULL_RETRY_MS: u64 = 10;
 /// The shortest interval at which an exempt client is looked at again (exemptions can end:
 /// `CLIENT NO-EVICT off`, `CLIENT SETNAME`).
 pub const EXEMPT_RECHECK_MIN_MS: u64 = 1000;
@@ -26,10 +34,26 @@ pub enum Decision {
     Exempt {
         recheck_at_ms: u64,
     },
-    /// Mid-request: looked at again at `retry_at_ms`, closed anyway when grace runs out.
-    Grace {
+    /// Not now: in the middle of a request, or waiting for the moment right after one; looked at
+    /// again at `retry_at_ms` and closed anyway when grace runs out.
+    Wait {
         retry_at_ms: u64,
     },
+}
+
+/// Where a due client stands while the module waits for a safe moment to close it.
+#[derive(Clone, Copy, Debug)]
+struct Watch {
+    since_ms: u64,
+    /// A reply was seen on its way out: the next quiet look is right after a finished request.
+    reply_seen: bool,
+}
+
+/// What the server shows about a due client right now, beyond `CLIENT LIST`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moment {
+    /// Bytes of the next request already in the socket, not yet read by the server.
+    pub unread_input_bytes: usize,
 }
 
 /// Why a client is exempt, if it is.
@@ -59,14 +83,23 @@ pub fn exemption(settings: &Settings, client: &ListedClient) -> Option<&'static 
 }
 
 /// In the middle of a request: inside MULTI, blocked (BLPOP, WAIT, ...), with part of a command
-/// read, or with a reply not yet written. Closing it now would fail a request in flight.
-pub fn mid_request(client: &ListedClient) -> bool {
+/// read, or with the next request already waiting in its socket. Closing it now would fail a
+/// request in flight.
+pub fn mid_request(client: &ListedClient, moment: Moment) -> bool {
     // The `x` flag, not `multi=`: Valkey 9.1 shows `multi=0` after EXEC.
-    client.has_flag('x')
-        || client.has_flag('b')
-        || client.qbuf > 0
-        || client.obl > 0
-        || client.oll > 0
+    client.has_flag('x') || client.has_flag('b') || client.qbuf > 0 || moment.unread_input_bytes > 0
+}
+
+/// A reply is on its way out: the client has just run a command.
+pub fn reply_pending(client: &ListedClient) -> bool {
+    client.obl > 0 || client.oll > 0
+}
+
+/// Nothing suggests another request is coming soon: it never sent a command, or it has sent
+/// none for a second (a connection parked in a pool). Closing such a client is safe now: a
+/// pool notices the closed connection when it next hands it out.
+pub fn parked(client: &ListedClient) -> bool {
+    client.cmd == "NULL" || client.idle_s >= 1
 }
 
 #[derive(Debug)]
@@ -75,8 +108,8 @@ pub struct Policy {
     pub settings: Settings,
     deadlines: DeadlineQueue,
     pacer: Pacer,
-    /// Clients held by grace, with the time their grace began.
-    graced_since: HashMap<u64, u64>,
+    /// Due clients the module is waiting on for a safe moment to close.
+    watched: HashMap<u64, Watch>,
     /// Clients that closing must wait for until their reply is out (the caller of a kill).
     pub closes_after_reply: Vec<u64>,
     pub audit: AuditLimiter,
@@ -90,7 +123,7 @@ impl Policy {
             pacer: Pacer::new(settings.max_evictions_per_sec, now_ms),
             settings,
             deadlines: DeadlineQueue::default(),
-            graced_since: HashMap::new(),
+            watched: HashMap::new(),
             closes_after_reply: Vec::new(),
             audit: AuditLimiter::default(),
             seed,
@@ -129,7 +162,7 @@ impl Policy {
 
     pub fn on_disconnect(&mut self, client_id: u64) {
         self.registry.remove(client_id);
-        self.graced_since.remove(&client_id);
+        self.watched.remove(&client_id);
         let live = self.registry.len();
         let registry = &self.registry;
         self.deadlines
@@ -148,7 +181,7 @@ impl Policy {
     pub fn retime_all(&mut self) {
         self.deadlines.clear();
         if !self.settings.enforcing() {
-            self.graced_since.clear();
+            self.watched.clear();
             return;
         }
         let clients: Vec<TrackedClient> = self.registry.iter().collect();
@@ -183,27 +216,57 @@ impl Policy {
     }
 
     /// The decision for a due client, as the server describes it now.
-    pub fn decide(&mut self, client: &ListedClient, now_ms: u64) -> Decision {
+    ///
+    /// A busy pooled connection is closed right after the server has written a reply and
+    /// before the next request arrives: the application reads its reply and then finds the
+    /// connection closed when the pool hands it out again, so no request fails. A connection
+    /// closed at a random moment instead fails the request that was on its way.
+    pub fn decide(&mut self, client: &ListedClient, moment: Moment, now_ms: u64) -> Decision {
         if exemption(&self.settings, client).is_some() {
-            self.graced_since.remove(&client.id);
+            self.watched.remove(&client.id);
             let recheck = self.settings.max_age_ms.max(EXEMPT_RECHECK_MIN_MS);
             return Decision::Exempt {
                 recheck_at_ms: now_ms + recheck,
             };
         }
-        if mid_request(client) {
-            let since = *self.graced_since.entry(client.id).or_insert(now_ms);
-            let grace_ends = since.saturating_add(self.settings.grace_ms);
-            if now_ms < grace_ends {
-                return Decision::Grace {
-                    retry_at_ms: (now_ms + GRACE_POLL_MS).min(grace_ends),
-                };
-            }
-            self.graced_since.remove(&client.id);
-            return Decision::Retire(Reason::MaxAgeGraceExpired);
+        let busy = mid_request(client, moment);
+        let replying = reply_pending(client);
+        let watch = self.watched.get(&client.id).copied();
+        if !busy && !replying && (parked(client) || watch.is_some_and(|w| w.reply_seen)) {
+            self.watched.remove(&client.id);
+            return Decision::Retire(Reason::MaxAge);
         }
-        self.graced_since.remove(&client.id);
-        Decision::Retire(Reason::MaxAge)
+        if watch.is_none() && self.watched.len() >= MAX_WATCHED {
+            return Decision::Wait {
+                retry_at_ms: now_ms + WATCH_FULL_RETRY_MS,
+            };
+        }
+        let watch = self.watched.entry(client.id).or_insert(Watch {
+            since_ms: now_ms,
+            reply_seen: false,
+        });
+        let grace_ends = watch.since_ms.saturating_add(self.settings.grace_ms);
+        if now_ms >= grace_ends {
+            self.watched.remove(&client.id);
+            let reason = if busy || replying {
+                Reason::MaxAgeGraceExpired
+            } else {
+                Reason::MaxAge
+            };
+            return Decision::Retire(reason);
+        }
+        watch.reply_seen = replying && !busy;
+        let poll_ms = if replying && !busy {
+            // The reply goes out before the next pass: look again right after it.
+            0
+        } else if busy && moment.unread_input_bytes == 0 {
+            GRACE_POLL_MS
+        } else {
+            QUIET_POLL_MS
+        };
+        Decision::Wait {
+            retry_at_ms: (now_ms + poll_ms).min(grace_ends),
+        }
     }
 
     /// When the timer should next fire: the earliest deadline (or, when that is due but pacing
@@ -228,7 +291,7 @@ impl Policy {
     }
 
     pub fn clients_in_grace(&self) -> usize {
-        self.graced_since.len()
+        self.watched.len()
     }
 
     /// Due clients waiting (for a pacing token, or for the next tick). Linear: INFO only.
@@ -373,42 +436,142 @@ mod tests {
         );
     }
 
+    const QUIET: Moment = Moment {
+        unread_input_bytes: 0,
+    };
+
     #[test]
-    fn grace_holds_then_expires() {
+    fn parked_and_never_used_clients_are_retired_at_once() {
         let mut policy = Policy::new(settings(100), 1, 0);
-        policy.on_connect(5, 0);
-        let busy = listed(&IDLE.replace("flags=N", "flags=x"));
+        let never_used = listed(&format!("{IDLE} cmd=NULL idle=0"));
         assert_eq!(
-            policy.decide(&busy, 100),
-            Decision::Grace { retry_at_ms: 110 }
+            policy.decide(&never_used, QUIET, 100),
+            Decision::Retire(Reason::MaxAge)
         );
-        assert_eq!(policy.clients_in_grace(), 1);
+        let parked = listed(&format!("{IDLE} cmd=get idle=3"));
         assert_eq!(
-            policy.decide(&busy, 195),
-            Decision::Grace { retry_at_ms: 200 }
-        );
-        assert_eq!(
-            policy.decide(&busy, 200),
-            Decision::Retire(Reason::MaxAgeGraceExpired)
-        );
-        assert_eq!(policy.clients_in_grace(), 0);
-        let blocked = listed(&IDLE.replace("flags=N", "flags=b"));
-        assert!(matches!(
-            policy.decide(&blocked, 300),
-            Decision::Grace { .. }
-        ));
-        assert_eq!(
-            policy.decide(&listed(IDLE), 305),
+            policy.decide(&parked, QUIET, 100),
             Decision::Retire(Reason::MaxAge)
         );
         assert_eq!(policy.clients_in_grace(), 0);
     }
 
     #[test]
+    fn a_busy_connection_is_closed_right_after_a_reply() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        let between = listed(&format!("{IDLE} cmd=get idle=0"));
+        // Used a moment ago, quiet now: wait for the end of its next request.
+        assert_eq!(
+            policy.decide(&between, QUIET, 100),
+            Decision::Wait { retry_at_ms: 101 }
+        );
+        // Its next request arrived and is unread: not now.
+        let unread = Moment {
+            unread_input_bytes: 30,
+        };
+        assert_eq!(
+            policy.decide(&between, unread, 101),
+            Decision::Wait { retry_at_ms: 102 }
+        );
+        // It has run and its reply is going out: look again right after the write.
+        let replying = listed(&format!("{IDLE} cmd=get idle=0").replace("obl=0", "obl=5"));
+        assert_eq!(
+            policy.decide(&replying, QUIET, 102),
+            Decision::Wait { retry_at_ms: 102 }
+        );
+        // Reply written, nothing new in the socket: this is the moment.
+        assert_eq!(
+            policy.decide(&between, QUIET, 103),
+            Decision::Retire(Reason::MaxAge)
+        );
+        assert_eq!(policy.clients_in_grace(), 0);
+    }
+
+    #[test]
+    fn a_new_request_after_the_reply_resets_the_wait() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        let replying = listed(&format!("{IDLE} cmd=get idle=0").replace("obl=0", "obl=5"));
+        assert!(matches!(
+            policy.decide(&replying, QUIET, 100),
+            Decision::Wait { .. }
+        ));
+        let unread = Moment {
+            unread_input_bytes: 30,
+        };
+        let between = listed(&format!("{IDLE} cmd=get idle=0"));
+        assert!(matches!(
+            policy.decide(&between, unread, 101),
+            Decision::Wait { .. }
+        ));
+        // The reply it saw is no longer the last thing that happened: keep waiting.
+        assert!(matches!(
+            policy.decide(&between, QUIET, 102),
+            Decision::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn grace_holds_then_expires() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        policy.on_connect(5, 0);
+        let busy = listed(&IDLE.replace("flags=N", "flags=x"));
+        assert_eq!(
+            policy.decide(&busy, QUIET, 100),
+            Decision::Wait { retry_at_ms: 110 }
+        );
+        assert_eq!(policy.clients_in_grace(), 1);
+        assert_eq!(
+            policy.decide(&busy, QUIET, 195),
+            Decision::Wait { retry_at_ms: 200 }
+        );
+        assert_eq!(
+            policy.decide(&busy, QUIET, 200),
+            Decision::Retire(Reason::MaxAgeGraceExpired)
+        );
+        assert_eq!(policy.clients_in_grace(), 0);
+        let blocked = listed(&IDLE.replace("flags=N", "flags=b"));
+        assert!(matches!(
+            policy.decide(&blocked, QUIET, 300),
+            Decision::Wait { .. }
+        ));
+        // Served and quiet for a second: closed.
+        let served = listed(&format!("{IDLE} cmd=blpop idle=1"));
+        assert_eq!(
+            policy.decide(&served, QUIET, 305),
+            Decision::Retire(Reason::MaxAge)
+        );
+        assert_eq!(policy.clients_in_grace(), 0);
+    }
+
+    #[test]
+    fn the_watch_list_is_bounded() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        for id in 0..MAX_WATCHED as u64 {
+            let between =
+                listed(&format!("{IDLE} cmd=get idle=0").replace("id=5", &format!("id={id}")));
+            assert!(matches!(
+                policy.decide(&between, QUIET, 100),
+                Decision::Wait { .. }
+            ));
+        }
+        let one_more = listed(&format!("{IDLE} cmd=get idle=0").replace("id=5", "id=999"));
+        assert_eq!(
+            policy.decide(&one_more, QUIET, 100),
+            Decision::Wait {
+                retry_at_ms: 100 + WATCH_FULL_RETRY_MS
+            }
+        );
+        assert_eq!(policy.clients_in_grace(), MAX_WATCHED);
+    }
+
+    #[test]
     fn every_mid_request_sign_counts() {
         // Valkey 9.1 leaves `multi=0` on a client after EXEC: that alone is not a transaction.
-        assert!(!mid_request(&listed(&IDLE.replace("multi=-1", "multi=0"))));
-        for busy in ["flags=x", "flags=b", "qbuf=10", "obl=5", "oll=1"] {
+        assert!(!mid_request(
+            &listed(&IDLE.replace("multi=-1", "multi=0")),
+            QUIET
+        ));
+        for busy in ["flags=x", "flags=b", "qbuf=10"] {
             let key = busy.split('=').next().unwrap();
             let line: String = IDLE
                 .split(' ')
@@ -421,9 +584,17 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
                 .join(" ");
-            assert!(mid_request(&listed(&line)), "{line}");
+            assert!(mid_request(&listed(&line), QUIET), "{line}");
         }
-        assert!(!mid_request(&listed(IDLE)));
+        assert!(mid_request(
+            &listed(IDLE),
+            Moment {
+                unread_input_bytes: 1
+            }
+        ));
+        assert!(!mid_request(&listed(IDLE), QUIET));
+        assert!(reply_pending(&listed(&IDLE.replace("obl=0", "obl=5"))));
+        assert!(reply_pending(&listed(&IDLE.replace("oll=0", "oll=1"))));
     }
 
     #[test]
@@ -431,7 +602,7 @@ mod tests {
         let mut policy = Policy::new(settings(100), 1, 0);
         let replica = listed(&IDLE.replace("flags=N", "flags=S"));
         assert_eq!(
-            policy.decide(&replica, 100),
+            policy.decide(&replica, QUIET, 100),
             Decision::Exempt {
                 recheck_at_ms: 100 + EXEMPT_RECHECK_MIN_MS
             }

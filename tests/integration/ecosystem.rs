@@ -42,7 +42,8 @@ fn redis_py_client_kill_filter_maxage_works_on_redis_70() {
         info_field(&mut admin, "maxage_compat_client_kill_calls"),
         Some(1)
     );
-    // redis-cli too.
+    // redis-cli too: the two young ones are now older than a second.
+    drop(admin);
     sleep(Duration::from_millis(1100));
     let port = server.port.to_string();
     assert_eq!(
@@ -102,7 +103,9 @@ fn old_style_and_native_forms_are_untouched_and_compat_can_be_turned_off() {
         assert!(wait_until(Duration::from_secs(2), || is_closed(
             &mut victim
         )));
-        let _other = server.idle_socket();
+        let mut other = server.idle_socket();
+        // Asking it for its id makes sure the server has accepted it before the kill.
+        raw_client_id(&mut other);
         assert_eq!(
             run::<i64>(&mut admin, &["CLIENT", "KILL", "TYPE", "normal"]).unwrap(),
             1
