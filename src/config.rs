@@ -9,6 +9,7 @@ use redis_module::configuration::ConfigurationContext;
 use redis_module::{ConfigurationValue, RedisError, RedisString, enum_configuration};
 
 use crate::glob::glob_matches;
+use crate::rules::Rules;
 
 pub const MAX_AGE_MS_DEFAULT: i64 = 0;
 pub const MAX_AGE_MS_MIN: i64 = 0;
@@ -26,6 +27,7 @@ pub const GRACE_MS_MAX: i64 = 3_600_000;
 pub const EXEMPT_TYPES_DEFAULT: &str = "master replica no-evict";
 pub const EXEMPT_USERS_DEFAULT: &str = "";
 pub const EXEMPT_NAMES_DEFAULT: &str = "";
+pub const RULES_DEFAULT: &str = "";
 pub const CLIENT_KILL_COMPAT_DEFAULT: bool = true;
 
 enum_configuration! {
@@ -85,6 +87,8 @@ lazy_static! {
         CheckedString::new(EXEMPT_USERS_DEFAULT, |_| Ok(()));
     pub static ref EXEMPT_NAMES: CheckedString =
         CheckedString::new(EXEMPT_NAMES_DEFAULT, |_| Ok(()));
+    pub static ref RULES: CheckedString =
+        CheckedString::new(RULES_DEFAULT, |v| Rules::parse(v).map(|_| ()));
     pub static ref MODE: Mutex<Mode> = Mutex::new(Mode::enforce);
     pub static ref CLIENT_KILL_COMPAT: AtomicBool = AtomicBool::new(CLIENT_KILL_COMPAT_DEFAULT);
 }
@@ -149,6 +153,7 @@ pub struct Settings {
     pub exempt_types: ExemptTypes,
     pub exempt_users: Patterns,
     pub exempt_names: Patterns,
+    pub rules: Rules,
     pub observe_only: bool,
 }
 
@@ -162,14 +167,20 @@ impl Default for Settings {
             exempt_types: ExemptTypes::parse(EXEMPT_TYPES_DEFAULT).unwrap_or_default(),
             exempt_users: Patterns::default(),
             exempt_names: Patterns::default(),
+            rules: Rules::default(),
             observe_only: false,
         }
     }
 }
 
 impl Settings {
+    /// The shortest max age any client can have, if enforcement is on at all.
+    pub fn shortest_max_age_ms(&self) -> Option<u64> {
+        self.rules.shortest_max_age_ms(self.max_age_ms)
+    }
+
     pub fn enforcing(&self) -> bool {
-        self.max_age_ms > 0
+        self.shortest_max_age_ms().is_some()
     }
 }
 
@@ -188,6 +199,7 @@ pub fn snapshot() -> Settings {
         exempt_types: ExemptTypes::parse(&EXEMPT_TYPES.current()).unwrap_or_default(),
         exempt_users: Patterns::parse(&EXEMPT_USERS.current()),
         exempt_names: Patterns::parse(&EXEMPT_NAMES.current()),
+        rules: Rules::parse(&RULES.current()).unwrap_or_default(),
         observe_only: matches!(current_mode(), Mode::observe),
     }
 }
@@ -269,6 +281,7 @@ pub fn apply_load_args(args: &[String]) -> Result<(), String> {
             "exempt-types" => Some(&EXEMPT_TYPES),
             "exempt-users" => Some(&EXEMPT_USERS),
             "exempt-names" => Some(&EXEMPT_NAMES),
+            "rules" => Some(&RULES),
             _ => None,
         };
         if let Some(target) = checked {

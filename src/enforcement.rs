@@ -248,6 +248,7 @@ fn tick(ctx: &Context) {
                     stats::EXEMPTIONS.fetch_add(1, Ordering::Relaxed);
                     look_again.push((*client_id, recheck_at_ms));
                 }
+                Decision::NotYet { due_at_ms } => look_again.push((*client_id, due_at_ms)),
                 Decision::Wait { retry_at_ms } => {
                     stats::GRACE_DELAYS.fetch_add(1, Ordering::Relaxed);
                     look_again.push((*client_id, retry_at_ms));

@@ -41,6 +41,8 @@ impl ServerFacts for CallFacts<'_> {
 /// A client that matched, with what the registry adds to the server's view.
 pub struct Matched {
     pub listed: ListedClient,
+    /// The `maxage.rules` selector that applies, or "default".
+    pub rule: String,
     pub age_ms: u64,
     pub approximate: bool,
     /// Milliseconds from now to the enforcement deadline (negative when overdue).
@@ -90,11 +92,17 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
                         return None;
                     }
                     let exempt_reason = exemption(&policy.settings, &client);
-                    let deadline_in_ms = tracked
+                    let (rule, class_deadline) = match tracked {
+                        Some(t) if policy.settings.enforcing() => {
+                            policy.class_deadline(&t, &client)
+                        }
+                        _ => (crate::rules::DEFAULT_CLASS, None),
+                    };
+                    let deadline_in_ms = class_deadline
                         .filter(|_| exempt_reason.is_none())
-                        .and_then(|t| policy.deadline_of(&t))
                         .map(|deadline| deadline as i64 - now_ms as i64);
                     Some(Matched {
+                        rule: rule.to_string(),
                         age_ms,
                         approximate: tracked.is_none_or(|t| t.approximate),
                         deadline_in_ms,
@@ -183,6 +191,7 @@ fn entry(client: Matched) -> Reply {
             "deadline-in-ms",
             client.deadline_in_ms.map_or(Reply::Null, Reply::Int),
         ),
+        ("rule", Reply::Str(client.rule.clone())),
         (
             "exempt",
             client

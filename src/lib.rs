@@ -15,6 +15,7 @@ pub mod glob;
 pub mod kill;
 pub mod policy;
 pub mod registry;
+pub mod rules;
 pub mod schedule;
 pub mod state;
 pub mod stats;
@@ -223,6 +224,7 @@ redis_module! {
             ["exempt-types", &*config::EXEMPT_TYPES, config::EXEMPT_TYPES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
             ["exempt-users", &*config::EXEMPT_USERS, config::EXEMPT_USERS_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
             ["exempt-names", &*config::EXEMPT_NAMES, config::EXEMPT_NAMES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["rules", &*config::RULES, config::RULES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
         ],
         bool: [
             ["client-kill-compat", &*config::CLIENT_KILL_COMPAT, config::CLIENT_KILL_COMPAT_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],

@@ -30,9 +30,13 @@ pub const EXEMPT_RECHECK_MIN_MS: u64 = 1000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     Retire(Reason),
-    /// Spared by `maxage.exempt-*`; looked at again at `recheck_at_ms`.
+    /// Spared by `maxage.exempt-*` or a rule with max age 0; looked at again at `recheck_at_ms`.
     Exempt {
         recheck_at_ms: u64,
+    },
+    /// Its class has a longer max age than the one it was first scheduled for.
+    NotYet {
+        due_at_ms: u64,
     },
     /// Not now: in the middle of a request, or waiting for the moment right after one; looked at
     /// again at `retry_at_ms` and closed anyway when grace runs out.
@@ -130,17 +134,39 @@ impl Policy {
         }
     }
 
-    /// The deadline enforcement gives this client, if enforcement is on.
+    /// The first moment this client may be due: its deadline under the shortest max age of any
+    /// class (its own class is known only later, after AUTH and CLIENT SETNAME).
     pub fn deadline_of(&self, client: &TrackedClient) -> Option<u64> {
-        self.settings.enforcing().then(|| {
-            deadline_ms(
-                client.connected_at_ms,
-                self.settings.max_age_ms,
-                self.settings.jitter_pct,
-                client.client_id,
-                self.seed,
-            )
-        })
+        self.settings
+            .shortest_max_age_ms()
+            .map(|max_age_ms| self.deadline_at(client, max_age_ms))
+    }
+
+    /// This client's class (rule label or "default") and its deadline in that class (`None`:
+    /// the class is never retired).
+    pub fn class_deadline<'a>(
+        &'a self,
+        tracked: &TrackedClient,
+        listed: &ListedClient,
+    ) -> (&'a str, Option<u64>) {
+        let (label, max_age_ms) = self
+            .settings
+            .rules
+            .class_of(listed, self.settings.max_age_ms);
+        (
+            label,
+            (max_age_ms > 0).then(|| self.deadline_at(tracked, max_age_ms)),
+        )
+    }
+
+    fn deadline_at(&self, client: &TrackedClient, max_age_ms: u64) -> u64 {
+        deadline_ms(
+            client.connected_at_ms,
+            max_age_ms,
+            self.settings.jitter_pct,
+            client.client_id,
+            self.seed,
+        )
     }
 
     pub fn on_connect(&mut self, client_id: u64, now_ms: u64) {
@@ -222,12 +248,27 @@ impl Policy {
     /// connection closed when the pool hands it out again, so no request fails. A connection
     /// closed at a random moment instead fails the request that was on its way.
     pub fn decide(&mut self, client: &ListedClient, moment: Moment, now_ms: u64) -> Decision {
+        let recheck_at_ms = now_ms
+            + self
+                .settings
+                .shortest_max_age_ms()
+                .unwrap_or(0)
+                .max(EXEMPT_RECHECK_MIN_MS);
         if exemption(&self.settings, client).is_some() {
             self.watched.remove(&client.id);
-            let recheck = self.settings.max_age_ms.max(EXEMPT_RECHECK_MIN_MS);
-            return Decision::Exempt {
-                recheck_at_ms: now_ms + recheck,
-            };
+            return Decision::Exempt { recheck_at_ms };
+        }
+        if let Some(tracked) = self.registry.get(client.id) {
+            match self.class_deadline(&tracked, client).1 {
+                None => {
+                    self.watched.remove(&client.id);
+                    return Decision::Exempt { recheck_at_ms };
+                }
+                Some(due_at_ms) if due_at_ms > now_ms && !self.watched.contains_key(&client.id) => {
+                    return Decision::NotYet { due_at_ms };
+                }
+                Some(_) => {}
+            }
         }
         let busy = mid_request(client, moment);
         let replying = reply_pending(client);

@@ -465,3 +465,90 @@ impl WriteResp for TcpStream {
         std::io::Write::write_all(self, request.as_bytes()).unwrap();
     }
 }
+
+/// Per-class max ages: first matching rule wins, the default applies otherwise, 0 is never.
+#[test]
+fn rules_give_each_class_its_own_max_age() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["jitter-pct", "0"])
+            .start();
+        let mut admin = server.admin();
+        run::<()>(
+            &mut admin,
+            &["ACL", "SETUSER", "fast", "on", ">pw", "~*", "&*", "+@all"],
+        )
+        .unwrap();
+        run::<()>(
+            &mut admin,
+            &[
+                "CONFIG",
+                "SET",
+                "maxage.rules",
+                "name:monitoring-*=0 name:batch-*=5000 user:fast=400",
+            ],
+        )
+        .unwrap();
+        run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "2500"]).unwrap();
+        let started = Instant::now();
+        let mut fast = server.idle_socket();
+        raw_command(&mut fast, &["AUTH", "fast", "pw"]);
+        let mut batch = server.idle_socket();
+        raw_command(&mut batch, &["CLIENT", "SETNAME", "batch-7"]);
+        let mut monitoring = server.idle_socket();
+        raw_command(&mut monitoring, &["CLIENT", "SETNAME", "monitoring-1"]);
+        let mut plain = server.idle_socket();
+        let rules: Vec<Vec<redis::Value>> =
+            run(&mut admin, &["MAXAGE.LIST", "SKIPME", "yes"]).unwrap();
+        let labels: Vec<String> = rules
+            .iter()
+            .map(|fields| {
+                let at = fields
+                    .iter()
+                    .position(|v| *v == redis::Value::BulkString(b"rule".to_vec()))
+                    .unwrap();
+                redis::from_redis_value(fields[at + 1].clone()).unwrap()
+            })
+            .collect();
+        for label in ["user:fast", "name:batch-*", "name:monitoring-*", "default"] {
+            assert!(labels.iter().any(|l| l == label), "{flavor:?}: {labels:?}");
+        }
+        // The fast user's connection (quiet since AUTH) goes first, at 0.4-1.5 s.
+        assert!(wait_until(Duration::from_secs(3), || is_closed(&mut fast)));
+        let fast_lived = started.elapsed();
+        assert!(
+            !is_closed(&mut plain),
+            "{flavor:?}: default class closed before the fast one"
+        );
+        // The default class (never sent a command) at 2.5 s.
+        assert!(wait_until(Duration::from_secs(4), || is_closed(&mut plain)));
+        let plain_lived = started.elapsed();
+        assert!(
+            !is_closed(&mut batch),
+            "{flavor:?}: batch class closed with the default"
+        );
+        assert!(wait_until(Duration::from_secs(5), || is_closed(&mut batch)));
+        let batch_lived = started.elapsed();
+        eprintln!(
+            "{flavor:?}: fast {fast_lived:?}, default {plain_lived:?}, batch {batch_lived:?}"
+        );
+        assert!(fast_lived < Duration::from_millis(1600), "{flavor:?}");
+        assert!(plain_lived >= Duration::from_millis(2500), "{flavor:?}");
+        assert!(batch_lived >= Duration::from_millis(5000), "{flavor:?}");
+        assert!(
+            !is_closed(&mut monitoring),
+            "{flavor:?}: a max age of 0 means never"
+        );
+        // A malformed rule set is refused whole; the old one stays.
+        let error = error_of(
+            &mut admin,
+            &["CONFIG", "SET", "maxage.rules", "name:a=1 colour:red=5"],
+        );
+        assert!(
+            error.contains("unknown kind 'colour'"),
+            "{flavor:?}: {error}"
+        );
+        let kept: Vec<String> = run(&mut admin, &["CONFIG", "GET", "maxage.rules"]).unwrap();
+        assert!(kept[1].starts_with("name:monitoring-*=0"), "{flavor:?}");
+    }
+}

@@ -232,7 +232,12 @@ impl Server {
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Servers under valgrind (scripts/valgrind) start much more slowly.
+        let limit_s = std::env::var("MAXAGE_START_TIMEOUT_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let deadline = Instant::now() + Duration::from_secs(limit_s);
         while Instant::now() < deadline {
             if let Some(Ok(Some(_exited))) = self.child.as_mut().map(Child::try_wait) {
                 return Err(self.log());
