@@ -26,6 +26,42 @@ const TICK_BUDGET_US: u64 = 700;
 lazy_static! {
     /// When the wake-up is armed for (monotonic ms), if it is.
     static ref ARMED: MainThreadCell<Option<u64>> = MainThreadCell::new(None);
+    /// Tracking redirects seen in the last full `CLIENT LIST`: target id -> the clients whose
+    /// invalidations go to it, and when that list was taken.
+    static ref REDIRECTS: MainThreadCell<(u64, HashMap<u64, Vec<u64>>)> =
+        MainThreadCell::new((0, HashMap::new()));
+}
+
+/// How long a full `CLIENT LIST` answers "who redirects to this client" (it costs about 15 ms
+/// with 10,000 clients, so it is taken at most once a second, and only for likely targets).
+const REDIRECTS_MAX_AGE_MS: u64 = 1000;
+
+/// Whether invalidation messages of another client's tracking can go to this one: a RESP2
+/// client must be subscribed (to `__redis__:invalidate`) to receive them; any RESP3 client can.
+fn may_receive_invalidations(client: &ListedClient) -> bool {
+    client.resp == 3 || (client.has_flag('P') && client.sub > 0)
+}
+
+/// The tracking clients that redirect their invalidations to `target`.
+fn tracking_sources_of(ctx: &Context, target: u64, now_ms: u64) -> Vec<u64> {
+    let stale = REDIRECTS
+        .with(|(taken_at_ms, _)| now_ms.saturating_sub(*taken_at_ms) >= REDIRECTS_MAX_AGE_MS)
+        .unwrap_or(true);
+    if stale {
+        let mut redirects: HashMap<u64, Vec<u64>> = HashMap::new();
+        for client in list_clients(ctx, None) {
+            if client.has_flag('t') && client.redir > 0 {
+                redirects
+                    .entry(client.redir as u64)
+                    .or_default()
+                    .push(client.id);
+            }
+        }
+        REDIRECTS.with(|cached| *cached = (now_ms, redirects));
+    }
+    REDIRECTS
+        .with(|(_, redirects)| redirects.get(&target).cloned().unwrap_or_default())
+        .unwrap_or_default()
 }
 
 pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
@@ -254,6 +290,18 @@ fn tick(ctx: &Context) {
                     look_again.push((*client_id, retry_at_ms));
                 }
                 Decision::Retire(reason) => {
+                    if may_receive_invalidations(client) {
+                        let sources = tracking_sources_of(ctx, client.id, now_ms);
+                        let hold = STATE
+                            .with(|policy| {
+                                policy.hold_for_tracking_sources(client.id, &sources, now_ms)
+                            })
+                            .flatten();
+                        if let Some(retry_at_ms) = hold {
+                            look_again.push((*client_id, retry_at_ms));
+                            continue;
+                        }
+                    }
                     let paced_out = closed >= MAX_CLOSES_PER_TICK
                         || !STATE
                             .with(|policy| policy.try_take_token(now_ms))

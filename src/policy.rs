@@ -3,7 +3,7 @@
 //! and the server's view of a client (`ListedClient`) are passed in, so it is unit-tested with
 //! fixed times and made-up clients.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::audit::{AuditLimiter, Reason};
 use crate::client_list::ListedClient;
@@ -116,6 +116,9 @@ pub struct Policy {
     watched: HashMap<u64, Watch>,
     /// Clients that closing must wait for until their reply is out (the caller of a kill).
     pub closes_after_reply: Vec<u64>,
+    /// Clients to retire now whatever their own deadline: the tracking clients whose
+    /// invalidations go to a client that is being retired.
+    retire_early: HashSet<u64>,
     pub audit: AuditLimiter,
     seed: u64,
 }
@@ -129,6 +132,7 @@ impl Policy {
             deadlines: DeadlineQueue::default(),
             watched: HashMap::new(),
             closes_after_reply: Vec::new(),
+            retire_early: HashSet::new(),
             audit: AuditLimiter::default(),
             seed,
         }
@@ -189,6 +193,7 @@ impl Policy {
     pub fn on_disconnect(&mut self, client_id: u64) {
         self.registry.remove(client_id);
         self.watched.remove(&client_id);
+        self.retire_early.remove(&client_id);
         let live = self.registry.len();
         let registry = &self.registry;
         self.deadlines
@@ -264,7 +269,11 @@ impl Policy {
                     self.watched.remove(&client.id);
                     return Decision::Exempt { recheck_at_ms };
                 }
-                Some(due_at_ms) if due_at_ms > now_ms && !self.watched.contains_key(&client.id) => {
+                Some(due_at_ms)
+                    if due_at_ms > now_ms
+                        && !self.watched.contains_key(&client.id)
+                        && !self.retire_early.contains(&client.id) =>
+                {
                     return Decision::NotYet { due_at_ms };
                 }
                 Some(_) => {}
@@ -308,6 +317,45 @@ impl Policy {
         Decision::Wait {
             retry_at_ms: (now_ms + poll_ms).min(grace_ends),
         }
+    }
+
+    /// Client-side caching: `sources` send their tracking invalidations to `target`, which is
+    /// about to be retired. Retiring the target alone would leave them connected with a broken
+    /// redirect, silently missing invalidations; so they are retired first (each at its own safe
+    /// moment) and the target waits for them. Returns when to look at the target again, or
+    /// `None` when there is nothing to wait for or its grace has run out.
+    pub fn hold_for_tracking_sources(
+        &mut self,
+        target: u64,
+        sources: &[u64],
+        now_ms: u64,
+    ) -> Option<u64> {
+        let live: Vec<u64> = sources
+            .iter()
+            .copied()
+            .filter(|id| *id != target && self.registry.contains(*id))
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let since_ms = self
+            .watched
+            .entry(target)
+            .or_insert(Watch {
+                since_ms: now_ms,
+                reply_seen: false,
+            })
+            .since_ms;
+        let grace_ends = since_ms.saturating_add(self.settings.grace_ms);
+        if now_ms >= grace_ends {
+            return None;
+        }
+        for source in live {
+            if self.retire_early.insert(source) {
+                self.deadlines.push(now_ms, source);
+            }
+        }
+        Some((now_ms + GRACE_POLL_MS).min(grace_ends))
     }
 
     /// When the timer should next fire: the earliest deadline (or, when that is due but pacing
@@ -582,6 +630,32 @@ mod tests {
             Decision::Retire(Reason::MaxAge)
         );
         assert_eq!(policy.clients_in_grace(), 0);
+    }
+
+    #[test]
+    fn tracking_sources_are_retired_before_their_redirect_target() {
+        let mut policy = Policy::new(settings(60_000), 1, 0);
+        for id in [5, 6, 7] {
+            policy.on_connect(id, 0);
+        }
+        // 5 is due; 6 and 7 send their invalidations to it and are far from their own deadline.
+        assert_eq!(
+            policy.hold_for_tracking_sources(5, &[6, 7, 99], 100),
+            Some(110)
+        );
+        assert_eq!(policy.take_due(100, 10), vec![6, 7]);
+        let source = listed(&format!("{IDLE} cmd=get idle=3").replace("id=5", "id=6"));
+        assert_eq!(
+            policy.decide(&source, QUIET, 100),
+            Decision::Retire(Reason::MaxAge)
+        );
+        policy.on_disconnect(6);
+        policy.on_disconnect(7);
+        assert_eq!(policy.hold_for_tracking_sources(5, &[6, 7], 110), None);
+        // The wait for sources ends with grace.
+        policy.on_connect(8, 0);
+        assert!(policy.hold_for_tracking_sources(5, &[8], 120).is_some());
+        assert_eq!(policy.hold_for_tracking_sources(5, &[8], 100 + 100), None);
     }
 
     #[test]
