@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use lazy_static::lazy_static;
 use redis_module::configuration::ConfigurationContext;
-use redis_module::{ConfigurationValue, RedisError, RedisString, enum_configuration};
+use redis_module::{ConfigurationValue, RedisError, RedisString};
 
 use crate::glob::glob_matches;
 use crate::rules::Rules;
@@ -21,6 +21,10 @@ pub const JITTER_PCT_MAX: i64 = 100;
 pub const MAX_EVICTIONS_PER_SEC_DEFAULT: i64 = 1000;
 pub const MAX_EVICTIONS_PER_SEC_MIN: i64 = 0;
 pub const MAX_EVICTIONS_PER_SEC_MAX: i64 = 1_000_000;
+pub const MIN_EVICTIONS_PER_SEC_DEFAULT: i64 = 50;
+pub const MAX_OVERDUE_MS_DEFAULT: i64 = 60_000;
+pub const MAX_OVERDUE_MS_MIN: i64 = 0;
+pub const MAX_OVERDUE_MS_MAX: i64 = 86_400_000;
 pub const GRACE_MS_DEFAULT: i64 = 5000;
 pub const GRACE_MS_MIN: i64 = 0;
 pub const GRACE_MS_MAX: i64 = 3_600_000;
@@ -30,13 +34,30 @@ pub const EXEMPT_NAMES_DEFAULT: &str = "";
 pub const RULES_DEFAULT: &str = "";
 pub const CLIENT_KILL_COMPAT_DEFAULT: bool = true;
 
-enum_configuration! {
-    #[allow(non_camel_case_types)]
-    pub enum Mode {
-        enforce = 0,
-        observe = 1,
+// Each `enum_configuration!` brings its own imports, so each lives in its own module.
+mod mode_setting {
+    use redis_module::enum_configuration;
+    enum_configuration! {
+        #[allow(non_camel_case_types)]
+        pub enum Mode {
+            enforce = 0,
+            observe = 1,
+        }
     }
 }
+pub use mode_setting::Mode;
+
+mod pacing_setting {
+    use redis_module::enum_configuration;
+    enum_configuration! {
+        #[allow(non_camel_case_types)]
+        pub enum Pacing {
+            fixed = 0,
+            adaptive = 1,
+        }
+    }
+}
+pub use pacing_setting::Pacing;
 
 /// A string setting that refuses values its validator rejects (the old value stays).
 pub struct CheckedString {
@@ -81,6 +102,9 @@ lazy_static! {
     pub static ref JITTER_PCT: AtomicI64 = AtomicI64::new(JITTER_PCT_DEFAULT);
     pub static ref MAX_EVICTIONS_PER_SEC: AtomicI64 = AtomicI64::new(MAX_EVICTIONS_PER_SEC_DEFAULT);
     pub static ref GRACE_MS: AtomicI64 = AtomicI64::new(GRACE_MS_DEFAULT);
+    pub static ref MIN_EVICTIONS_PER_SEC: AtomicI64 = AtomicI64::new(MIN_EVICTIONS_PER_SEC_DEFAULT);
+    pub static ref MAX_OVERDUE_MS: AtomicI64 = AtomicI64::new(MAX_OVERDUE_MS_DEFAULT);
+    pub static ref PACING: Mutex<Pacing> = Mutex::new(Pacing::fixed);
     pub static ref EXEMPT_TYPES: CheckedString =
         CheckedString::new(EXEMPT_TYPES_DEFAULT, |v| ExemptTypes::parse(v).map(|_| ()));
     pub static ref EXEMPT_USERS: CheckedString =
@@ -149,6 +173,11 @@ pub struct Settings {
     pub max_age_ms: u64,
     pub jitter_pct: u64,
     pub max_evictions_per_sec: u64,
+    /// Adaptive pacing: the rate falls towards `min_evictions_per_sec` as the server gets busy.
+    pub adaptive_pacing: bool,
+    pub min_evictions_per_sec: u64,
+    /// A client overdue by this much is retired whatever the pacing (the slack).
+    pub max_overdue_ms: u64,
     pub grace_ms: u64,
     pub exempt_types: ExemptTypes,
     pub exempt_users: Patterns,
@@ -163,6 +192,9 @@ impl Default for Settings {
             max_age_ms: MAX_AGE_MS_DEFAULT as u64,
             jitter_pct: JITTER_PCT_DEFAULT as u64,
             max_evictions_per_sec: MAX_EVICTIONS_PER_SEC_DEFAULT as u64,
+            adaptive_pacing: false,
+            min_evictions_per_sec: MIN_EVICTIONS_PER_SEC_DEFAULT as u64,
+            max_overdue_ms: MAX_OVERDUE_MS_DEFAULT as u64,
             grace_ms: GRACE_MS_DEFAULT as u64,
             exempt_types: ExemptTypes::parse(EXEMPT_TYPES_DEFAULT).unwrap_or_default(),
             exempt_users: Patterns::default(),
@@ -195,6 +227,12 @@ pub fn snapshot() -> Settings {
         max_age_ms: load(&MAX_AGE_MS),
         jitter_pct: load(&JITTER_PCT),
         max_evictions_per_sec: load(&MAX_EVICTIONS_PER_SEC),
+        adaptive_pacing: matches!(
+            PACING.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            Pacing::adaptive
+        ),
+        min_evictions_per_sec: load(&MIN_EVICTIONS_PER_SEC),
+        max_overdue_ms: load(&MAX_OVERDUE_MS),
         grace_ms: load(&GRACE_MS),
         exempt_types: ExemptTypes::parse(&EXEMPT_TYPES.current()).unwrap_or_default(),
         exempt_users: Patterns::parse(&EXEMPT_USERS.current()),
@@ -212,8 +250,20 @@ struct NumericSetting {
     max: i64,
 }
 
-fn numeric_settings() -> [NumericSetting; 4] {
+fn numeric_settings() -> [NumericSetting; 6] {
     [
+        NumericSetting {
+            name: "min-evictions-per-sec",
+            value: &MIN_EVICTIONS_PER_SEC,
+            min: MAX_EVICTIONS_PER_SEC_MIN,
+            max: MAX_EVICTIONS_PER_SEC_MAX,
+        },
+        NumericSetting {
+            name: "max-overdue-ms",
+            value: &MAX_OVERDUE_MS,
+            min: MAX_OVERDUE_MS_MIN,
+            max: MAX_OVERDUE_MS_MAX,
+        },
         NumericSetting {
             name: "max-age-ms",
             value: &MAX_AGE_MS,
@@ -304,6 +354,20 @@ pub fn apply_load_args(args: &[String]) -> Result<(), String> {
                 };
                 pending.push(Box::new(move || {
                     *MODE.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+                }));
+            }
+            "pacing" => {
+                let pacing = match value.to_ascii_lowercase().as_str() {
+                    "fixed" => Pacing::fixed,
+                    "adaptive" => Pacing::adaptive,
+                    _ => {
+                        return Err(format!(
+                            "argument pacing: '{value}' is not fixed or adaptive"
+                        ));
+                    }
+                };
+                pending.push(Box::new(move || {
+                    *PACING.lock().unwrap_or_else(|p| p.into_inner()) = pacing;
                 }));
             }
             "client-kill-compat" => {

@@ -67,6 +67,8 @@ fn tracking_sources_of(ctx: &Context, target: u64, now_ms: u64) -> Vec<u64> {
 pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
     let now_ms = monotonic_ms();
     STATE.with(|policy| {
+        // Connections come and go all the time on a busy server: a cheap moment to sample load.
+        policy.observe_load(monotonic_us(), ffi::thread_cpu_us());
         if connected {
             policy.on_connect(client_id, monotonic_ms_ceil());
         } else {
@@ -81,7 +83,10 @@ pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
 /// Called after any `maxage.*` setting changes: re-times every connected client at once.
 pub fn on_settings_changed() {
     let now_ms = monotonic_ms();
-    STATE.with(|policy| policy.apply_settings(config::snapshot(), now_ms));
+    STATE.with(|policy| {
+        policy.apply_settings(config::snapshot(), now_ms);
+        policy.observe_load(monotonic_us(), ffi::thread_cpu_us());
+    });
     rearm(now_ms);
 }
 
@@ -244,7 +249,10 @@ fn tick(ctx: &Context) {
     audit(ctx, None, now_ms);
 
     let observe_only = STATE
-        .with(|policy| policy.settings.observe_only)
+        .with(|policy| {
+            policy.observe_load(started_us, ffi::thread_cpu_us());
+            policy.settings.observe_only
+        })
         .unwrap_or(false);
     let mut closed = 0;
     // Clients to look at again go back into the queue only after this pass, so that one asked
@@ -304,7 +312,10 @@ fn tick(ctx: &Context) {
                     }
                     let paced_out = closed >= MAX_CLOSES_PER_TICK
                         || !STATE
-                            .with(|policy| policy.try_take_token(now_ms))
+                            .with(|policy| {
+                                let overdue_ms = policy.overdue_ms(client, now_ms);
+                                policy.try_take_token(now_ms, overdue_ms)
+                            })
                             .unwrap_or(false);
                     if paced_out {
                         stats::PACING_DELAYS.fetch_add(1, Ordering::Relaxed);

@@ -37,6 +37,19 @@ pub fn monotonic_ms() -> u64 {
     monotonic_us() / 1000
 }
 
+/// CPU time (user + system) of the calling thread, in microseconds. Called on the server's
+/// main thread, it is the server's own busy time.
+pub fn thread_cpu_us() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value; getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is valid and writable; RUSAGE_THREAD exists on Linux.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0;
+    }
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    micros(usage.ru_utime) + micros(usage.ru_stime)
+}
+
 /// The current millisecond rounded up: a connect time taken with it is never earlier than the
 /// real one, so a deadline computed from it is never early.
 pub fn monotonic_ms_ceil() -> u64 {

@@ -23,7 +23,7 @@ pub mod stats;
 use redis_module::configuration::{ConfigurationContext, ConfigurationFlags};
 use redis_module::{Context, RedisError, RedisResult, RedisString, Status, redis_module};
 
-use crate::config::Mode;
+use crate::config::{Mode, Pacing};
 use crate::ffi::{LogLevel, no_unwind};
 
 /// Inside the server all memory comes from the server's allocator (so INFO memory and maxmemory
@@ -218,6 +218,8 @@ redis_module! {
             ["max-age-ms", &*config::MAX_AGE_MS, config::MAX_AGE_MS_DEFAULT, config::MAX_AGE_MS_MIN, config::MAX_AGE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
             ["jitter-pct", &*config::JITTER_PCT, config::JITTER_PCT_DEFAULT, config::JITTER_PCT_MIN, config::JITTER_PCT_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
             ["max-evictions-per-sec", &*config::MAX_EVICTIONS_PER_SEC, config::MAX_EVICTIONS_PER_SEC_DEFAULT, config::MAX_EVICTIONS_PER_SEC_MIN, config::MAX_EVICTIONS_PER_SEC_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["min-evictions-per-sec", &*config::MIN_EVICTIONS_PER_SEC, config::MIN_EVICTIONS_PER_SEC_DEFAULT, config::MAX_EVICTIONS_PER_SEC_MIN, config::MAX_EVICTIONS_PER_SEC_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["max-overdue-ms", &*config::MAX_OVERDUE_MS, config::MAX_OVERDUE_MS_DEFAULT, config::MAX_OVERDUE_MS_MIN, config::MAX_OVERDUE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
             ["grace-ms", &*config::GRACE_MS, config::GRACE_MS_DEFAULT, config::GRACE_MS_MIN, config::GRACE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
         ],
         string: [
@@ -231,6 +233,7 @@ redis_module! {
         ],
         enum: [
             ["mode", &*config::MODE, Mode::enforce, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
+            ["pacing", &*config::PACING, Pacing::fixed, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
         ],
         module_args_as_configuration: false,
     ]

@@ -10,7 +10,7 @@ use crate::client_list::ListedClient;
 use crate::config::Settings;
 use crate::filter::ClientType;
 use crate::registry::{Registry, TrackedClient};
-use crate::schedule::{DeadlineQueue, Pacer, deadline_ms};
+use crate::schedule::{DeadlineQueue, LoadGauge, Pacer, adaptive_rate, deadline_ms};
 
 /// How often a client in the middle of a request is looked at again.
 pub const GRACE_POLL_MS: u64 = 10;
@@ -112,6 +112,7 @@ pub struct Policy {
     pub settings: Settings,
     deadlines: DeadlineQueue,
     pacer: Pacer,
+    load: LoadGauge,
     /// Due clients the module is waiting on for a safe moment to close.
     watched: HashMap<u64, Watch>,
     /// Clients that closing must wait for until their reply is out (the caller of a kill).
@@ -130,6 +131,7 @@ impl Policy {
             pacer: Pacer::new(settings.max_evictions_per_sec, now_ms),
             settings,
             deadlines: DeadlineQueue::default(),
+            load: LoadGauge::default(),
             watched: HashMap::new(),
             closes_after_reply: Vec::new(),
             retire_early: HashSet::new(),
@@ -202,7 +204,11 @@ impl Policy {
 
     /// Applies new settings to every connected client at once.
     pub fn apply_settings(&mut self, settings: Settings, now_ms: u64) {
-        if settings.max_evictions_per_sec != self.pacer.rate_per_sec() {
+        if settings.max_evictions_per_sec != self.settings.max_evictions_per_sec
+            || settings.adaptive_pacing != self.settings.adaptive_pacing
+            || settings.max_evictions_per_sec != self.pacer.rate_per_sec()
+                && !settings.adaptive_pacing
+        {
             self.pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
         }
         self.settings = settings;
@@ -242,8 +248,39 @@ impl Policy {
         self.deadlines.push(at_ms, client_id);
     }
 
-    pub fn try_take_token(&mut self, now_ms: u64) -> bool {
-        self.pacer.try_take(now_ms)
+    /// Takes a pacing token for a retirement. A client overdue by `maxage.max-overdue-ms` or
+    /// more needs none: pacing may delay a retirement, never by more than that slack.
+    pub fn try_take_token(&mut self, now_ms: u64, overdue_ms: u64) -> bool {
+        overdue_ms >= self.settings.max_overdue_ms || self.pacer.try_take(now_ms)
+    }
+
+    /// How late this client is past its own class deadline.
+    pub fn overdue_ms(&self, client: &ListedClient, now_ms: u64) -> u64 {
+        self.registry
+            .get(client.id)
+            .and_then(|tracked| self.class_deadline(&tracked, client).1)
+            .map_or(0, |deadline| now_ms.saturating_sub(deadline))
+    }
+
+    /// Feeds the main thread's CPU time; with adaptive pacing, sets the rate from the load.
+    pub fn observe_load(&mut self, now_us: u64, thread_cpu_us: u64) {
+        let utilization = self.load.sample(now_us, thread_cpu_us);
+        if self.settings.adaptive_pacing {
+            let rate = adaptive_rate(
+                self.settings.max_evictions_per_sec,
+                self.settings.min_evictions_per_sec,
+                utilization,
+            );
+            self.pacer.set_rate(rate, now_us / 1000);
+        }
+    }
+
+    pub fn utilization(&self) -> f64 {
+        self.load.utilization()
+    }
+
+    pub fn current_rate_per_sec(&self) -> u64 {
+        self.pacer.rate_per_sec()
     }
 
     /// The decision for a due client, as the server describes it now.
@@ -410,6 +447,7 @@ mod tests {
 
     fn settings(max_age_ms: u64) -> Settings {
         Settings {
+            max_overdue_ms: u64::MAX,
             max_age_ms,
             jitter_pct: 0,
             max_evictions_per_sec: 0,
@@ -475,7 +513,7 @@ mod tests {
         for now in 100..1100 {
             let due = policy.take_due(now, 64);
             for (position, _) in due.iter().enumerate() {
-                if policy.try_take_token(now) {
+                if policy.try_take_token(now, 0) {
                     retired += 1;
                 } else {
                     due[position..]

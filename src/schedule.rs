@@ -126,6 +126,16 @@ impl Pacer {
         self.rate_per_sec
     }
 
+    /// Changes the rate, keeping the tokens already earned (capped at the new burst).
+    pub fn set_rate(&mut self, rate_per_sec: u64, now_ms: u64) {
+        if rate_per_sec == self.rate_per_sec {
+            return;
+        }
+        self.refill(now_ms);
+        self.rate_per_sec = rate_per_sec;
+        self.milli_tokens = self.milli_tokens.min(self.burst_milli_tokens());
+    }
+
     fn burst_milli_tokens(&self) -> u64 {
         (self.rate_per_sec / 20).max(1) * 1000
     }
@@ -167,9 +177,89 @@ impl Pacer {
     }
 }
 
+/// How busy the server's main thread is: the share of wall time it spent on the CPU, smoothed.
+/// The module runs on that thread, so `getrusage(RUSAGE_THREAD)` there measures the server.
+#[derive(Debug, Default, Clone)]
+pub struct LoadGauge {
+    last_wall_us: u64,
+    last_cpu_us: u64,
+    /// 0.0 (idle) to 1.0 (saturated).
+    utilization: f64,
+}
+
+/// Shorter windows than this are too noisy to take a sample from.
+const LOAD_WINDOW_US: u64 = 20_000;
+
+impl LoadGauge {
+    /// Feeds a sample; returns the smoothed utilization.
+    pub fn sample(&mut self, wall_us: u64, cpu_us: u64) -> f64 {
+        if self.last_wall_us == 0 {
+            (self.last_wall_us, self.last_cpu_us) = (wall_us, cpu_us);
+            return self.utilization;
+        }
+        let wall = wall_us.saturating_sub(self.last_wall_us);
+        if wall < LOAD_WINDOW_US {
+            return self.utilization;
+        }
+        let busy = (cpu_us.saturating_sub(self.last_cpu_us) as f64 / wall as f64).clamp(0.0, 1.0);
+        // Weigh the new window by its length against a time constant of about 100 ms.
+        let weight = (wall as f64 / 100_000.0).min(1.0);
+        self.utilization += (busy - self.utilization) * weight;
+        (self.last_wall_us, self.last_cpu_us) = (wall_us, cpu_us);
+        self.utilization
+    }
+
+    pub fn utilization(&self) -> f64 {
+        self.utilization
+    }
+}
+
+/// Load-aware pacing: the full rate when the server is idle, falling linearly to `min_rate`
+/// as the main thread approaches saturation. A rate of 0 (unlimited) stays unlimited.
+pub fn adaptive_rate(max_rate: u64, min_rate: u64, utilization: f64) -> u64 {
+    if max_rate == 0 {
+        return 0;
+    }
+    let floor = min_rate.clamp(1, max_rate);
+    let scaled = (max_rate as f64 * (1.0 - utilization.clamp(0.0, 1.0))).round() as u64;
+    scaled.clamp(floor, max_rate)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adaptive_rate_follows_load_within_bounds() {
+        assert_eq!(adaptive_rate(1000, 50, 0.0), 1000);
+        assert_eq!(adaptive_rate(1000, 50, 0.5), 500);
+        assert_eq!(adaptive_rate(1000, 50, 0.99), 50);
+        assert_eq!(adaptive_rate(1000, 50, 1.0), 50);
+        assert_eq!(adaptive_rate(1000, 5000, 0.5), 1000);
+        assert_eq!(adaptive_rate(0, 50, 0.9), 0);
+    }
+
+    #[test]
+    fn load_gauge_tracks_busy_share_of_wall_time() {
+        let mut gauge = LoadGauge::default();
+        gauge.sample(1_000_000, 0);
+        // 10 ms busy in a 5 ms window is ignored (too short a window).
+        assert_eq!(gauge.sample(1_005_000, 10_000), 0.0);
+        // A fully busy second.
+        let full = gauge.sample(2_000_000, 1_000_000);
+        assert!(full > 0.95, "{full}");
+        // Then two idle seconds bring it back down.
+        gauge.sample(3_000_000, 1_000_000);
+        assert!(gauge.sample(4_000_000, 1_000_000) < 0.05);
+    }
+
+    #[test]
+    fn pacer_rate_can_change_without_minting_tokens() {
+        let mut pacer = Pacer::new(1000, 0);
+        pacer.set_rate(20, 0);
+        assert_eq!((0..100).take_while(|_| pacer.try_take(0)).count(), 1);
+        assert_eq!(pacer.next_token_at_ms(0), 50);
+    }
 
     #[test]
     fn no_jitter_means_exact_deadline() {

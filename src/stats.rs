@@ -46,10 +46,22 @@ pub fn write_info(info: &mut InfoWriter) {
             policy.next_deadline_ms(),
             policy.heap_bytes() as u64,
             policy.settings.clone(),
+            (policy.utilization() * 100.0).round() as u64,
+            policy.current_rate_per_sec(),
         )
     });
-    let Some((tracked, approximate, in_grace, due, oldest, next_deadline, heap_bytes, settings)) =
-        snapshot
+    let Some((
+        tracked,
+        approximate,
+        in_grace,
+        due,
+        oldest,
+        next_deadline,
+        heap_bytes,
+        settings,
+        utilization_pct,
+        rate_now,
+    )) = snapshot
     else {
         return;
     };
@@ -89,6 +101,19 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("jitter_pct", settings.jitter_pct);
     info.field_u64("max_evictions_per_sec", settings.max_evictions_per_sec);
     info.field_u64("grace_ms", settings.grace_ms);
+    info.field_str(
+        "pacing",
+        if settings.adaptive_pacing {
+            "adaptive"
+        } else {
+            "fixed"
+        },
+    );
+    info.field_u64("min_evictions_per_sec", settings.min_evictions_per_sec);
+    info.field_u64("max_overdue_ms", settings.max_overdue_ms);
+    info.field_u64("evictions_per_sec_now", rate_now);
+    info.field_u64("main_thread_utilization_pct", utilization_pct);
+    info.field_str("rules", &crate::config::RULES.current());
     info.field_str("exempt_types", &crate::config::EXEMPT_TYPES.current());
     info.field_str("exempt_users", &crate::config::EXEMPT_USERS.current());
     info.field_str("exempt_names", &crate::config::EXEMPT_NAMES.current());

@@ -627,3 +627,72 @@ fn tracking_redirect_pairs_are_retired_together() {
         );
     }
 }
+
+/// Adaptive pacing: while the main thread is busy the retirement rate falls towards its floor,
+/// and the slack (max-overdue-ms) still bounds how late anyone is retired.
+#[test]
+fn adaptive_pacing_slows_down_under_load_within_the_slack() {
+    let _alone = exclusive();
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&[
+                "pacing",
+                "adaptive",
+                "min-evictions-per-sec",
+                "20",
+                "max-overdue-ms",
+                "2500",
+                "jitter-pct",
+                "0",
+            ])
+            .start();
+        let mut admin = server.admin();
+        let mut sockets: Vec<TcpStream> = (0..400).map(|_| server.idle_socket()).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = {
+            let stop = std::sync::Arc::clone(&stop);
+            let url = server.url();
+            std::thread::spawn(move || {
+                let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+                run::<()>(&mut conn, &["CLIENT", "NO-EVICT", "on"]).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _: redis::RedisResult<i64> = run(
+                        &mut conn,
+                        &[
+                            "EVAL",
+                            "local i = 0 while i < 2000000 do i = i + 1 end return i",
+                            "0",
+                        ],
+                    );
+                }
+            })
+        };
+        sleep(Duration::from_millis(400));
+        run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "100"]).unwrap();
+        let set_at = Instant::now();
+        sleep(Duration::from_millis(1000));
+        let retired_under_load = info_field(&mut admin, "maxage_evicted_max_age").unwrap();
+        let utilization = info_field(&mut admin, "maxage_main_thread_utilization_pct").unwrap();
+        let rate_now = info_field(&mut admin, "maxage_evictions_per_sec_now").unwrap();
+        eprintln!(
+            "{flavor:?}: {retired_under_load} retired in the first second under load, utilization {utilization}%, rate {rate_now}/s"
+        );
+        assert!(
+            utilization >= 50,
+            "{flavor:?}: the busy loop did not register: {utilization}%"
+        );
+        assert!(rate_now < 500, "{flavor:?}: rate {rate_now}");
+        assert!(
+            retired_under_load < 300,
+            "{flavor:?}: {retired_under_load} retired at full speed"
+        );
+        // The slack: everyone is retired within max-overdue-ms of their deadline.
+        assert!(
+            wait_until(Duration::from_secs(4), || sockets.iter_mut().all(is_closed)),
+            "{flavor:?}"
+        );
+        assert!(set_at.elapsed() < Duration::from_millis(4000), "{flavor:?}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        busy.join().unwrap();
+    }
+}

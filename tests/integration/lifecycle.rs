@@ -259,7 +259,7 @@ fn the_example_config_loads_and_states_the_defaults() {
         .lines()
         .filter(|line| line.starts_with("maxage."))
         .collect();
-    assert_eq!(settings.len(), 9, "every setting is in the example");
+    assert_eq!(settings.len(), 13, "every setting is in the example");
     for flavor in BOTH {
         let mut builder = Server::builder(flavor);
         for line in &settings {
