@@ -141,6 +141,23 @@ fn command_docs() -> Vec<CommandDoc> {
             ],
         },
         CommandDoc {
+            name: "maxage.preview",
+            summary: "Reports, per client class, what a rule set would do: clients, age histogram, exempt, due now and due within a window. Changes nothing.",
+            complexity: "O(N) where N is the number of client connections",
+            arity: -1,
+            args: vec![
+                arg("rules", Kind::String, Some("RULES"))
+                    .optional()
+                    .summary("a proposed maxage.rules value (default: the current one)"),
+                arg("max-age-ms", Kind::Integer, Some("MAX-AGE-MS"))
+                    .optional()
+                    .summary("a proposed default max age (default: the current one)"),
+                arg("within", Kind::Integer, Some("WITHIN"))
+                    .optional()
+                    .summary("the window in milliseconds (default 60000)"),
+            ],
+        },
+        CommandDoc {
             name: "maxage.clientkill",
             summary: "Internal: where the module's command filter sends a CLIENT KILL whose filters this server does not support (call CLIENT KILL instead).",
             complexity: "O(N) where N is the number of client connections",

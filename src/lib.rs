@@ -14,6 +14,7 @@ pub mod filter;
 pub mod glob;
 pub mod kill;
 pub mod policy;
+pub mod preview;
 pub mod registry;
 pub mod rules;
 pub mod schedule;
@@ -62,6 +63,11 @@ fn maxage_kill(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 /// MAXAGE.LIST [<filter> ...]: the matching clients, oldest first.
 fn maxage_list(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("MAXAGE.LIST", ctx, args, kill::list_command)
+}
+
+/// MAXAGE.PREVIEW [RULES <rules>] [MAX-AGE-MS ms] [WITHIN ms]: what a rule set would retire.
+fn maxage_preview(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("MAXAGE.PREVIEW", ctx, args, preview::preview_command)
 }
 
 /// CLIENT KILL <filters> that the server cannot answer itself, handed over by the filter.
@@ -211,6 +217,7 @@ redis_module! {
         // No keys; the ACL-categories field stays empty because Redis 7.0 cannot set categories.
         ["maxage.kill", maxage_kill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
         ["maxage.list", maxage_list, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
+        ["maxage.preview", maxage_preview, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
         ["maxage.clientkill", maxage_clientkill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
     ],
     configurations: [

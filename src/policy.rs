@@ -275,6 +275,11 @@ impl Policy {
         }
     }
 
+    /// The per-load seed of the jitter draws (to preview deadlines exactly).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub fn utilization(&self) -> f64 {
         self.load.utilization()
     }

@@ -40,6 +40,13 @@ pub fn write_info(info: &mut InfoWriter) {
         (
             policy.registry.len() as u64,
             policy.registry.iter().filter(|c| c.approximate).count() as u64,
+            policy
+                .registry
+                .iter()
+                .fold([0u64; 6], |mut histogram, client| {
+                    histogram[crate::preview::bucket_of(client.age_ms(now_ms))] += 1;
+                    histogram
+                }),
             policy.clients_in_grace() as u64,
             policy.clients_due(now_ms) as u64,
             policy.oldest_age_ms(now_ms),
@@ -53,6 +60,7 @@ pub fn write_info(info: &mut InfoWriter) {
     let Some((
         tracked,
         approximate,
+        age_histogram,
         in_grace,
         due,
         oldest,
@@ -70,6 +78,14 @@ pub fn write_info(info: &mut InfoWriter) {
     let by_command = get(&EVICTED_BY_COMMAND);
     info.field_u64("tracked_clients", tracked);
     info.field_u64("approximate_age_clients", approximate);
+    let buckets: Vec<String> = crate::preview::AGE_BUCKETS_MS
+        .iter()
+        .map(|(_, name)| *name)
+        .chain(std::iter::once(crate::preview::LAST_BUCKET))
+        .zip(age_histogram)
+        .map(|(name, count)| format!("{name}={count}"))
+        .collect();
+    info.field_str("age_histogram", &buckets.join(","));
     info.field_u64("evicted_connections", by_max_age + after_grace + by_command);
     info.field_u64("evicted_max_age", by_max_age);
     info.field_u64("evicted_max_age_after_grace", after_grace);

@@ -696,3 +696,66 @@ fn adaptive_pacing_slows_down_under_load_within_the_slack() {
         busy.join().unwrap();
     }
 }
+
+/// MAXAGE.PREVIEW: what a proposed rule set would retire, per class, without doing it.
+#[test]
+fn preview_reports_a_proposed_rule_set_and_changes_nothing() {
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut web: Vec<TcpStream> = (0..3).map(|_| server.idle_socket()).collect();
+        for (i, socket) in web.iter_mut().enumerate() {
+            raw_command(socket, &["CLIENT", "SETNAME", &format!("web-{i}")]);
+        }
+        let mut job = server.idle_socket();
+        raw_command(&mut job, &["CLIENT", "SETNAME", "job"]);
+        sleep(Duration::from_millis(600));
+        let mut admin = server.admin();
+        let reply: redis::Value = run(
+            &mut admin,
+            &[
+                "MAXAGE.PREVIEW",
+                "RULES",
+                "name:web-*=500 name:job=0",
+                "MAX-AGE-MS",
+                "3600000",
+                "WITHIN",
+                "60000",
+            ],
+        )
+        .unwrap();
+        let text = format!("{reply:?}");
+        let fields: Vec<String> = match reply {
+            redis::Value::Array(items) => items.iter().map(|v| format!("{v:?}")).collect(),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            fields.iter().any(|f| f.contains("would-retire-within")),
+            "{flavor:?}: {text}"
+        );
+        // RESP2: [within-ms, 60000, would-retire-within, 3, classes, [...]]
+        assert!(fields[3].contains('3'), "{flavor:?}: {text}");
+        for needle in [
+            "name:web-*",
+            "name:job",
+            "default",
+            "age-histogram",
+            "lt-1s",
+            "due-now",
+        ] {
+            assert!(text.contains(needle), "{flavor:?} lacks {needle}: {text}");
+        }
+        // Nothing was applied or closed.
+        let rules: Vec<String> = run(&mut admin, &["CONFIG", "GET", "maxage.rules"]).unwrap();
+        assert_eq!(rules[1], "");
+        assert!(
+            web.iter_mut().all(|s| !is_closed(s)) && !is_closed(&mut job),
+            "{flavor:?}"
+        );
+        let error = error_of(&mut admin, &["MAXAGE.PREVIEW", "RULES", "name:web=soon"]);
+        assert!(error.contains("not a number"), "{flavor:?}: {error}");
+        assert_eq!(
+            error_of(&mut admin, &["MAXAGE.PREVIEW", "WITHIN"]),
+            "ERR syntax error"
+        );
+    }
+}

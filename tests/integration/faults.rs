@@ -270,6 +270,7 @@ fn every_command_and_the_compat_form_need_acl_permission() {
         for command in [
             &["MAXAGE.KILL", "MAXAGE", "1"][..],
             &["MAXAGE.LIST"][..],
+            &["MAXAGE.PREVIEW"][..],
             &["MAXAGE.CLIENTKILL", "KILL", "MAXAGE", "1"][..],
             &["CLIENT", "KILL", "MAXAGE-MS", "1000"][..],
         ] {
