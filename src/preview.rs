@@ -161,7 +161,7 @@ pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 within_ms,
             ))
         })
-        .unwrap_or_else(|| Err(RedisError::Str("ERR busy, try again")))?;
+        .unwrap_or(Err(RedisError::Str("ERR busy, try again")))?;
     let total_within: u64 = classes.iter().map(|c| c.due_within).sum();
     let entries = classes.into_iter().map(class_reply).collect();
     ffi::reply(
