@@ -294,7 +294,7 @@ fn tick(ctx: &Context) {
                 }
                 Decision::NotYet { due_at_ms } => look_again.push((*client_id, due_at_ms)),
                 Decision::Wait { retry_at_ms } => {
-                    stats::GRACE_DELAYS.fetch_add(1, Ordering::Relaxed);
+                    stats::SAFE_MOMENT_POLLS.fetch_add(1, Ordering::Relaxed);
                     look_again.push((*client_id, retry_at_ms));
                 }
                 Decision::Retire(reason) => {

@@ -14,7 +14,7 @@ pub static EVICTED_AFTER_GRACE: AtomicU64 = AtomicU64::new(0);
 pub static EVICTED_BY_COMMAND: AtomicU64 = AtomicU64::new(0);
 pub static OBSERVED_WOULD_EVICT: AtomicU64 = AtomicU64::new(0);
 pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
-pub static GRACE_DELAYS: AtomicU64 = AtomicU64::new(0);
+pub static SAFE_MOMENT_POLLS: AtomicU64 = AtomicU64::new(0);
 pub static PACING_DELAYS: AtomicU64 = AtomicU64::new(0);
 pub static COMPAT_KILLS: AtomicU64 = AtomicU64::new(0);
 
@@ -92,7 +92,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("evicted_manual", by_command);
     info.field_u64("observed_would_evict", get(&OBSERVED_WOULD_EVICT));
     info.field_u64("exempted", get(&EXEMPTIONS));
-    info.field_u64("grace_delays", get(&GRACE_DELAYS));
+    info.field_u64("safe_moment_polls", get(&SAFE_MOMENT_POLLS));
     info.field_u64("pacing_delays", get(&PACING_DELAYS));
     info.field_u64("compat_client_kill_calls", get(&COMPAT_KILLS));
     info.field_u64("clients_in_grace", in_grace);
