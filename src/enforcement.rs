@@ -15,13 +15,13 @@ use crate::policy::{Decision, Moment};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
 
-/// Closes per timer callback. The server frees closed clients right after the callback (about
-/// 14 us each), so this also bounds the stall that follows it.
-const MAX_CLOSES_PER_TICK: usize = 32;
+/// Closes per wake-up. The server frees closed clients at the end of the event-loop pass (about
+/// 14 us each, plus the kernel's work on each socket), so this bounds that stall too.
+const MAX_CLOSES_PER_TICK: usize = 8;
 /// Due clients looked up with one `CLIENT LIST ID ...` call.
-const LOOKUP_BATCH: usize = 32;
-/// Time one callback may spend before it yields to the event loop and continues next pass.
-const TICK_BUDGET_US: u64 = 700;
+const LOOKUP_BATCH: usize = 16;
+/// Time one wake-up may spend before it yields to the event loop and continues next pass.
+const TICK_BUDGET_US: u64 = 300;
 
 lazy_static! {
     /// When the wake-up is armed for (monotonic ms), if it is.
@@ -162,7 +162,11 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
         if !ffi::close_client(ctx, client.id) {
             return;
         }
-        ffi::send_fin_now(client.fd);
+        // Only enforcement picks its moment (right after a reply) and needs the FIN out at
+        // once; a one-shot kill of thousands would pay a system call per client for nothing.
+        if reason != Reason::ManualKill {
+            ffi::send_fin_now(client.fd);
+        }
     }
     record_retirement(ctx, client, age_ms, reason, observe_only, now_ms);
 }
@@ -177,34 +181,39 @@ pub fn record_retirement(
     now_ms: u64,
 ) {
     stats::count_retirement(reason, observe_only);
-    let line = retirement_line(
-        &RetiredClient {
-            client_id: client.id,
-            addr: &client.addr,
-            user: &client.user,
-            name: &client.name,
-            age_ms,
-        },
-        reason,
-        observe_only,
-    );
-    audit(ctx, Some(line), now_ms);
+    audit(ctx, now_ms, || {
+        retirement_line(
+            &RetiredClient {
+                client_id: client.id,
+                addr: &client.addr,
+                user: &client.user,
+                name: &client.name,
+                age_ms,
+            },
+            reason,
+            observe_only,
+        )
+    });
 }
 
-/// Logs an audit line through the per-second cap, and any summary the cap owes.
-fn audit(ctx: &Context, line: Option<String>, now_ms: u64) {
-    let admitted = STATE.with(|policy| match line {
-        Some(_) => policy.audit.admit(now_ms),
-        None => (policy.audit.flush(now_ms), false),
-    });
-    let Some((summary, log_line)) = admitted else {
+/// Logs an audit line through the per-second cap (the line is only built when it is logged),
+/// and any summary the cap owes.
+fn audit(ctx: &Context, now_ms: u64, line: impl FnOnce() -> String) {
+    let Some((summary, log_line)) = STATE.with(|policy| policy.audit.admit(now_ms)) else {
         return;
     };
     if let Some(summary) = summary {
         ffi::log(ctx, LogLevel::Notice, &summary);
     }
-    if let (true, Some(line)) = (log_line, line) {
-        ffi::log(ctx, LogLevel::Notice, &line);
+    if log_line {
+        ffi::log(ctx, LogLevel::Notice, &line());
+    }
+}
+
+/// Logs the summary the audit cap owes for a finished second, if any.
+fn flush_audit(ctx: &Context, now_ms: u64) {
+    if let Some(summary) = STATE.with(|policy| policy.audit.flush(now_ms)).flatten() {
+        ffi::log(ctx, LogLevel::Notice, &summary);
     }
 }
 
@@ -246,7 +255,7 @@ fn tick(ctx: &Context) {
     let started_us = monotonic_us();
     let now_ms = monotonic_ms();
     close_callers_whose_reply_is_out(ctx);
-    audit(ctx, None, now_ms);
+    flush_audit(ctx, now_ms);
 
     let observe_only = STATE
         .with(|policy| {
