@@ -67,8 +67,11 @@ fn tracking_sources_of(ctx: &Context, target: u64, now_ms: u64) -> Vec<u64> {
 pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
     let now_ms = monotonic_ms();
     STATE.with(|policy| {
-        // Connections come and go all the time on a busy server: a cheap moment to sample load.
-        policy.observe_load(monotonic_us(), ffi::thread_cpu_us());
+        // Connections come and go all the time on a busy server: a moment to sample load, for
+        // adaptive pacing only (the system call is not free on a connection-churn path).
+        if policy.settings.adaptive_pacing {
+            policy.observe_load(monotonic_us(), ffi::thread_cpu_us());
+        }
         if connected {
             policy.on_connect(client_id, monotonic_ms_ceil());
         } else {
