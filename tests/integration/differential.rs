@@ -61,11 +61,7 @@ fn build_population(server: &Server) -> Population {
 
 fn prepare(server: &Server) -> redis::Connection {
     let mut admin = server.conn();
-    run::<()>(
-        &mut admin,
-        &["ACL", "SETUSER", "alice", "on", ">pw", "~*", "&*", "+@all"],
-    )
-    .unwrap();
+    create_user(&mut admin, "alice", &["+@all"]);
     admin
 }
 

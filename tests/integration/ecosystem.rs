@@ -157,18 +157,14 @@ fn compat_keeps_acl_on_the_original_command() {
         ("no-module", &["+@all", "-maxage.clientkill"][..]),
         ("both", &["+@all"][..]),
     ] {
-        let mut words = vec!["ACL", "SETUSER", user, "on", ">pw", "~*", "&*"];
-        words.extend_from_slice(rules);
-        run::<()>(&mut admin, &words).unwrap();
+        create_user(&mut admin, user, rules);
     }
     for user in ["no-client-kill", "no-module"] {
-        let mut conn = server.conn();
-        run::<()>(&mut conn, &["AUTH", user, "pw"]).unwrap();
+        let mut conn = login(&server, user);
         let error = error_of(&mut conn, &["CLIENT", "KILL", "MAXAGE", "1000"]);
         assert!(error.starts_with("NOPERM"), "{user}: {error}");
     }
-    let mut allowed = server.conn();
-    run::<()>(&mut allowed, &["AUTH", "both", "pw"]).unwrap();
+    let mut allowed = login(&server, "both");
     assert_eq!(
         run::<i64>(&mut allowed, &["CLIENT", "KILL", "MAXAGE", "1000"]).unwrap(),
         0

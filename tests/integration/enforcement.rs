@@ -176,11 +176,7 @@ fn exempt_users_names_and_no_evict_clients_survive() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.admin();
-        run::<()>(
-            &mut admin,
-            &["ACL", "SETUSER", "ops", "on", ">pw", "~*", "&*", "+@all"],
-        )
-        .unwrap();
+        create_user(&mut admin, "ops", &["+@all"]);
         set(&mut admin, "maxage.exempt-users", "ops");
         set(&mut admin, "maxage.exempt-names", "monitoring-* backup");
         let mut monitoring = server.idle_socket();
@@ -474,11 +470,7 @@ fn rules_give_each_class_its_own_max_age() {
             .module_args(&["jitter-pct", "0"])
             .start();
         let mut admin = server.admin();
-        run::<()>(
-            &mut admin,
-            &["ACL", "SETUSER", "fast", "on", ">pw", "~*", "&*", "+@all"],
-        )
-        .unwrap();
+        create_user(&mut admin, "fast", &["+@all"]);
         run::<()>(
             &mut admin,
             &[

@@ -249,24 +249,8 @@ fn every_command_and_the_compat_form_need_acl_permission() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.conn();
-        run::<()>(
-            &mut admin,
-            &[
-                "ACL",
-                "SETUSER",
-                "app",
-                "on",
-                ">pw",
-                "~*",
-                "&*",
-                "+@read",
-                "+@write",
-                "+client|kill",
-            ],
-        )
-        .unwrap();
-        let mut app = server.conn();
-        run::<()>(&mut app, &["AUTH", "app", "pw"]).unwrap();
+        create_user(&mut admin, "app", &["+@read", "+@write", "+client|kill"]);
+        let mut app = login(&server, "app");
         for command in [
             &["MAXAGE.KILL", "MAXAGE", "1"][..],
             &["MAXAGE.LIST"][..],

@@ -496,3 +496,18 @@ pub fn redis_cli(args: &[&str]) -> String {
         .expect("redis-cli");
     String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
+
+/// Creates (or updates) ACL user `name` with password `pw`, all keys and channels, and `rules`
+/// (e.g. `["+@all", "-maxage.kill"]`).
+pub fn create_user(admin: &mut redis::Connection, name: &str, rules: &[&str]) {
+    let mut words = vec!["ACL", "SETUSER", name, "on", ">pw", "~*", "&*"];
+    words.extend_from_slice(rules);
+    run::<()>(admin, &words).unwrap_or_else(|e| panic!("ACL SETUSER {name}: {e}"));
+}
+
+/// A connection authenticated as a user made by `create_user`.
+pub fn login(server: &Server, name: &str) -> redis::Connection {
+    let mut conn = server.conn();
+    run::<()>(&mut conn, &["AUTH", name, "pw"]).unwrap_or_else(|e| panic!("AUTH {name}: {e}"));
+    conn
+}
