@@ -43,6 +43,13 @@ impl ListedClient {
             .map_or(self.addr.as_str(), |(ip, _)| ip)
     }
 
+    /// The least the client's age can be. `age=` is the server's cached whole-second clock minus
+    /// the whole second the client connected in, so it can be up to a second more than the
+    /// real age (connected at x.9 s, asked at (x+1).0 s: `age=1`).
+    pub fn lower_bound_age_ms(&self) -> u64 {
+        self.age_s.saturating_sub(1) * 1000
+    }
+
     pub fn has_flag(&self, flag: char) -> bool {
         self.flags.contains(flag)
     }
@@ -113,6 +120,7 @@ mod tests {
         assert_eq!(client.fd, 8);
         assert_eq!(client.name, "web-1");
         assert_eq!((client.age_s, client.idle_s), (12, 3));
+        assert_eq!(client.lower_bound_age_ms(), 11_000);
         assert_eq!(client.db, 2);
         assert_eq!(client.qbuf, 26);
         assert_eq!(client.user, "default");

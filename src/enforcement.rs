@@ -117,9 +117,11 @@ pub fn disarm() {
 }
 
 pub fn on_wakeup(ctx: &Context) {
+    let started_us = monotonic_us();
     ARMED.with(|armed| *armed = None);
     tick(ctx);
     rearm(monotonic_ms());
+    stats::LONGEST_WAKEUP_US.fetch_max(monotonic_us() - started_us, Ordering::Relaxed);
 }
 
 /// `CLIENT LIST`, or `CLIENT LIST ID ...` for just the given clients.
@@ -294,7 +296,7 @@ fn tick(ctx: &Context) {
                 let age_ms = policy
                     .registry
                     .get(*client_id)
-                    .map_or(client.age_s * 1000, |c| c.age_ms(now_ms));
+                    .map_or(client.lower_bound_age_ms(), |c| c.age_ms(now_ms));
                 (policy.decide(client, moment, now_ms), age_ms)
             }) else {
                 continue;
@@ -350,8 +352,8 @@ fn tick(ctx: &Context) {
 }
 
 /// Seeds the registry with the clients that were connected before the module loaded. Their
-/// connect time comes from `age=` (whole seconds, rounded down, so a seeded client is never
-/// thought older than it is) and is marked approximate.
+/// connect time comes from `age=` and is marked approximate; it is taken at its lower bound,
+/// so a seeded client is never thought older than it is.
 pub fn seed_existing_clients(ctx: &Context) -> usize {
     let now_ms = monotonic_ms();
     let listed = list_clients(ctx, None);
@@ -359,7 +361,7 @@ pub fn seed_existing_clients(ctx: &Context) -> usize {
         .with(|policy| {
             for client in &listed {
                 if !policy.registry.contains(client.id) {
-                    let connected_at_ms = now_ms.saturating_sub(client.age_s * 1000);
+                    let connected_at_ms = now_ms.saturating_sub(client.lower_bound_age_ms());
                     policy.track(client.id, connected_at_ms, true);
                 }
             }

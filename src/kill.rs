@@ -82,7 +82,7 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
                 .into_iter()
                 .filter_map(|client| {
                     let tracked = policy.registry.get(client.id);
-                    let age_ms = tracked.map_or(client.age_s * 1000, |t| t.age_ms(now_ms));
+                    let age_ms = tracked.map_or(client.lower_bound_age_ms(), |t| t.age_ms(now_ms));
                     let candidate = filter::Candidate {
                         listed: &client,
                         age_ms,

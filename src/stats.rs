@@ -17,6 +17,9 @@ pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
 pub static SAFE_MOMENT_POLLS: AtomicU64 = AtomicU64::new(0);
 pub static PACING_DELAYS: AtomicU64 = AtomicU64::new(0);
 pub static COMPAT_KILLS: AtomicU64 = AtomicU64::new(0);
+/// The longest one wake-up has held the event loop, in microseconds (the server's own work of
+/// freeing the clients it closed comes after it, in the same pass).
+pub static LONGEST_WAKEUP_US: AtomicU64 = AtomicU64::new(0);
 
 pub fn count_retirement(reason: Reason, observe_only: bool) {
     let counter = match (observe_only, reason) {
@@ -95,6 +98,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("safe_moment_polls", get(&SAFE_MOMENT_POLLS));
     info.field_u64("pacing_delays", get(&PACING_DELAYS));
     info.field_u64("compat_client_kill_calls", get(&COMPAT_KILLS));
+    info.field_u64("longest_wakeup_us", get(&LONGEST_WAKEUP_US));
     info.field_u64("clients_in_grace", in_grace);
     info.field_u64("clients_delayed_by_pacing", due);
     info.field_u64("oldest_client_age_ms", oldest.unwrap_or(0));

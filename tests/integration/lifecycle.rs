@@ -12,7 +12,7 @@ fn runtime_load_seeds_existing_clients_with_approximate_ages() {
         let server = Server::builder(flavor).without_module().start();
         let mut early = server.idle_socket();
         let early_id = raw_client_id(&mut early);
-        sleep(Duration::from_millis(2100));
+        sleep(Duration::from_millis(3100));
         let mut admin = server.conn();
         let module = module_path();
         run::<()>(&mut admin, &["MODULE", "LOAD", module.to_str().unwrap()]).unwrap();
@@ -31,9 +31,10 @@ fn runtime_load_seeds_existing_clients_with_approximate_ages() {
             fields[at + 1].clone()
         };
         assert_eq!(value("age-approximate"), redis::Value::Int(1), "{flavor:?}");
-        // age= is whole seconds, rounded down: never older than the truth.
+        // age= is whole seconds and can run a second ahead: seeded at its lower bound, a client
+        // is never thought older than it is (3.1 s here).
         match value("age-ms") {
-            redis::Value::Int(ms) => assert!((2000..3000).contains(&ms), "{flavor:?} {ms}"),
+            redis::Value::Int(ms) => assert!((2000..3200).contains(&ms), "{flavor:?} {ms}"),
             other => panic!("{other:?}"),
         }
         // A seeded client is killable by age like any other.
