@@ -142,28 +142,6 @@ pub fn log(ctx: &Context, level: LogLevel, message: &str) {
 // ---------------------------------------------------------------------------------------------
 // Clients.
 
-pub const CLIENT_FLAG_PUBSUB: u64 = raw::REDISMODULE_CLIENTINFO_FLAG_PUBSUB as u64;
-pub const CLIENT_FLAG_BLOCKED: u64 = raw::REDISMODULE_CLIENTINFO_FLAG_BLOCKED as u64;
-pub const CLIENT_FLAG_MULTI: u64 = raw::REDISMODULE_CLIENTINFO_FLAG_MULTI as u64;
-
-/// The fields of `RedisModuleClientInfo` version 1 the module uses.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientInfo {
-    pub flags: u64,
-}
-
-/// `None` when no client has this id (any more).
-pub fn client_info(client_id: u64) -> Option<ClientInfo> {
-    // SAFETY: an all-zero RedisModuleClientInfoV1 is a valid value (integers and a char array).
-    let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };
-    info.version = 1;
-    // SAFETY: `info` is a version-1 struct as the call expects; the server only writes into it.
-    let status = unsafe {
-        raw::RedisModule_GetClientInfoById.unwrap()(ptr::addr_of_mut!(info).cast(), client_id)
-    };
-    (status == raw::REDISMODULE_OK as c_int).then_some(ClientInfo { flags: info.flags })
-}
-
 /// Closes a client the way the server frees clients asynchronously: after the current command,
 /// in the same event-loop pass. Returns false if there is no such client.
 pub fn close_client(ctx: &Context, client_id: u64) -> bool {
@@ -407,12 +385,6 @@ fn reply_raw(ctx: *mut raw::RedisModuleCtx, value: &Reply) {
             }
         }
     }
-}
-
-pub fn reply_error(ctx: &Context, message: &str) {
-    let message = CString::new(message.replace(['\r', '\n', '\0'], " ")).unwrap_or_default();
-    // SAFETY: `message` is a valid C string for the duration of the call.
-    unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx.ctx, message.as_ptr()) };
 }
 
 // ---------------------------------------------------------------------------------------------

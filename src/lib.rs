@@ -108,10 +108,6 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
             unsafe { redis_module::raw::RedisModule_DeauthenticateAndCloseClient }.is_some(),
         ),
         (
-            "GetClientInfoById",
-            unsafe { redis_module::raw::RedisModule_GetClientInfoById }.is_some(),
-        ),
-        (
             "SubscribeToServerEvent",
             unsafe { redis_module::raw::RedisModule_SubscribeToServerEvent }.is_some(),
         ),

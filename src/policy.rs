@@ -204,10 +204,10 @@ impl Policy {
 
     /// Applies new settings to every connected client at once.
     pub fn apply_settings(&mut self, settings: Settings, now_ms: u64) {
+        // A new rate or mode starts a fresh bucket; otherwise adaptive pacing keeps the rate it
+        // has reached.
         if settings.max_evictions_per_sec != self.settings.max_evictions_per_sec
             || settings.adaptive_pacing != self.settings.adaptive_pacing
-            || settings.max_evictions_per_sec != self.pacer.rate_per_sec()
-                && !settings.adaptive_pacing
         {
             self.pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
         }
@@ -437,10 +437,6 @@ impl Policy {
     /// Heap bytes of the per-client structures (registry and deadline queue).
     pub fn heap_bytes(&self) -> usize {
         self.registry.heap_bytes() + self.deadlines.heap_bytes()
-    }
-
-    pub fn scheduled_len(&self) -> usize {
-        self.deadlines.len()
     }
 }
 

@@ -126,11 +126,6 @@ impl Registry {
         self.len() == 0
     }
 
-    pub fn clear(&mut self) {
-        self.slots = Vec::new();
-        self.dead_slots = 0;
-    }
-
     /// Tracked clients in id order, which is connect order for clients seen connecting.
     pub fn iter(&self) -> impl Iterator<Item = TrackedClient> + '_ {
         self.slots
