@@ -35,10 +35,6 @@ fn percentile(sorted: &[Duration], pct: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn set(conn: &mut redis::Connection, name: &str, value: &str) {
-    run::<()>(conn, &["CONFIG", "SET", name, value]).unwrap_or_else(|e| panic!("{name}: {e}"));
-}
-
 /// The "done when": max-age 500, jitter 0: 50 idle clients, never sending a command,
 /// are closed between 500 and 505 ms (p99) after they connected.
 #[test]
@@ -47,8 +43,8 @@ fn idle_clients_are_closed_within_five_ms_of_their_deadline() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.admin();
-        set(&mut admin, "maxage.jitter-pct", "0");
-        set(&mut admin, "maxage.max-age-ms", "500");
+        config_set(&mut admin, "maxage.jitter-pct", "0");
+        config_set(&mut admin, "maxage.max-age-ms", "500");
         let mut lifetimes = lifetimes_of_idle_clients(&server, 50, Duration::from_secs(3));
         lifetimes.sort();
         let (min, p99, max) = (lifetimes[0], percentile(&lifetimes, 99.0), lifetimes[49]);
@@ -69,8 +65,8 @@ fn jitter_spreads_closes_over_the_window_and_none_is_late() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.admin();
-        set(&mut admin, "maxage.jitter-pct", "10");
-        set(&mut admin, "maxage.max-age-ms", "1000");
+        config_set(&mut admin, "maxage.jitter-pct", "10");
+        config_set(&mut admin, "maxage.max-age-ms", "1000");
         let mut lifetimes = lifetimes_of_idle_clients(&server, 50, Duration::from_secs(4));
         lifetimes.sort();
         let (min, max) = (lifetimes[0], lifetimes[49]);
@@ -96,7 +92,7 @@ fn multi_and_blocked_clients_finish_their_request_first() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.admin();
-        set(&mut admin, "maxage.grace-ms", "5000");
+        config_set(&mut admin, "maxage.grace-ms", "5000");
         let mut in_multi = server.idle_socket();
         raw_command(&mut in_multi, &["MULTI"]);
         raw_command(&mut in_multi, &["SET", "k", "v"]);
@@ -104,8 +100,8 @@ fn multi_and_blocked_clients_finish_their_request_first() {
         blocked.write_all_resp(&["BLPOP", "queue", "0"]);
         let mut idle = server.idle_socket();
         sleep(Duration::from_millis(100));
-        set(&mut admin, "maxage.jitter-pct", "0");
-        set(&mut admin, "maxage.max-age-ms", "200");
+        config_set(&mut admin, "maxage.jitter-pct", "0");
+        config_set(&mut admin, "maxage.max-age-ms", "200");
         assert!(
             wait_until(Duration::from_secs(2), || is_closed(&mut idle)),
             "{flavor:?}"
@@ -155,12 +151,12 @@ fn grace_runs_out_and_the_client_is_closed_anyway() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.admin();
-        set(&mut admin, "maxage.grace-ms", "300");
-        set(&mut admin, "maxage.jitter-pct", "0");
+        config_set(&mut admin, "maxage.grace-ms", "300");
+        config_set(&mut admin, "maxage.jitter-pct", "0");
         let started = Instant::now();
         let mut in_multi = server.idle_socket();
         raw_command(&mut in_multi, &["MULTI"]);
-        set(&mut admin, "maxage.max-age-ms", "200");
+        config_set(&mut admin, "maxage.max-age-ms", "200");
         assert!(wait_until(Duration::from_secs(3), || is_closed(
             &mut in_multi
         )));
@@ -177,8 +173,8 @@ fn exempt_users_names_and_no_evict_clients_survive() {
         let server = Server::start(flavor);
         let mut admin = server.admin();
         create_user(&mut admin, "ops", &["+@all"]);
-        set(&mut admin, "maxage.exempt-users", "ops");
-        set(&mut admin, "maxage.exempt-names", "monitoring-* backup");
+        config_set(&mut admin, "maxage.exempt-users", "ops");
+        config_set(&mut admin, "maxage.exempt-names", "monitoring-* backup");
         let mut monitoring = server.idle_socket();
         raw_command(&mut monitoring, &["CLIENT", "SETNAME", "monitoring-7"]);
         let mut ops = server.idle_socket();
@@ -187,7 +183,7 @@ fn exempt_users_names_and_no_evict_clients_survive() {
         raw_command(&mut no_evict, &["CLIENT", "NO-EVICT", "on"]);
         let mut web = server.idle_socket();
         raw_command(&mut web, &["CLIENT", "SETNAME", "web-1"]);
-        set(&mut admin, "maxage.max-age-ms", "200");
+        config_set(&mut admin, "maxage.max-age-ms", "200");
         assert!(
             wait_until(Duration::from_secs(2), || is_closed(&mut web)),
             "{flavor:?}"
@@ -205,7 +201,7 @@ fn exempt_users_names_and_no_evict_clients_survive() {
         }
         assert!(info_field(&mut admin, "maxage_exempted").unwrap() >= 3);
         // Taking no-evict out of the exempt types makes the limit hard for those clients.
-        set(&mut admin, "maxage.exempt-types", "master replica");
+        config_set(&mut admin, "maxage.exempt-types", "master replica");
         assert!(
             wait_until(Duration::from_secs(3), || is_closed(&mut no_evict)),
             "{flavor:?}"
@@ -287,7 +283,7 @@ fn observe_mode_closes_nothing_and_counts_everything() {
             .start();
         let mut admin = server.admin();
         let mut idle: Vec<TcpStream> = (0..10).map(|_| server.idle_socket()).collect();
-        set(&mut admin, "maxage.max-age-ms", "100");
+        config_set(&mut admin, "maxage.max-age-ms", "100");
         assert!(wait_until(Duration::from_secs(2), || {
             info_field(&mut admin, "maxage_observed_would_evict").unwrap_or(0) >= 10
         }));
@@ -299,7 +295,7 @@ fn observe_mode_closes_nothing_and_counts_everything() {
         );
         assert!(server.log().contains("would retire (observe mode)"));
         // Switching to enforce retires them.
-        set(&mut admin, "maxage.mode", "enforce");
+        config_set(&mut admin, "maxage.mode", "enforce");
         assert!(wait_until(Duration::from_secs(2), || idle
             .iter_mut()
             .all(is_closed)));
@@ -311,15 +307,15 @@ fn config_set_retimes_connected_clients() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.admin();
-        set(&mut admin, "maxage.jitter-pct", "0");
-        set(&mut admin, "maxage.max-age-ms", "60000");
+        config_set(&mut admin, "maxage.jitter-pct", "0");
+        config_set(&mut admin, "maxage.max-age-ms", "60000");
         let started = Instant::now();
         let mut idle = server.idle_socket();
         sleep(Duration::from_millis(200));
         assert!(!is_closed(&mut idle));
         assert!(info_field(&mut admin, "maxage_next_deadline_in_ms").unwrap() > 50_000);
         // Lowering the limit applies to clients already connected, counted from their connect.
-        set(&mut admin, "maxage.max-age-ms", "600");
+        config_set(&mut admin, "maxage.max-age-ms", "600");
         assert!(wait_until(Duration::from_secs(2), || is_closed(&mut idle)));
         let lived = started.elapsed();
         assert!(
@@ -327,7 +323,7 @@ fn config_set_retimes_connected_clients() {
             "{flavor:?} {lived:?}"
         );
         // Turning enforcement off stops it.
-        set(&mut admin, "maxage.max-age-ms", "0");
+        config_set(&mut admin, "maxage.max-age-ms", "0");
         let mut spared = server.idle_socket();
         sleep(Duration::from_millis(800));
         assert!(!is_closed(&mut spared));
@@ -345,9 +341,9 @@ fn a_mass_expiry_is_paced() {
     for flavor in BOTH {
         let server = Server::start(flavor);
         let mut admin = server.admin();
-        set(&mut admin, "maxage.max-evictions-per-sec", "1000");
+        config_set(&mut admin, "maxage.max-evictions-per-sec", "1000");
         let sockets: Vec<TcpStream> = (0..2000).map(|_| server.idle_socket()).collect();
-        set(&mut admin, "maxage.max-age-ms", "100");
+        config_set(&mut admin, "maxage.max-age-ms", "100");
         let started = Instant::now();
         let closes = close_times(&sockets, Duration::from_secs(6));
         assert_eq!(closes.len(), 2000, "{flavor:?}: not all retired");

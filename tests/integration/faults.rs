@@ -8,15 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-fn set(conn: &mut redis::Connection, name: &str, value: &str) {
-    run::<()>(conn, &["CONFIG", "SET", name, value]).unwrap_or_else(|e| panic!("{name}: {e}"));
-}
-
-fn registry_matches_client_list(admin: &mut redis::Connection) -> bool {
-    let listed = listed_ids(admin).len() as i64;
-    info_field(admin, "maxage_tracked_clients") == Some(listed)
-}
-
 #[test]
 fn debug_reload_and_restart_keep_the_module_working() {
     for flavor in BOTH {
@@ -28,7 +19,7 @@ fn debug_reload_and_restart_keep_the_module_working() {
         run::<()>(&mut admin, &["SET", "k", "v"]).unwrap();
         run::<()>(&mut admin, &["DEBUG", "RELOAD"]).unwrap();
         assert!(registry_matches_client_list(&mut admin), "{flavor:?}");
-        set(&mut admin, "maxage.max-age-ms", "400");
+        config_set(&mut admin, "maxage.max-age-ms", "400");
         let mut fresh = server.idle_socket();
         assert!(
             wait_until(Duration::from_secs(2), || is_closed(&mut fresh)),
@@ -62,7 +53,7 @@ fn client_pause_while_clients_fall_due() {
         let mut idle: Vec<TcpStream> = (0..10).map(|_| server.idle_socket()).collect();
         let mut writer = server.admin();
         run::<()>(&mut admin, &["CLIENT", "PAUSE", "1500", "WRITE"]).unwrap();
-        set(&mut admin, "maxage.max-age-ms", "300");
+        config_set(&mut admin, "maxage.max-age-ms", "300");
         assert!(
             wait_until(Duration::from_secs(2), || idle.iter_mut().all(is_closed)),
             "{flavor:?}"
@@ -129,7 +120,7 @@ fn at_maxclients_the_module_frees_room() {
         let stats: String = run(&mut admin, &["INFO", "stats"]).unwrap();
         assert!(!stats.contains("rejected_connections:0"), "{flavor:?}");
         assert!(registry_matches_client_list(&mut admin));
-        set(&mut admin, "maxage.max-age-ms", "300");
+        config_set(&mut admin, "maxage.max-age-ms", "300");
         assert!(wait_until(Duration::from_secs(3), || sockets
             .iter_mut()
             .all(is_closed)));
@@ -154,8 +145,8 @@ fn ten_thousand_clients_due_at_once() {
         assert!(wait_until(Duration::from_secs(5), || {
             info_field(&mut admin, "maxage_tracked_clients") == Some(10_001)
         }));
-        set(&mut admin, "maxage.max-evictions-per-sec", "0");
-        set(&mut admin, "maxage.max-age-ms", "100");
+        config_set(&mut admin, "maxage.max-evictions-per-sec", "0");
+        config_set(&mut admin, "maxage.max-age-ms", "100");
         let started = Instant::now();
         let mut worst_ping = Duration::ZERO;
         while info_field(&mut admin, "maxage_evicted_max_age").unwrap_or(0) < 10_000 {
@@ -191,7 +182,7 @@ fn unload_while_clients_are_in_grace() {
         let mut admin = server.admin();
         let mut in_multi = server.idle_socket();
         raw_command(&mut in_multi, &["MULTI"]);
-        set(&mut admin, "maxage.max-age-ms", "100");
+        config_set(&mut admin, "maxage.max-age-ms", "100");
         assert!(wait_until(Duration::from_secs(2), || {
             info_field(&mut admin, "maxage_clients_in_grace") == Some(1)
         }));

@@ -511,3 +511,14 @@ pub fn login(server: &Server, name: &str) -> redis::Connection {
     run::<()>(&mut conn, &["AUTH", name, "pw"]).unwrap_or_else(|e| panic!("AUTH {name}: {e}"));
     conn
 }
+
+/// `CONFIG SET name value`, which must succeed.
+pub fn config_set(conn: &mut redis::Connection, name: &str, value: &str) {
+    run::<()>(conn, &["CONFIG", "SET", name, value]).unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+/// The module's registry holds exactly the clients `CLIENT LIST` shows.
+pub fn registry_matches_client_list(admin: &mut redis::Connection) -> bool {
+    let listed = listed_ids(admin).len() as i64;
+    info_field(admin, "maxage_tracked_clients") == Some(listed)
+}
