@@ -15,13 +15,9 @@ use crate::policy::{Decision, Moment};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
 
-/// Closes per wake-up. The server frees closed clients at the end of the event-loop pass (about
-/// 14 us each, plus the kernel's work on each socket), so this bounds that stall too.
-const MAX_CLOSES_PER_TICK: usize = 8;
-/// Due clients looked up with one `CLIENT LIST ID ...` call.
+/// At most this many due clients are looked up with one `CLIENT LIST ID ...` call, and never
+/// more than twice what the pass may still close (a lookup costs a few microseconds a client).
 const LOOKUP_BATCH: usize = 16;
-/// Time one wake-up may spend before it yields to the event loop and continues next pass.
-const TICK_BUDGET_US: u64 = 300;
 
 lazy_static! {
     /// When the wake-up is armed for (monotonic ms), if it is.
@@ -67,11 +63,8 @@ fn tracking_sources_of(ctx: &Context, target: u64, now_ms: u64) -> Vec<u64> {
 pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
     let now_ms = monotonic_ms();
     STATE.with(|policy| {
-        // Connections come and go all the time on a busy server: a moment to sample load, for
-        // adaptive pacing only (the system call is not free on a connection-churn path).
-        if policy.settings.adaptive_pacing {
-            policy.observe_load(monotonic_us(), ffi::thread_cpu_us());
-        }
+        // Connections come and go all the time on a busy server: a moment to sample load.
+        policy.observe_load(monotonic_us(), ffi::event_loop_busy_us());
         if connected {
             policy.on_connect(client_id, monotonic_ms_ceil());
         } else {
@@ -86,9 +79,21 @@ pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
 /// Called after any `maxage.*` setting changes: re-times every connected client at once.
 pub fn on_settings_changed() {
     let now_ms = monotonic_ms();
+    let settings = config::snapshot();
+    // Before the module's init (settings from the config file) there is no context yet; init
+    // calls this again once there is.
+    if ffi::module_ctx_ready()
+        && !ffi::watch_event_loop(&ffi::module_ctx(), settings.adaptive_pacing)
+    {
+        ffi::log(
+            &ffi::module_ctx(),
+            LogLevel::Warning,
+            "maxage: cannot watch the event loop; adaptive pacing sees no load",
+        );
+    }
     STATE.with(|policy| {
-        policy.apply_settings(config::snapshot(), now_ms);
-        policy.observe_load(monotonic_us(), ffi::thread_cpu_us());
+        policy.apply_settings(settings, now_ms);
+        policy.observe_load(monotonic_us(), ffi::event_loop_busy_us());
     });
     rearm(now_ms);
 }
@@ -121,7 +126,10 @@ pub fn on_wakeup(ctx: &Context) {
     ARMED.with(|armed| *armed = None);
     tick(ctx);
     rearm(monotonic_ms());
-    stats::LONGEST_WAKEUP_US.fetch_max(monotonic_us() - started_us, Ordering::Relaxed);
+    let took_us = monotonic_us() - started_us;
+    stats::LONGEST_WAKEUP_US.fetch_max(took_us, Ordering::Relaxed);
+    stats::WAKEUPS.fetch_add(1, Ordering::Relaxed);
+    stats::WAKEUP_US_TOTAL.fetch_add(took_us, Ordering::Relaxed);
 }
 
 /// `CLIENT LIST`, or `CLIENT LIST ID ...` for just the given clients.
@@ -262,21 +270,22 @@ fn tick(ctx: &Context) {
     close_callers_whose_reply_is_out(ctx);
     flush_audit(ctx, now_ms);
 
-    let observe_only = STATE
-        .with(|policy| {
-            policy.observe_load(started_us, ffi::thread_cpu_us());
-            policy.settings.observe_only
-        })
-        .unwrap_or(false);
+    let Some((observe_only, budget)) = STATE.with(|policy| {
+        policy.observe_load(started_us, ffi::event_loop_busy_us());
+        (policy.settings.observe_only, policy.start_pass())
+    }) else {
+        return;
+    };
     let mut closed = 0;
     // Clients to look at again go back into the queue only after this pass, so that one asked
     // to be looked at "right after the next write" is not looked at again within this pass.
     let mut look_again: Vec<(u64, u64)> = Vec::new();
-    'batches: while closed < MAX_CLOSES_PER_TICK
-        && monotonic_us().saturating_sub(started_us) < TICK_BUDGET_US
+    'batches: while closed < budget.closes
+        && monotonic_us().saturating_sub(started_us) < budget.micros
     {
+        let lookups = LOOKUP_BATCH.min(2 * (budget.closes - closed));
         let batch = STATE
-            .with(|policy| policy.take_due(now_ms, LOOKUP_BATCH))
+            .with(|policy| policy.take_due(now_ms, lookups))
             .unwrap_or_default();
         if batch.is_empty() {
             break;
@@ -324,7 +333,7 @@ fn tick(ctx: &Context) {
                             continue;
                         }
                     }
-                    let paced_out = closed >= MAX_CLOSES_PER_TICK
+                    let paced_out = closed >= budget.closes
                         || !STATE
                             .with(|policy| {
                                 let overdue_ms = policy.overdue_ms(client, now_ms);

@@ -6,7 +6,7 @@
 use std::ffi::{CStr, CString, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
-use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
 
 use redis_module::{Context, raw};
 
@@ -35,19 +35,6 @@ pub fn no_unwind<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
 /// cannot make a connection look old. (`RedisModule_Microseconds` is missing on Redis 7.0.)
 pub fn monotonic_ms() -> u64 {
     monotonic_us() / 1000
-}
-
-/// CPU time (user + system) of the calling thread, in microseconds. Called on the server's
-/// main thread, it is the server's own busy time.
-pub fn thread_cpu_us() -> u64 {
-    // SAFETY: an all-zero rusage is a valid value; getrusage only writes into it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is valid and writable; RUSAGE_THREAD exists on Linux.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
-        return 0;
-    }
-    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    micros(usage.ru_utime) + micros(usage.ru_stime)
 }
 
 /// The current millisecond rounded up: a connect time taken with it is never earlier than the
@@ -107,6 +94,11 @@ fn free_detached(ctx: *mut raw::RedisModuleCtx) {
         // SAFETY: `ctx` came from GetDetachedThreadSafeContext and is freed exactly once (swapped out).
         unsafe { raw::RedisModule_FreeThreadSafeContext.unwrap()(ctx) };
     }
+}
+
+/// Whether `init_module_ctx` has run (config callbacks also fire before the module's init).
+pub fn module_ctx_ready() -> bool {
+    !MODULE_CTX.load(Ordering::Acquire).is_null()
 }
 
 /// The module's own context (null before load and after unload; logging accepts that).
@@ -226,6 +218,80 @@ pub fn subscribe_client_changes(ctx: &Context, handler: ClientChangeHandler) -> 
         raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.ctx, event, Some(on_client_change))
             == raw::REDISMODULE_OK as c_int
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event-loop busy time: the wall time the main thread spends between waking up from
+// `epoll_wait` and going back to it. A request that arrives meanwhile waits for the rest of that
+// stretch, so its share of wall time is the load clients feel. Unlike the thread's CPU time it
+// also counts the time the thread was runnable but preempted (a CPU-starved machine), which CPU
+// time reads as idle. Only watched with adaptive pacing: the server builds a module context for
+// every event it fires, twice per loop iteration.
+
+/// When the current busy stretch began (monotonic us), 0 while the loop sleeps.
+static AWAKE_SINCE_US: AtomicU64 = AtomicU64::new(0);
+/// Busy microseconds of every finished stretch since the module loaded.
+static BUSY_US_TOTAL: AtomicU64 = AtomicU64::new(0);
+static WATCHING_EVENT_LOOP: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C" fn on_event_loop(
+    _ctx: *mut raw::RedisModuleCtx,
+    _event: raw::RedisModuleEvent,
+    subevent: u64,
+    _data: *mut c_void,
+) {
+    // No allocation, no lock and nothing that can panic: this runs twice per loop iteration.
+    let now_us = monotonic_us();
+    if subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_AFTER_SLEEP {
+        AWAKE_SINCE_US.store(now_us, Ordering::Relaxed);
+    } else {
+        let since_us = AWAKE_SINCE_US.swap(0, Ordering::Relaxed);
+        if since_us != 0 {
+            BUSY_US_TOTAL.fetch_add(now_us.saturating_sub(since_us), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Starts or stops watching the event loop; false if the server refused.
+pub fn watch_event_loop(ctx: &Context, watch: bool) -> bool {
+    if WATCHING_EVENT_LOOP.load(Ordering::Relaxed) == watch {
+        return true;
+    }
+    if ctx.ctx.is_null() {
+        return false;
+    }
+    let event = raw::RedisModuleEvent {
+        id: raw::REDISMODULE_EVENT_EVENTLOOP,
+        dataver: 1,
+    };
+    let callback: raw::RedisModuleEventCallback = if watch { Some(on_event_loop) } else { None };
+    // SAFETY: `ctx` belongs to this module (a NULL callback unsubscribes); the callback has the
+    // signature the server calls. Never called from inside an event callback, so the server's
+    // listener list is not changed while it walks it.
+    let subscribed = unsafe {
+        raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.ctx, event, callback)
+            == raw::REDISMODULE_OK as c_int
+    };
+    if subscribed {
+        WATCHING_EVENT_LOOP.store(watch, Ordering::Relaxed);
+        AWAKE_SINCE_US.store(0, Ordering::Relaxed);
+    }
+    subscribed
+}
+
+/// Busy microseconds so far, including the stretch in progress (the caller is part of it).
+pub fn event_loop_busy_us() -> u64 {
+    let since_us = AWAKE_SINCE_US.load(Ordering::Relaxed);
+    let current = if since_us == 0 {
+        0
+    } else {
+        monotonic_us().saturating_sub(since_us)
+    };
+    BUSY_US_TOTAL.load(Ordering::Relaxed) + current
+}
+
+pub fn watching_event_loop() -> bool {
+    WATCHING_EVENT_LOOP.load(Ordering::Relaxed)
 }
 
 // ---------------------------------------------------------------------------------------------

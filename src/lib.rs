@@ -194,6 +194,7 @@ fn deinit(_ctx: &Context) -> Status {
     no_unwind("module unload", Status::Ok, || {
         enforcement::disarm();
         ffi::stop_wakeups();
+        ffi::watch_event_loop(&ffi::module_ctx(), false);
         state::STATE.with(|policy| {
             *policy = policy::Policy::new(config::snapshot(), 0, ffi::monotonic_ms())
         });

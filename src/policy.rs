@@ -10,7 +10,9 @@ use crate::client_list::ListedClient;
 use crate::config::Settings;
 use crate::filter::ClientType;
 use crate::registry::{Registry, TrackedClient};
-use crate::schedule::{DeadlineQueue, LoadGauge, Pacer, adaptive_rate, deadline_ms};
+use crate::schedule::{
+    DeadlineQueue, LoadGauge, Pacer, PassBudget, adaptive_rate, deadline_ms, pass_budget,
+};
 
 /// How often a client in the middle of a request is looked at again.
 pub const GRACE_POLL_MS: u64 = 10;
@@ -122,6 +124,9 @@ pub struct Policy {
     retire_early: HashSet<u64>,
     pub audit: AuditLimiter,
     seed: u64,
+    /// The last pass met a client past `max-overdue-ms`: the slack outranks the load, so
+    /// passes are full-size until one meets none.
+    behind_slack: bool,
 }
 
 impl Policy {
@@ -137,6 +142,7 @@ impl Policy {
             retire_early: HashSet::new(),
             audit: AuditLimiter::default(),
             seed,
+            behind_slack: false,
         }
     }
 
@@ -211,6 +217,9 @@ impl Policy {
         {
             self.pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
         }
+        if settings.adaptive_pacing != self.settings.adaptive_pacing {
+            self.load.reset();
+        }
         self.settings = settings;
         self.retime_all();
     }
@@ -251,7 +260,11 @@ impl Policy {
     /// Takes a pacing token for a retirement. A client overdue by `maxage.max-overdue-ms` or
     /// more needs none: pacing may delay a retirement, never by more than that slack.
     pub fn try_take_token(&mut self, now_ms: u64, overdue_ms: u64) -> bool {
-        overdue_ms >= self.settings.max_overdue_ms || self.pacer.try_take(now_ms)
+        if overdue_ms >= self.settings.max_overdue_ms {
+            self.behind_slack = true;
+            return true;
+        }
+        self.pacer.try_take(now_ms)
     }
 
     /// How late this client is past its own class deadline.
@@ -262,17 +275,26 @@ impl Policy {
             .map_or(0, |deadline| now_ms.saturating_sub(deadline))
     }
 
-    /// Feeds the main thread's CPU time; with adaptive pacing, sets the rate from the load.
-    pub fn observe_load(&mut self, now_us: u64, thread_cpu_us: u64) {
-        let utilization = self.load.sample(now_us, thread_cpu_us);
-        if self.settings.adaptive_pacing {
-            let rate = adaptive_rate(
-                self.settings.max_evictions_per_sec,
-                self.settings.min_evictions_per_sec,
-                utilization,
-            );
-            self.pacer.set_rate(rate, now_us / 1000);
+    /// Feeds the event loop's busy time; with adaptive pacing, sets the rate from the load.
+    pub fn observe_load(&mut self, now_us: u64, event_loop_busy_us: u64) {
+        if !self.settings.adaptive_pacing {
+            return;
         }
+        let busy_share = self.load.sample(now_us, event_loop_busy_us);
+        let rate = adaptive_rate(
+            self.settings.max_evictions_per_sec,
+            self.settings.min_evictions_per_sec,
+            busy_share,
+        );
+        self.pacer.set_rate(rate, now_us / 1000);
+    }
+
+    /// How much this wake-up may do: smaller the busier the loop (adaptive pacing), unless
+    /// clients are past the slack.
+    pub fn start_pass(&mut self) -> PassBudget {
+        let adaptive = self.settings.adaptive_pacing && !self.behind_slack;
+        self.behind_slack = false;
+        pass_budget(adaptive, self.load.busy_share())
     }
 
     /// The per-load seed of the jitter draws (to preview deadlines exactly).
@@ -280,8 +302,8 @@ impl Policy {
         self.seed
     }
 
-    pub fn utilization(&self) -> f64 {
-        self.load.utilization()
+    pub fn event_loop_busy_share(&self) -> f64 {
+        self.load.busy_share()
     }
 
     pub fn current_rate_per_sec(&self) -> u64 {
@@ -445,6 +467,7 @@ mod tests {
     use super::*;
     use crate::client_list::parse_client_line;
     use crate::config::{ExemptTypes, Patterns};
+    use crate::schedule::FULL_PASS;
 
     fn settings(max_age_ms: u64) -> Settings {
         Settings {
@@ -525,6 +548,27 @@ mod tests {
             }
         }
         assert!((100..=106).contains(&retired), "{retired}");
+    }
+
+    #[test]
+    fn busy_loop_shrinks_passes_until_the_slack_is_reached() {
+        let mut config = settings(100);
+        config.adaptive_pacing = true;
+        config.max_overdue_ms = 500;
+        let mut policy = Policy::new(config, 1, 0);
+        // A loop that never sleeps.
+        policy.observe_load(1_000_000, 0);
+        policy.observe_load(2_000_000, 1_000_000);
+        assert_eq!(policy.start_pass().closes, 1);
+        // A client past the slack needs no token and makes the next pass full-size.
+        assert!(policy.try_take_token(2_000, 500));
+        assert_eq!(policy.start_pass(), FULL_PASS);
+        // That pass met nobody past the slack: back to one close a pass.
+        assert_eq!(policy.start_pass().closes, 1);
+        let mut fixed = Policy::new(settings(100), 1, 0);
+        fixed.observe_load(1_000_000, 0);
+        fixed.observe_load(2_000_000, 1_000_000);
+        assert_eq!(fixed.start_pass(), FULL_PASS);
     }
 
     const IDLE: &str =

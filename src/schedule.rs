@@ -177,52 +177,89 @@ impl Pacer {
     }
 }
 
-/// How busy the server's main thread is: the share of wall time it spent on the CPU, smoothed.
-/// The module runs on that thread, so `getrusage(RUSAGE_THREAD)` there measures the server.
+/// How busy the server's event loop is: the share of wall time it spends awake (handling
+/// requests, timers and this module) rather than waiting in `epoll_wait`, smoothed.
 #[derive(Debug, Default, Clone)]
 pub struct LoadGauge {
     last_wall_us: u64,
-    last_cpu_us: u64,
-    /// 0.0 (idle) to 1.0 (saturated).
-    utilization: f64,
+    last_busy_us: u64,
+    /// 0.0 (idle) to 1.0 (never sleeps).
+    busy_share: f64,
 }
 
 /// Shorter windows than this are too noisy to take a sample from.
 const LOAD_WINDOW_US: u64 = 20_000;
 
 impl LoadGauge {
-    /// Feeds a sample; returns the smoothed utilization.
-    pub fn sample(&mut self, wall_us: u64, cpu_us: u64) -> f64 {
+    /// Feeds the wall clock and the loop's busy time so far; returns the smoothed busy share.
+    pub fn sample(&mut self, wall_us: u64, busy_us: u64) -> f64 {
         if self.last_wall_us == 0 {
-            (self.last_wall_us, self.last_cpu_us) = (wall_us, cpu_us);
-            return self.utilization;
+            (self.last_wall_us, self.last_busy_us) = (wall_us, busy_us);
+            return self.busy_share;
         }
         let wall = wall_us.saturating_sub(self.last_wall_us);
         if wall < LOAD_WINDOW_US {
-            return self.utilization;
+            return self.busy_share;
         }
-        let busy = (cpu_us.saturating_sub(self.last_cpu_us) as f64 / wall as f64).clamp(0.0, 1.0);
+        let busy = (busy_us.saturating_sub(self.last_busy_us) as f64 / wall as f64).clamp(0.0, 1.0);
         // Weigh the new window by its length against a time constant of about 100 ms.
         let weight = (wall as f64 / 100_000.0).min(1.0);
-        self.utilization += (busy - self.utilization) * weight;
-        (self.last_wall_us, self.last_cpu_us) = (wall_us, cpu_us);
-        self.utilization
+        self.busy_share += (busy - self.busy_share) * weight;
+        (self.last_wall_us, self.last_busy_us) = (wall_us, busy_us);
+        self.busy_share
     }
 
-    pub fn utilization(&self) -> f64 {
-        self.utilization
+    pub fn busy_share(&self) -> f64 {
+        self.busy_share
+    }
+
+    /// Forgets the history (the measurement starts or stops).
+    pub fn reset(&mut self) {
+        *self = Self::default();
     }
 }
 
 /// Load-aware pacing: the full rate when the server is idle, falling linearly to `min_rate`
-/// as the main thread approaches saturation. A rate of 0 (unlimited) stays unlimited.
-pub fn adaptive_rate(max_rate: u64, min_rate: u64, utilization: f64) -> u64 {
+/// as the event loop approaches saturation. A rate of 0 (unlimited) stays unlimited.
+pub fn adaptive_rate(max_rate: u64, min_rate: u64, busy_share: f64) -> u64 {
     if max_rate == 0 {
         return 0;
     }
     let floor = min_rate.clamp(1, max_rate);
-    let scaled = (max_rate as f64 * (1.0 - utilization.clamp(0.0, 1.0))).round() as u64;
+    let scaled = (max_rate as f64 * (1.0 - busy_share.clamp(0.0, 1.0))).round() as u64;
     scaled.clamp(floor, max_rate)
+}
+
+/// How much one wake-up may do before it hands the loop back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassBudget {
+    pub closes: usize,
+    pub micros: u64,
+}
+
+/// Fixed pacing: 8 closes or 300 us per wake-up. The server frees closed clients at the end of
+/// the loop iteration (about 14 us each plus the kernel's work on the socket), so this bounds
+/// that part of the stall too.
+pub const FULL_PASS: PassBudget = PassBudget {
+    closes: 8,
+    micros: 300,
+};
+
+/// Adaptive pacing also shrinks each wake-up as the loop gets busier, down to one close: every
+/// request that arrives during a wake-up waits for all of it, so on a busy server the worst
+/// latency follows the size of one pass, not the rate (a lower rate alone would only space the
+/// same stalls further apart). It shrinks with the square of the idle share, faster than the
+/// rate: the busier the loop, the more requests are already queued behind each pass.
+pub fn pass_budget(adaptive: bool, busy_share: f64) -> PassBudget {
+    if !adaptive {
+        return FULL_PASS;
+    }
+    let idle_share = 1.0 - busy_share.clamp(0.0, 1.0);
+    let room = idle_share * idle_share;
+    PassBudget {
+        closes: ((FULL_PASS.closes as f64 * room).round() as usize).max(1),
+        micros: ((FULL_PASS.micros as f64 * room).round() as u64).max(50),
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +274,35 @@ mod tests {
         assert_eq!(adaptive_rate(1000, 50, 1.0), 50);
         assert_eq!(adaptive_rate(1000, 5000, 0.5), 1000);
         assert_eq!(adaptive_rate(0, 50, 0.9), 0);
+    }
+
+    #[test]
+    fn pass_budget_shrinks_with_load_only_when_adaptive() {
+        assert_eq!(pass_budget(false, 0.99), FULL_PASS);
+        assert_eq!(pass_budget(true, 0.0), FULL_PASS);
+        assert_eq!(
+            pass_budget(true, 0.5),
+            PassBudget {
+                closes: 2,
+                micros: 75
+            }
+        );
+        assert_eq!(
+            pass_budget(true, 0.1),
+            PassBudget {
+                closes: 6,
+                micros: 243
+            }
+        );
+        assert_eq!(
+            pass_budget(true, 0.97),
+            PassBudget {
+                closes: 1,
+                micros: 50
+            }
+        );
+        assert_eq!(pass_budget(true, 7.0), pass_budget(true, 1.0));
+        assert_eq!(pass_budget(true, -1.0), FULL_PASS);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::audit::Reason;
-use crate::ffi::{InfoWriter, monotonic_ms};
+use crate::ffi::{self, InfoWriter, monotonic_ms, monotonic_us};
 use crate::state::STATE;
 
 pub static EVICTED_BY_MAX_AGE: AtomicU64 = AtomicU64::new(0);
@@ -20,6 +20,9 @@ pub static COMPAT_KILLS: AtomicU64 = AtomicU64::new(0);
 /// The longest one wake-up has held the event loop, in microseconds (the server's own work of
 /// freeing the clients it closed comes after it, in the same pass).
 pub static LONGEST_WAKEUP_US: AtomicU64 = AtomicU64::new(0);
+/// Wake-ups and the time they held the event loop in all: their mean is the typical stall.
+pub static WAKEUPS: AtomicU64 = AtomicU64::new(0);
+pub static WAKEUP_US_TOTAL: AtomicU64 = AtomicU64::new(0);
 
 pub fn count_retirement(reason: Reason, observe_only: bool) {
     let counter = match (observe_only, reason) {
@@ -40,6 +43,8 @@ pub fn write_info(info: &mut InfoWriter) {
     let now_ms = monotonic_ms();
     info.section(c"");
     let snapshot = STATE.with(|policy| {
+        // Nothing else reads the load while no client is due; INFO shows it as of now.
+        policy.observe_load(monotonic_us(), ffi::event_loop_busy_us());
         (
             policy.registry.len() as u64,
             policy.registry.iter().filter(|c| c.approximate).count() as u64,
@@ -56,7 +61,7 @@ pub fn write_info(info: &mut InfoWriter) {
             policy.next_deadline_ms(),
             policy.heap_bytes() as u64,
             policy.settings.clone(),
-            (policy.utilization() * 100.0).round() as u64,
+            (policy.event_loop_busy_share() * 100.0).round() as u64,
             policy.current_rate_per_sec(),
         )
     });
@@ -70,7 +75,7 @@ pub fn write_info(info: &mut InfoWriter) {
         next_deadline,
         heap_bytes,
         settings,
-        utilization_pct,
+        event_loop_busy_pct,
         rate_now,
     )) = snapshot
     else {
@@ -99,6 +104,8 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("pacing_delays", get(&PACING_DELAYS));
     info.field_u64("compat_client_kill_calls", get(&COMPAT_KILLS));
     info.field_u64("longest_wakeup_us", get(&LONGEST_WAKEUP_US));
+    info.field_u64("wakeups", get(&WAKEUPS));
+    info.field_u64("wakeup_us_total", get(&WAKEUP_US_TOTAL));
     info.field_u64("clients_in_grace", in_grace);
     info.field_u64("clients_delayed_by_pacing", due);
     info.field_u64("oldest_client_age_ms", oldest.unwrap_or(0));
@@ -132,7 +139,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("min_evictions_per_sec", settings.min_evictions_per_sec);
     info.field_u64("max_overdue_ms", settings.max_overdue_ms);
     info.field_u64("evictions_per_sec_now", rate_now);
-    info.field_u64("main_thread_utilization_pct", utilization_pct);
+    info.field_u64("event_loop_busy_pct", event_loop_busy_pct);
     info.field_str("rules", &crate::config::RULES.current());
     info.field_str("exempt_types", &crate::config::EXEMPT_TYPES.current());
     info.field_str("exempt_users", &crate::config::EXEMPT_USERS.current());

@@ -439,6 +439,15 @@ fn info_and_log_show_every_retirement() {
         ] {
             assert!(info.contains(field), "{flavor:?} lacks {field}");
         }
+        // Twelve retirements took at least one wake-up, and the total holds the longest.
+        let wakeups = info_field(&mut admin, "maxage_wakeups").unwrap();
+        let total_us = info_field(&mut admin, "maxage_wakeup_us_total").unwrap();
+        let longest_us = info_field(&mut admin, "maxage_longest_wakeup_us").unwrap();
+        assert!(wakeups >= 1, "{flavor:?}");
+        assert!(
+            total_us >= longest_us,
+            "{flavor:?}: {total_us} < {longest_us}"
+        );
         let stats: String = run(&mut admin, &["INFO", "stats"]).unwrap();
         assert!(stats.contains("rejected_connections"));
     }
@@ -616,8 +625,9 @@ fn tracking_redirect_pairs_are_retired_together() {
     }
 }
 
-/// Adaptive pacing: while the main thread is busy the retirement rate falls towards its floor,
-/// and the slack (max-overdue-ms) still bounds how late anyone is retired.
+/// Adaptive pacing: while the event loop is busy the retirement rate falls towards its floor,
+/// the slack (max-overdue-ms) still bounds how late anyone is retired, and once the server is
+/// idle again the rate climbs back to the maximum.
 #[test]
 fn adaptive_pacing_slows_down_under_load_within_the_slack() {
     let _alone = exclusive();
@@ -660,7 +670,7 @@ fn adaptive_pacing_slows_down_under_load_within_the_slack() {
         let set_at = Instant::now();
         sleep(Duration::from_millis(1000));
         let retired_under_load = info_field(&mut admin, "maxage_evicted_max_age").unwrap();
-        let utilization = info_field(&mut admin, "maxage_main_thread_utilization_pct").unwrap();
+        let utilization = info_field(&mut admin, "maxage_event_loop_busy_pct").unwrap();
         let rate_now = info_field(&mut admin, "maxage_evictions_per_sec_now").unwrap();
         eprintln!(
             "{flavor:?}: {retired_under_load} retired in the first second under load, utilization {utilization}%, rate {rate_now}/s"
@@ -682,6 +692,27 @@ fn adaptive_pacing_slows_down_under_load_within_the_slack() {
         assert!(set_at.elapsed() < Duration::from_millis(4000), "{flavor:?}");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         busy.join().unwrap();
+
+        // Idle again: the reading falls and the rate climbs back to the maximum (1000/s)...
+        assert!(
+            wait_until(Duration::from_secs(3), || {
+                info_field(&mut admin, "maxage_evictions_per_sec_now").unwrap() >= 900
+            }),
+            "{flavor:?}: the rate stayed at {:?}/s",
+            info_field(&mut admin, "maxage_evictions_per_sec_now")
+        );
+        let busy_now = info_field(&mut admin, "maxage_event_loop_busy_pct").unwrap();
+        assert!(busy_now < 30, "{flavor:?}: still {busy_now}% busy");
+        // ...so a new batch that falls due at once is retired at full speed (300 at 1000/s).
+        let mut fresh: Vec<TcpStream> = (0..300).map(|_| server.idle_socket()).collect();
+        let opened_at = Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(3), || fresh.iter_mut().all(is_closed)),
+            "{flavor:?}"
+        );
+        let took = opened_at.elapsed();
+        eprintln!("{flavor:?}: 300 idle clients retired {took:?} after connecting, server idle");
+        assert!(took < Duration::from_millis(1500), "{flavor:?}: {took:?}");
     }
 }
 

@@ -186,16 +186,34 @@ fn settings_in_the_config_file_apply_at_startup() {
         let server = Server::builder(flavor)
             .config("maxage.max-age-ms 123456")
             .config("maxage.exempt-users \"ops-*\"")
+            .config("maxage.pacing adaptive")
             .start();
         let mut admin = server.conn();
         let value: Vec<String> = run(&mut admin, &["CONFIG", "GET", "maxage.max-age-ms"]).unwrap();
         assert_eq!(value[1], "123456", "{flavor:?}");
         assert_eq!(info_field(&mut admin, "maxage_max_age_ms"), Some(123_456));
+        // Settings from the file are applied before the module's init has a context; adaptive
+        // pacing must still be measuring the event loop once the server runs.
+        let _: i64 = run(
+            &mut admin,
+            &[
+                "EVAL",
+                "local i = 0 while i < 20000000 do i = i + 1 end return 1",
+                "0",
+            ],
+        )
+        .unwrap();
+        let busy = info_field(&mut admin, "maxage_event_loop_busy_pct").unwrap();
+        assert!(
+            busy >= 20,
+            "{flavor:?}: event loop {busy}% busy after a long script"
+        );
     }
 }
 
-/// 100 unload/load cycles with clients connected and enforcement on: no crash, no leak (RSS
-/// flat), and after every load the registry holds exactly the connected clients.
+/// 100 unload/load cycles with clients connected and enforcement on (fixed and adaptive pacing
+/// in turn): no crash, no leak (RSS flat), and after every load the registry holds exactly the
+/// connected clients.
 #[test]
 fn a_hundred_unload_load_cycles() {
     for flavor in BOTH {
@@ -216,9 +234,20 @@ fn a_hundred_unload_load_cycles() {
         let (mut rss_after_warmup, mut memory_after_warmup) = (0, 0);
         for cycle in 1..=100 {
             run::<()>(&mut admin, &["MODULE", "UNLOAD", "maxage"]).unwrap();
+            // Every other load watches the event loop (adaptive pacing): the server must drop
+            // that subscription with the module.
+            let pacing = if cycle % 2 == 0 { "fixed" } else { "adaptive" };
             run::<()>(
                 &mut admin,
-                &["MODULE", "LOAD", module, "max-age-ms", "60000"],
+                &[
+                    "MODULE",
+                    "LOAD",
+                    module,
+                    "max-age-ms",
+                    "60000",
+                    "pacing",
+                    pacing,
+                ],
             )
             .unwrap_or_else(|e| panic!("{flavor:?} cycle {cycle}: {e}"));
             assert!(
