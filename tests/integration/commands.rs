@@ -392,13 +392,12 @@ fn every_filter_and_not_form_on_both_servers() {
             let complement: BTreeSet<u64> = everyone.difference(&expected).copied().collect();
             assert_eq!(got, complement, "{flavor:?} {args:?}");
         }
-        let idle: BTreeSet<u64> = maxage_list_ids(&mut admin, &["IDLE", "1"])
+        // IDLE counts whole seconds and a slow machine may spend one on the cases above, so
+        // only a bound no client can reach here is timing-free.
+        let idle: BTreeSet<u64> = maxage_list_ids(&mut admin, &["IDLE", "3600"])
             .into_iter()
             .collect();
-        assert!(
-            idle.is_empty(),
-            "{flavor:?}: nobody has been idle a second yet"
-        );
+        assert!(idle.is_empty(), "{flavor:?}: nobody has been idle an hour");
         // SKIPME no on LIST is the default; on KILL the default spares the caller.
         assert_eq!(
             run::<i64>(&mut admin, &["MAXAGE.KILL", "DRYRUN"]).unwrap() as usize,
