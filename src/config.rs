@@ -214,6 +214,24 @@ impl Settings {
     pub fn enforcing(&self) -> bool {
         self.shortest_max_age_ms().is_some()
     }
+
+    /// `maxage.mode` as CONFIG GET spells it.
+    pub fn mode_name(&self) -> &'static str {
+        if self.observe_only {
+            "observe"
+        } else {
+            "enforce"
+        }
+    }
+
+    /// `maxage.pacing` as CONFIG GET spells it.
+    pub fn pacing_name(&self) -> &'static str {
+        if self.adaptive_pacing {
+            "adaptive"
+        } else {
+            "fixed"
+        }
+    }
 }
 
 pub fn current_mode() -> Mode {
@@ -291,6 +309,20 @@ fn numeric_settings() -> [NumericSetting; 6] {
     ]
 }
 
+/// One of two words, any case (as CONFIG SET takes enum values), or why not.
+fn parse_choice<T: Clone>(name: &str, value: &str, options: &[(&str, T); 2]) -> Result<T, String> {
+    options
+        .iter()
+        .find(|(word, _)| value.eq_ignore_ascii_case(word))
+        .map(|(_, choice)| choice.clone())
+        .ok_or_else(|| {
+            format!(
+                "argument {name}: '{value}' is not {} or {}",
+                options[0].0, options[1].0
+            )
+        })
+}
+
 fn parse_yes_no(value: &str) -> Option<bool> {
     match value.to_ascii_lowercase().as_str() {
         "yes" => Some(true),
@@ -343,29 +375,21 @@ pub fn apply_load_args(args: &[String]) -> Result<(), String> {
         }
         match name {
             "mode" => {
-                let mode = match value.to_ascii_lowercase().as_str() {
-                    "enforce" => Mode::enforce,
-                    "observe" => Mode::observe,
-                    _ => {
-                        return Err(format!(
-                            "argument mode: '{value}' is not enforce or observe"
-                        ));
-                    }
-                };
+                let mode = parse_choice(
+                    name,
+                    &value,
+                    &[("enforce", Mode::enforce), ("observe", Mode::observe)],
+                )?;
                 pending.push(Box::new(move || {
                     *MODE.lock().unwrap_or_else(|p| p.into_inner()) = mode;
                 }));
             }
             "pacing" => {
-                let pacing = match value.to_ascii_lowercase().as_str() {
-                    "fixed" => Pacing::fixed,
-                    "adaptive" => Pacing::adaptive,
-                    _ => {
-                        return Err(format!(
-                            "argument pacing: '{value}' is not fixed or adaptive"
-                        ));
-                    }
-                };
+                let pacing = parse_choice(
+                    name,
+                    &value,
+                    &[("fixed", Pacing::fixed), ("adaptive", Pacing::adaptive)],
+                )?;
                 pending.push(Box::new(move || {
                     *PACING.lock().unwrap_or_else(|p| p.into_inner()) = pacing;
                 }));

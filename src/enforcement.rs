@@ -11,7 +11,7 @@ use crate::audit::{Reason, RetiredClient, retirement_line};
 use crate::client_list::{ListedClient, parse_client_list};
 use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
-use crate::policy::{Decision, Moment};
+use crate::policy::{Decision, Moment, Policy};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
 
@@ -64,7 +64,7 @@ pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
     let now_ms = monotonic_ms();
     STATE.with(|policy| {
         // Connections come and go all the time on a busy server: a moment to sample load.
-        policy.observe_load(monotonic_us(), ffi::event_loop_busy_us());
+        sample_load(policy);
         if connected {
             policy.on_connect(client_id, monotonic_ms_ceil());
         } else {
@@ -93,9 +93,14 @@ pub fn on_settings_changed() {
     }
     STATE.with(|policy| {
         policy.apply_settings(settings, now_ms);
-        policy.observe_load(monotonic_us(), ffi::event_loop_busy_us());
+        sample_load(policy);
     });
     rearm(now_ms);
+}
+
+/// Feeds the event loop's busy time to adaptive pacing.
+pub fn sample_load(policy: &mut Policy) {
+    policy.observe_load(|| (monotonic_us(), ffi::event_loop_busy_us()));
 }
 
 /// Arms the wake-up for the policy's next one, unless it is already armed for no later.
@@ -271,7 +276,7 @@ fn tick(ctx: &Context) {
     flush_audit(ctx, now_ms);
 
     let Some((observe_only, budget)) = STATE.with(|policy| {
-        policy.observe_load(started_us, ffi::event_loop_busy_us());
+        sample_load(policy);
         (policy.settings.observe_only, policy.start_pass())
     }) else {
         return;

@@ -290,10 +290,6 @@ pub fn event_loop_busy_us() -> u64 {
     BUSY_US_TOTAL.load(Ordering::Relaxed) + current
 }
 
-pub fn watching_event_loop() -> bool {
-    WATCHING_EVENT_LOOP.load(Ordering::Relaxed)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Wake-ups. A timerfd in the server's own event loop rather than a module timer: the server
 // refuses MODULE UNLOAD while a module timer is pending, and enforcement always has one

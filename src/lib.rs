@@ -180,11 +180,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
         &format!(
             "maxage: loaded; {seeded} already-connected clients seeded from CLIENT LIST (ages approximate); max-age-ms={} mode={}",
             settings.max_age_ms,
-            if settings.observe_only {
-                "observe"
-            } else {
-                "enforce"
-            }
+            settings.mode_name()
         ),
     );
     Status::Ok

@@ -275,11 +275,14 @@ impl Policy {
             .map_or(0, |deadline| now_ms.saturating_sub(deadline))
     }
 
-    /// Feeds the event loop's busy time; with adaptive pacing, sets the rate from the load.
-    pub fn observe_load(&mut self, now_us: u64, event_loop_busy_us: u64) {
+    /// With adaptive pacing, samples `(now_us, event_loop_busy_us)` and sets the rate from the
+    /// load. Fixed pacing measures nothing, so the readings are only taken when needed (this
+    /// runs on every connect and disconnect).
+    pub fn observe_load(&mut self, readings: impl FnOnce() -> (u64, u64)) {
         if !self.settings.adaptive_pacing {
             return;
         }
+        let (now_us, event_loop_busy_us) = readings();
         let busy_share = self.load.sample(now_us, event_loop_busy_us);
         let rate = adaptive_rate(
             self.settings.max_evictions_per_sec,
@@ -557,8 +560,8 @@ mod tests {
         config.max_overdue_ms = 500;
         let mut policy = Policy::new(config, 1, 0);
         // A loop that never sleeps.
-        policy.observe_load(1_000_000, 0);
-        policy.observe_load(2_000_000, 1_000_000);
+        policy.observe_load(|| (1_000_000, 0));
+        policy.observe_load(|| (2_000_000, 1_000_000));
         assert_eq!(policy.start_pass().closes, 1);
         // A client past the slack needs no token and makes the next pass full-size.
         assert!(policy.try_take_token(2_000, 500));
@@ -566,8 +569,8 @@ mod tests {
         // That pass met nobody past the slack: back to one close a pass.
         assert_eq!(policy.start_pass().closes, 1);
         let mut fixed = Policy::new(settings(100), 1, 0);
-        fixed.observe_load(1_000_000, 0);
-        fixed.observe_load(2_000_000, 1_000_000);
+        fixed.observe_load(|| (1_000_000, 0));
+        fixed.observe_load(|| (2_000_000, 1_000_000));
         assert_eq!(fixed.start_pass(), FULL_PASS);
     }
 

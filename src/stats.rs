@@ -6,7 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::audit::Reason;
-use crate::ffi::{self, InfoWriter, monotonic_ms, monotonic_us};
+use crate::enforcement;
+use crate::ffi::{InfoWriter, monotonic_ms};
 use crate::state::STATE;
 
 pub static EVICTED_BY_MAX_AGE: AtomicU64 = AtomicU64::new(0);
@@ -44,7 +45,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.section(c"");
     let snapshot = STATE.with(|policy| {
         // Nothing else reads the load while no client is due; INFO shows it as of now.
-        policy.observe_load(monotonic_us(), ffi::event_loop_busy_us());
+        enforcement::sample_load(policy);
         (
             policy.registry.len() as u64,
             policy.registry.iter().filter(|c| c.approximate).count() as u64,
@@ -116,26 +117,12 @@ pub fn write_info(info: &mut InfoWriter) {
         "registry_bytes_per_client",
         heap_bytes.checked_div(tracked).unwrap_or(0),
     );
-    info.field_str(
-        "mode",
-        if settings.observe_only {
-            "observe"
-        } else {
-            "enforce"
-        },
-    );
+    info.field_str("mode", settings.mode_name());
     info.field_u64("max_age_ms", settings.max_age_ms);
     info.field_u64("jitter_pct", settings.jitter_pct);
     info.field_u64("max_evictions_per_sec", settings.max_evictions_per_sec);
     info.field_u64("grace_ms", settings.grace_ms);
-    info.field_str(
-        "pacing",
-        if settings.adaptive_pacing {
-            "adaptive"
-        } else {
-            "fixed"
-        },
-    );
+    info.field_str("pacing", settings.pacing_name());
     info.field_u64("min_evictions_per_sec", settings.min_evictions_per_sec);
     info.field_u64("max_overdue_ms", settings.max_overdue_ms);
     info.field_u64("evictions_per_sec_now", rate_now);
