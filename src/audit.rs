@@ -12,6 +12,8 @@ pub enum Reason {
     MaxAgeGraceExpired,
     /// `MAXAGE.KILL` (or the compatible `CLIENT KILL`).
     ManualKill,
+    /// Enforcement: the client reached the max age it asked for with `MAXAGE.SELF`.
+    ClientRequested,
 }
 
 impl Reason {
@@ -20,6 +22,7 @@ impl Reason {
             Reason::MaxAge => "max-age",
             Reason::MaxAgeGraceExpired => "max-age-after-grace",
             Reason::ManualKill => "manual",
+            Reason::ClientRequested => "client-requested",
         }
     }
 }

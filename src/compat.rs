@@ -8,10 +8,10 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use lazy_static::lazy_static;
-use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+use redis_module::{Context, RedisResult, RedisString, RedisValue};
 
-use crate::config::CLIENT_KILL_COMPAT;
-use crate::ffi;
+use crate::acl::{self, Needs};
+use crate::config;
 use crate::filter::{Command, parse_strict_i64};
 use crate::kill;
 use crate::state::MainThreadCell;
@@ -159,7 +159,7 @@ pub fn native_support() -> NativeKillSupport {
 
 /// The command filter: `CLIENT KILL <filters>` the server cannot answer goes to the module.
 pub fn rewrite_client_kill(filters: &[&[u8]]) -> Option<&'static str> {
-    if !CLIENT_KILL_COMPAT.load(Ordering::Relaxed) {
+    if !config::client_kill_compat() {
         return None;
     }
     NATIVE
@@ -172,14 +172,8 @@ pub fn rewrite_client_kill(filters: &[&[u8]]) -> Option<&'static str> {
 /// The user must be allowed the original `CLIENT KILL` as well as this command.
 pub fn compat_kill_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let filters = args.get(2..).unwrap_or_default();
-    let mut original: Vec<&[u8]> = vec![b"CLIENT", b"KILL"];
-    original.extend(filters.iter().map(RedisString::as_slice));
-    let caller_id = ffi::current_client_id(ctx);
-    if caller_id != 0 && !ffi::client_may_run(ctx, caller_id, &original) {
-        return Err(RedisError::Str(
-            "NOPERM this user has no permissions to run the 'client|kill' command",
-        ));
-    }
+    let original: Vec<&[u8]> = filters.iter().map(RedisString::as_slice).collect();
+    acl::require(ctx, Needs::ClientKill, &original)?;
     let filter = kill::parse_args(ctx, filters, Command::Kill)?;
     stats::COMPAT_KILLS.fetch_add(1, Ordering::Relaxed);
     kill::kill(ctx, &filter);

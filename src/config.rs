@@ -1,120 +1,353 @@
-//! The `maxage.*` settings: their defaults and bounds, validation, load arguments, and the
-//! parsed snapshot the enforcement policy works from.
+//! The `maxage.*` settings, from one table: name, kind, default, bounds and validator. The
+//! server registration (`ffi::register_settings`), the load arguments, `Settings` (the parsed
+//! snapshot the enforcement policy works from), INFO and `conf/maxage.conf` all follow it.
+//!
+//! Values are stored here and set only by the server's CONFIG machinery (CONFIG SET, config
+//! file lines, and the registered defaults). Load arguments become those registered defaults,
+//! so a value in the config file, which is what `CONFIG REWRITE` writes, wins over them after a
+//! restart, and `CONFIG REWRITE` leaves out exactly the settings still at the loaded value.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use lazy_static::lazy_static;
-use redis_module::configuration::ConfigurationContext;
-use redis_module::{ConfigurationValue, RedisError, RedisString};
 
 use crate::glob::glob_matches;
 use crate::rules::Rules;
 
-pub const MAX_AGE_MS_DEFAULT: i64 = 0;
-pub const MAX_AGE_MS_MIN: i64 = 0;
 /// Ten years: far beyond any sane lifetime, far below overflow when added to a timestamp.
 pub const MAX_AGE_MS_MAX: i64 = 315_360_000_000;
-pub const JITTER_PCT_DEFAULT: i64 = 10;
-pub const JITTER_PCT_MIN: i64 = 0;
-pub const JITTER_PCT_MAX: i64 = 100;
-pub const MAX_EVICTIONS_PER_SEC_DEFAULT: i64 = 1000;
-pub const MAX_EVICTIONS_PER_SEC_MIN: i64 = 0;
-pub const MAX_EVICTIONS_PER_SEC_MAX: i64 = 1_000_000;
-pub const MIN_EVICTIONS_PER_SEC_DEFAULT: i64 = 50;
-pub const MAX_OVERDUE_MS_DEFAULT: i64 = 60_000;
-pub const MAX_OVERDUE_MS_MIN: i64 = 0;
-pub const MAX_OVERDUE_MS_MAX: i64 = 86_400_000;
-pub const GRACE_MS_DEFAULT: i64 = 5000;
-pub const GRACE_MS_MIN: i64 = 0;
-pub const GRACE_MS_MAX: i64 = 3_600_000;
-pub const EXEMPT_TYPES_DEFAULT: &str = "master replica no-evict";
-pub const EXEMPT_USERS_DEFAULT: &str = "";
-pub const EXEMPT_NAMES_DEFAULT: &str = "";
-pub const RULES_DEFAULT: &str = "";
-pub const CLIENT_KILL_COMPAT_DEFAULT: bool = true;
 
-// Each `enum_configuration!` brings its own imports, so each lives in its own module.
-mod mode_setting {
-    use redis_module::enum_configuration;
-    enum_configuration! {
-        #[allow(non_camel_case_types)]
-        pub enum Mode {
-            enforce = 0,
-            observe = 1,
+/// What a setting holds and accepts.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Number {
+        default: i64,
+        min: i64,
+        max: i64,
+    },
+    Text {
+        default: &'static str,
+        validate: fn(&str) -> Result<(), String>,
+    },
+    Flag {
+        default: bool,
+    },
+    /// One of `options`; the value is the option's position.
+    Choice {
+        default: i32,
+        options: &'static [&'static str],
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SettingDef {
+    /// Without the `maxage.` prefix the server adds.
+    pub name: &'static str,
+    pub kind: Kind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    Number(i64),
+    Text(String),
+    Flag(bool),
+    Choice(i32),
+}
+
+/// Positions in `SETTINGS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Id {
+    MaxAgeMs = 0,
+    JitterPct,
+    MaxEvictionsPerSec,
+    MinEvictionsPerSec,
+    MaxOverdueMs,
+    GraceMs,
+    ExemptTypes,
+    ExemptUsers,
+    ExemptNames,
+    Rules,
+    ClientKillCompat,
+    Mode,
+    Pacing,
+}
+
+pub const MODE_OPTIONS: &[&str] = &["enforce", "observe"];
+pub const PACING_OPTIONS: &[&str] = &["fixed", "adaptive"];
+
+fn any_patterns(_: &str) -> Result<(), String> {
+    Ok(())
+}
+
+pub const SETTINGS: [SettingDef; 13] = [
+    SettingDef {
+        name: "max-age-ms",
+        kind: Kind::Number {
+            default: 0,
+            min: 0,
+            max: MAX_AGE_MS_MAX,
+        },
+    },
+    SettingDef {
+        name: "jitter-pct",
+        kind: Kind::Number {
+            default: 10,
+            min: 0,
+            max: 100,
+        },
+    },
+    SettingDef {
+        name: "max-evictions-per-sec",
+        kind: Kind::Number {
+            default: 1000,
+            min: 0,
+            max: 1_000_000,
+        },
+    },
+    SettingDef {
+        name: "min-evictions-per-sec",
+        kind: Kind::Number {
+            default: 50,
+            min: 1,
+            max: 1_000_000,
+        },
+    },
+    SettingDef {
+        name: "max-overdue-ms",
+        kind: Kind::Number {
+            default: 60_000,
+            min: 0,
+            max: 86_400_000,
+        },
+    },
+    SettingDef {
+        name: "grace-ms",
+        kind: Kind::Number {
+            default: 5000,
+            min: 0,
+            max: 3_600_000,
+        },
+    },
+    SettingDef {
+        name: "exempt-types",
+        kind: Kind::Text {
+            default: "master replica no-evict",
+            validate: |v| ExemptTypes::parse(v).map(|_| ()),
+        },
+    },
+    SettingDef {
+        name: "exempt-users",
+        kind: Kind::Text {
+            default: "",
+            validate: any_patterns,
+        },
+    },
+    SettingDef {
+        name: "exempt-names",
+        kind: Kind::Text {
+            // Sentinel reconnects to a server at most once a second and will not promote a
+            // replica whose link is down: with short max ages, retired sentinel links made
+            // half of the failovers tested fail (`-NOGOODSLAVE`).
+            default: "sentinel-*",
+            validate: any_patterns,
+        },
+    },
+    SettingDef {
+        name: "rules",
+        kind: Kind::Text {
+            default: "",
+            validate: |v| Rules::parse(v).map(|_| ()),
+        },
+    },
+    SettingDef {
+        name: "client-kill-compat",
+        kind: Kind::Flag { default: true },
+    },
+    SettingDef {
+        name: "mode",
+        kind: Kind::Choice {
+            default: 0,
+            options: MODE_OPTIONS,
+        },
+    },
+    SettingDef {
+        name: "pacing",
+        kind: Kind::Choice {
+            default: 0,
+            options: PACING_OPTIONS,
+        },
+    },
+];
+
+impl Kind {
+    pub fn default_value(&self) -> Value {
+        match *self {
+            Kind::Number { default, .. } => Value::Number(default),
+            Kind::Text { default, .. } => Value::Text(default.to_string()),
+            Kind::Flag { default } => Value::Flag(default),
+            Kind::Choice { default, .. } => Value::Choice(default),
         }
     }
-}
-pub use mode_setting::Mode;
 
-mod pacing_setting {
-    use redis_module::enum_configuration;
-    enum_configuration! {
-        #[allow(non_camel_case_types)]
-        pub enum Pacing {
-            fixed = 0,
-            adaptive = 1,
+    /// Checks a value the server hands over (it has already checked numbers against the
+    /// bounds and choices against the options; load arguments come through here too).
+    pub fn check(&self, value: &Value) -> Result<(), String> {
+        match (self, value) {
+            (Kind::Number { min, max, .. }, Value::Number(n)) => {
+                if n < min || n > max {
+                    Err(format!("{n} is out of range [{min}, {max}]"))
+                } else {
+                    Ok(())
+                }
+            }
+            (Kind::Text { validate, .. }, Value::Text(text)) => {
+                if text.chars().any(|c| c.is_control() && c != '\t') {
+                    return Err("the value contains a control character".to_string());
+                }
+                validate(text)
+            }
+            (Kind::Flag { .. }, Value::Flag(_)) => Ok(()),
+            (Kind::Choice { options, .. }, Value::Choice(i)) => usize::try_from(*i)
+                .ok()
+                .filter(|i| *i < options.len())
+                .map(|_| ())
+                .ok_or_else(|| "unknown option".to_string()),
+            _ => Err("wrong kind of value".to_string()),
         }
     }
+
+    /// Parses a load argument's value (bytes as the operator typed them).
+    pub fn parse(&self, raw: &[u8]) -> Result<Value, String> {
+        let text = std::str::from_utf8(raw).map_err(|_| "not valid UTF-8".to_string())?;
+        let value = match self {
+            Kind::Number { .. } => Value::Number(
+                crate::filter::parse_strict_i64(raw)
+                    .ok_or_else(|| format!("'{}' is not an integer", quoted(text)))?,
+            ),
+            Kind::Text { .. } => Value::Text(text.to_string()),
+            Kind::Flag { .. } => match text.to_ascii_lowercase().as_str() {
+                "yes" => Value::Flag(true),
+                "no" => Value::Flag(false),
+                _ => return Err(format!("'{}' is not yes or no", quoted(text))),
+            },
+            Kind::Choice { options, .. } => {
+                let position = options
+                    .iter()
+                    .position(|option| option.eq_ignore_ascii_case(text))
+                    .ok_or_else(|| {
+                        format!("'{}' is not one of {}", quoted(text), options.join(", "))
+                    })?;
+                Value::Choice(position as i32)
+            }
+        };
+        self.check(&value)?;
+        Ok(value)
+    }
 }
-pub use pacing_setting::Pacing;
 
-/// A string setting that refuses values its validator rejects (the old value stays).
-pub struct CheckedString {
-    value: Mutex<String>,
-    validate: fn(&str) -> Result<(), String>,
-}
-
-impl CheckedString {
-    fn new(default: &str, validate: fn(&str) -> Result<(), String>) -> Self {
-        Self {
-            value: Mutex::new(default.to_string()),
-            validate,
-        }
+/// A value quoted in an error or log line: control characters (NUL, CR, LF, ...) become `?`,
+/// so the text can neither end early nor forge a line, and long values are cut.
+pub fn quoted(text: &str) -> String {
+    const LONGEST: usize = 64;
+    let mut shown: String = text
+        .chars()
+        .take(LONGEST)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().count() > LONGEST {
+        shown.push_str("...");
     }
-
-    pub fn current(&self) -> String {
-        self.value.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn store(&self, value: &str) -> Result<(), String> {
-        (self.validate)(value)?;
-        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = value.to_string();
-        Ok(())
-    }
-}
-
-impl ConfigurationValue<RedisString> for CheckedString {
-    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
-        RedisString::create(None, self.current().as_str())
-    }
-
-    fn set(&self, _ctx: &ConfigurationContext, value: RedisString) -> Result<(), RedisError> {
-        let text = value
-            .try_as_str()
-            .map_err(|_| RedisError::Str("value is not valid UTF-8"))?;
-        self.store(text).map_err(RedisError::String)
-    }
+    shown
 }
 
 lazy_static! {
-    pub static ref MAX_AGE_MS: AtomicI64 = AtomicI64::new(MAX_AGE_MS_DEFAULT);
-    pub static ref JITTER_PCT: AtomicI64 = AtomicI64::new(JITTER_PCT_DEFAULT);
-    pub static ref MAX_EVICTIONS_PER_SEC: AtomicI64 = AtomicI64::new(MAX_EVICTIONS_PER_SEC_DEFAULT);
-    pub static ref GRACE_MS: AtomicI64 = AtomicI64::new(GRACE_MS_DEFAULT);
-    pub static ref MIN_EVICTIONS_PER_SEC: AtomicI64 = AtomicI64::new(MIN_EVICTIONS_PER_SEC_DEFAULT);
-    pub static ref MAX_OVERDUE_MS: AtomicI64 = AtomicI64::new(MAX_OVERDUE_MS_DEFAULT);
-    pub static ref PACING: Mutex<Pacing> = Mutex::new(Pacing::fixed);
-    pub static ref EXEMPT_TYPES: CheckedString =
-        CheckedString::new(EXEMPT_TYPES_DEFAULT, |v| ExemptTypes::parse(v).map(|_| ()));
-    pub static ref EXEMPT_USERS: CheckedString =
-        CheckedString::new(EXEMPT_USERS_DEFAULT, |_| Ok(()));
-    pub static ref EXEMPT_NAMES: CheckedString =
-        CheckedString::new(EXEMPT_NAMES_DEFAULT, |_| Ok(()));
-    pub static ref RULES: CheckedString =
-        CheckedString::new(RULES_DEFAULT, |v| Rules::parse(v).map(|_| ()));
-    pub static ref MODE: Mutex<Mode> = Mutex::new(Mode::enforce);
-    pub static ref CLIENT_KILL_COMPAT: AtomicBool = AtomicBool::new(CLIENT_KILL_COMPAT_DEFAULT);
+    /// The current value of every setting, in table order. Only the main thread sets them.
+    static ref VALUES: Mutex<Vec<Value>> =
+        Mutex::new(SETTINGS.iter().map(|def| def.kind.default_value()).collect());
+}
+
+fn values() -> std::sync::MutexGuard<'static, Vec<Value>> {
+    VALUES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The current value of setting `index` (the server's CONFIG GET).
+pub fn get(index: usize) -> Option<Value> {
+    values().get(index).cloned()
+}
+
+/// Stores a value for setting `index` after checking it; the old value stays on error.
+pub fn set(index: usize, value: Value) -> Result<(), String> {
+    let def = SETTINGS.get(index).ok_or("no such setting")?;
+    def.kind.check(&value)?;
+    if let Some(slot) = values().get_mut(index) {
+        *slot = value;
+    }
+    Ok(())
+}
+
+fn number(values: &[Value], id: Id) -> u64 {
+    match values.get(id as usize) {
+        Some(Value::Number(n)) => (*n).max(0) as u64,
+        _ => 0,
+    }
+}
+
+fn text(values: &[Value], id: Id) -> &str {
+    match values.get(id as usize) {
+        Some(Value::Text(text)) => text,
+        _ => "",
+    }
+}
+
+fn choice(values: &[Value], id: Id) -> i32 {
+    match values.get(id as usize) {
+        Some(Value::Choice(i)) => *i,
+        _ => 0,
+    }
+}
+
+pub fn client_kill_compat() -> bool {
+    matches!(
+        values().get(Id::ClientKillCompat as usize),
+        Some(Value::Flag(true))
+    )
+}
+
+/// The string settings as set, for INFO's effective-settings list.
+pub fn text_setting(id: Id) -> String {
+    text(&values(), id).to_string()
+}
+
+/// Parses `loadmodule ... name value [name value ...]` completely, so that a bad argument
+/// refuses the load and changes nothing. The result is each setting's default for this load:
+/// the load argument where one is given, the table's default otherwise.
+pub fn defaults_from_load_args(args: &[&[u8]]) -> Result<Vec<Value>, String> {
+    if !args.len().is_multiple_of(2) {
+        let last = String::from_utf8_lossy(args[args.len() - 1]);
+        return Err(format!(
+            "load arguments must be name/value pairs; '{}' has no value",
+            quoted(&last)
+        ));
+    }
+    let mut defaults: Vec<Value> = SETTINGS.iter().map(|d| d.kind.default_value()).collect();
+    for pair in args.chunks(2) {
+        let raw_name = String::from_utf8_lossy(pair[0]);
+        let name = raw_name.strip_prefix("maxage.").unwrap_or(&raw_name);
+        let Some(index) = SETTINGS
+            .iter()
+            .position(|def| def.name.eq_ignore_ascii_case(name))
+        else {
+            return Err(format!("unknown argument '{}'", quoted(&raw_name)));
+        };
+        let def = &SETTINGS[index];
+        defaults[index] = def
+            .kind
+            .parse(pair[1])
+            .map_err(|why| format!("argument {}: {why}", def.name))?;
+    }
+    Ok(defaults)
 }
 
 /// Which kinds of client `maxage.exempt-types` spares.
@@ -142,7 +375,8 @@ impl ExemptTypes {
                 "no-evict" => types.no_evict = true,
                 _ => {
                     return Err(format!(
-                        "unknown client type '{word}' (expected master, replica, pubsub, normal, monitor or no-evict)"
+                        "unknown client type '{}' (expected master, replica, pubsub, normal, monitor or no-evict)",
+                        quoted(word)
                     ));
                 }
             }
@@ -176,7 +410,7 @@ pub struct Settings {
     /// Adaptive pacing: the rate falls towards `min_evictions_per_sec` as the server gets busy.
     pub adaptive_pacing: bool,
     pub min_evictions_per_sec: u64,
-    /// A client overdue by this much is retired whatever the pacing (the slack).
+    /// A client held back by pacing this long is retired whatever the pacing (the slack).
     pub max_overdue_ms: u64,
     pub grace_ms: u64,
     pub exempt_types: ExemptTypes,
@@ -186,26 +420,25 @@ pub struct Settings {
     pub observe_only: bool,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
+impl Settings {
+    fn from_values(values: &[Value]) -> Self {
         Self {
-            max_age_ms: MAX_AGE_MS_DEFAULT as u64,
-            jitter_pct: JITTER_PCT_DEFAULT as u64,
-            max_evictions_per_sec: MAX_EVICTIONS_PER_SEC_DEFAULT as u64,
-            adaptive_pacing: false,
-            min_evictions_per_sec: MIN_EVICTIONS_PER_SEC_DEFAULT as u64,
-            max_overdue_ms: MAX_OVERDUE_MS_DEFAULT as u64,
-            grace_ms: GRACE_MS_DEFAULT as u64,
-            exempt_types: ExemptTypes::parse(EXEMPT_TYPES_DEFAULT).unwrap_or_default(),
-            exempt_users: Patterns::default(),
-            exempt_names: Patterns::default(),
-            rules: Rules::default(),
-            observe_only: false,
+            max_age_ms: number(values, Id::MaxAgeMs),
+            jitter_pct: number(values, Id::JitterPct),
+            max_evictions_per_sec: number(values, Id::MaxEvictionsPerSec),
+            adaptive_pacing: PACING_OPTIONS.get(choice(values, Id::Pacing) as usize)
+                == Some(&"adaptive"),
+            min_evictions_per_sec: number(values, Id::MinEvictionsPerSec),
+            max_overdue_ms: number(values, Id::MaxOverdueMs),
+            grace_ms: number(values, Id::GraceMs),
+            exempt_types: ExemptTypes::parse(text(values, Id::ExemptTypes)).unwrap_or_default(),
+            exempt_users: Patterns::parse(text(values, Id::ExemptUsers)),
+            exempt_names: Patterns::parse(text(values, Id::ExemptNames)),
+            rules: Rules::parse(text(values, Id::Rules)).unwrap_or_default(),
+            observe_only: MODE_OPTIONS.get(choice(values, Id::Mode) as usize) == Some(&"observe"),
         }
     }
-}
 
-impl Settings {
     /// The shortest max age any client can have, if enforcement is on at all.
     pub fn shortest_max_age_ms(&self) -> Option<u64> {
         self.rules.shortest_max_age_ms(self.max_age_ms)
@@ -217,204 +450,59 @@ impl Settings {
 
     /// `maxage.mode` as CONFIG GET spells it.
     pub fn mode_name(&self) -> &'static str {
-        if self.observe_only {
-            "observe"
-        } else {
-            "enforce"
-        }
+        MODE_OPTIONS[usize::from(self.observe_only)]
     }
 
     /// `maxage.pacing` as CONFIG GET spells it.
     pub fn pacing_name(&self) -> &'static str {
-        if self.adaptive_pacing {
-            "adaptive"
-        } else {
-            "fixed"
-        }
+        PACING_OPTIONS[usize::from(self.adaptive_pacing)]
     }
 }
 
-pub fn current_mode() -> Mode {
-    MODE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+impl Default for Settings {
+    fn default() -> Self {
+        let defaults: Vec<Value> = SETTINGS.iter().map(|d| d.kind.default_value()).collect();
+        Self::from_values(&defaults)
+    }
 }
 
-/// Reads every setting from the values the server's CONFIG machinery stores into.
+/// Reads every setting as currently set.
 pub fn snapshot() -> Settings {
-    let load = |v: &AtomicI64| v.load(Ordering::Relaxed).max(0) as u64;
-    Settings {
-        max_age_ms: load(&MAX_AGE_MS),
-        jitter_pct: load(&JITTER_PCT),
-        max_evictions_per_sec: load(&MAX_EVICTIONS_PER_SEC),
-        adaptive_pacing: matches!(
-            PACING.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            Pacing::adaptive
-        ),
-        min_evictions_per_sec: load(&MIN_EVICTIONS_PER_SEC),
-        max_overdue_ms: load(&MAX_OVERDUE_MS),
-        grace_ms: load(&GRACE_MS),
-        exempt_types: ExemptTypes::parse(&EXEMPT_TYPES.current()).unwrap_or_default(),
-        exempt_users: Patterns::parse(&EXEMPT_USERS.current()),
-        exempt_names: Patterns::parse(&EXEMPT_NAMES.current()),
-        rules: Rules::parse(&RULES.current()).unwrap_or_default(),
-        observe_only: matches!(current_mode(), Mode::observe),
-    }
-}
-
-/// What one numeric setting accepts.
-struct NumericSetting {
-    name: &'static str,
-    value: &'static AtomicI64,
-    min: i64,
-    max: i64,
-}
-
-fn numeric_settings() -> [NumericSetting; 6] {
-    [
-        NumericSetting {
-            name: "min-evictions-per-sec",
-            value: &MIN_EVICTIONS_PER_SEC,
-            min: MAX_EVICTIONS_PER_SEC_MIN,
-            max: MAX_EVICTIONS_PER_SEC_MAX,
-        },
-        NumericSetting {
-            name: "max-overdue-ms",
-            value: &MAX_OVERDUE_MS,
-            min: MAX_OVERDUE_MS_MIN,
-            max: MAX_OVERDUE_MS_MAX,
-        },
-        NumericSetting {
-            name: "max-age-ms",
-            value: &MAX_AGE_MS,
-            min: MAX_AGE_MS_MIN,
-            max: MAX_AGE_MS_MAX,
-        },
-        NumericSetting {
-            name: "jitter-pct",
-            value: &JITTER_PCT,
-            min: JITTER_PCT_MIN,
-            max: JITTER_PCT_MAX,
-        },
-        NumericSetting {
-            name: "max-evictions-per-sec",
-            value: &MAX_EVICTIONS_PER_SEC,
-            min: MAX_EVICTIONS_PER_SEC_MIN,
-            max: MAX_EVICTIONS_PER_SEC_MAX,
-        },
-        NumericSetting {
-            name: "grace-ms",
-            value: &GRACE_MS,
-            min: GRACE_MS_MIN,
-            max: GRACE_MS_MAX,
-        },
-    ]
-}
-
-/// One of two words, any case (as CONFIG SET takes enum values), or why not.
-fn parse_choice<T: Clone>(name: &str, value: &str, options: &[(&str, T); 2]) -> Result<T, String> {
-    options
-        .iter()
-        .find(|(word, _)| value.eq_ignore_ascii_case(word))
-        .map(|(_, choice)| choice.clone())
-        .ok_or_else(|| {
-            format!(
-                "argument {name}: '{value}' is not {} or {}",
-                options[0].0, options[1].0
-            )
-        })
-}
-
-fn parse_yes_no(value: &str) -> Option<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "yes" => Some(true),
-        "no" => Some(false),
-        _ => None,
-    }
-}
-
-/// Validates `loadmodule ... name value [name value ...]` completely before applying any of it,
-/// so a bad argument leaves every setting as it was. The error says which argument and why.
-pub fn apply_load_args(args: &[String]) -> Result<(), String> {
-    if !args.len().is_multiple_of(2) {
-        return Err(format!(
-            "load arguments must be name/value pairs; '{}' has no value",
-            args[args.len() - 1]
-        ));
-    }
-    let numeric = numeric_settings();
-    let mut pending: Vec<Box<dyn FnOnce()>> = Vec::new();
-    for pair in args.chunks(2) {
-        let (raw_name, value) = (pair[0].as_str(), pair[1].clone());
-        let name = raw_name.strip_prefix("maxage.").unwrap_or(raw_name);
-        if let Some(setting) = numeric.iter().find(|s| s.name == name) {
-            let number: i64 = value
-                .parse()
-                .map_err(|_| format!("argument {name}: '{value}' is not an integer"))?;
-            if number < setting.min || number > setting.max {
-                return Err(format!(
-                    "argument {name}: {number} is out of range [{}, {}]",
-                    setting.min, setting.max
-                ));
-            }
-            let target = setting.value;
-            pending.push(Box::new(move || target.store(number, Ordering::Relaxed)));
-            continue;
-        }
-        let checked: Option<&'static CheckedString> = match name {
-            "exempt-types" => Some(&EXEMPT_TYPES),
-            "exempt-users" => Some(&EXEMPT_USERS),
-            "exempt-names" => Some(&EXEMPT_NAMES),
-            "rules" => Some(&RULES),
-            _ => None,
-        };
-        if let Some(target) = checked {
-            (target.validate)(&value).map_err(|e| format!("argument {name}: {e}"))?;
-            pending.push(Box::new(move || {
-                let _ = target.store(&value);
-            }));
-            continue;
-        }
-        match name {
-            "mode" => {
-                let mode = parse_choice(
-                    name,
-                    &value,
-                    &[("enforce", Mode::enforce), ("observe", Mode::observe)],
-                )?;
-                pending.push(Box::new(move || {
-                    *MODE.lock().unwrap_or_else(|p| p.into_inner()) = mode;
-                }));
-            }
-            "pacing" => {
-                let pacing = parse_choice(
-                    name,
-                    &value,
-                    &[("fixed", Pacing::fixed), ("adaptive", Pacing::adaptive)],
-                )?;
-                pending.push(Box::new(move || {
-                    *PACING.lock().unwrap_or_else(|p| p.into_inner()) = pacing;
-                }));
-            }
-            "client-kill-compat" => {
-                let enabled = parse_yes_no(&value).ok_or_else(|| {
-                    format!("argument client-kill-compat: '{value}' is not yes or no")
-                })?;
-                pending.push(Box::new(move || {
-                    CLIENT_KILL_COMPAT.store(enabled, Ordering::Relaxed)
-                }));
-            }
-            _ => return Err(format!("unknown argument '{raw_name}'")),
-        }
-    }
-    pending.into_iter().for_each(|apply| apply());
-    Ok(())
+    Settings::from_values(&values())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|s| s.to_string()).collect()
+    fn args(words: &[&str]) -> Vec<Vec<u8>> {
+        words.iter().map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    fn defaults(words: &[Vec<u8>]) -> Result<Vec<Value>, String> {
+        let slices: Vec<&[u8]> = words.iter().map(Vec::as_slice).collect();
+        defaults_from_load_args(&slices)
+    }
+
+    #[test]
+    fn the_table_is_in_id_order() {
+        for (id, name) in [
+            (Id::MaxAgeMs, "max-age-ms"),
+            (Id::JitterPct, "jitter-pct"),
+            (Id::MaxEvictionsPerSec, "max-evictions-per-sec"),
+            (Id::MinEvictionsPerSec, "min-evictions-per-sec"),
+            (Id::MaxOverdueMs, "max-overdue-ms"),
+            (Id::GraceMs, "grace-ms"),
+            (Id::ExemptTypes, "exempt-types"),
+            (Id::ExemptUsers, "exempt-users"),
+            (Id::ExemptNames, "exempt-names"),
+            (Id::Rules, "rules"),
+            (Id::ClientKillCompat, "client-kill-compat"),
+            (Id::Mode, "mode"),
+            (Id::Pacing, "pacing"),
+        ] {
+            assert_eq!(SETTINGS[id as usize].name, name);
+        }
     }
 
     #[test]
@@ -439,37 +527,34 @@ mod tests {
         assert!(!Patterns::parse("").any_matches(""));
     }
 
-    // One test touches the process-wide settings, so the cases run in order inside it.
     #[test]
-    fn load_arguments_are_validated_before_anything_is_applied() {
+    fn load_arguments_are_validated_whole_and_become_defaults() {
         assert!(
-            apply_load_args(&strings(&["max-age-ms"]))
+            defaults(&args(&["max-age-ms"]))
                 .unwrap_err()
                 .contains("no value")
         );
         assert!(
-            apply_load_args(&strings(&["bogus", "1"]))
+            defaults(&args(&["bogus", "1"]))
                 .unwrap_err()
                 .contains("unknown argument 'bogus'")
         );
         assert!(
-            apply_load_args(&strings(&["jitter-pct", "101"]))
+            defaults(&args(&["jitter-pct", "101"]))
                 .unwrap_err()
                 .contains("out of range")
         );
         assert!(
-            apply_load_args(&strings(&["grace-ms", "soon"]))
+            defaults(&args(&["grace-ms", "soon"]))
                 .unwrap_err()
                 .contains("not an integer")
         );
-        assert!(apply_load_args(&strings(&["mode", "maybe"])).is_err());
-        assert!(apply_load_args(&strings(&["exempt-types", "robots"])).is_err());
-        assert!(apply_load_args(&strings(&["client-kill-compat", "perhaps"])).is_err());
-        // A good pair before a bad one must not be applied.
-        assert!(apply_load_args(&strings(&["max-age-ms", "777", "jitter-pct", "-1"])).is_err());
-        assert_eq!(MAX_AGE_MS.load(Ordering::Relaxed), MAX_AGE_MS_DEFAULT);
-
-        apply_load_args(&strings(&[
+        assert!(defaults(&args(&["mode", "maybe"])).is_err());
+        assert!(defaults(&args(&["exempt-types", "robots"])).is_err());
+        assert!(defaults(&args(&["client-kill-compat", "perhaps"])).is_err());
+        assert!(defaults(&args(&["max-age-ms", "777", "jitter-pct", "-1"])).is_err());
+        assert!(defaults(&args(&["max-age-ms", "18446744073709552000"])).is_err());
+        let parsed = defaults(&args(&[
             "max-age-ms",
             "300000",
             "maxage.jitter-pct",
@@ -480,22 +565,105 @@ mod tests {
             "monitoring-*",
         ]))
         .unwrap();
-        let settings = snapshot();
+        let settings = Settings::from_values(&parsed);
         assert_eq!(settings.max_age_ms, 300_000);
         assert_eq!(settings.jitter_pct, 0);
         assert!(settings.observe_only);
         assert!(settings.exempt_names.any_matches("monitoring-1"));
-        apply_load_args(&strings(&[
-            "max-age-ms",
-            "0",
-            "jitter-pct",
-            "10",
-            "mode",
-            "enforce",
-            "exempt-names",
-            "",
-        ]))
-        .unwrap();
+        assert_eq!(
+            Settings::from_values(&defaults(&[]).unwrap()),
+            Settings::default()
+        );
+    }
+
+    #[test]
+    fn arbitrary_bytes_are_refused_with_a_safe_message() {
+        for bad in [
+            &b"x\0"[..],
+            b"a\r\nb",
+            b"\xff\xfe",
+            "\u{100}".as_bytes(),
+            b"type:normal=18446744073709552",
+        ] {
+            for name in [
+                "exempt-types",
+                "exempt-users",
+                "rules",
+                "mode",
+                "max-age-ms",
+            ] {
+                let words = vec![name.as_bytes().to_vec(), bad.to_vec()];
+                if let Err(why) = defaults(&words) {
+                    assert!(!why.contains(['\0', '\r', '\n']), "{why:?}");
+                }
+            }
+        }
+        assert!(defaults(&[b"exempt-users".to_vec(), b"x\0".to_vec()]).is_err());
+        assert!(defaults(&[b"\0".to_vec(), b"1".to_vec()]).is_err());
+        let long = "é".repeat(10_000);
+        assert!(quoted(&long).chars().count() < 80);
+    }
+
+    /// `conf/maxage.conf` and the README's settings table list exactly the table's settings,
+    /// and the example states each default.
+    #[test]
+    fn the_example_config_and_the_readme_follow_the_table() {
+        let example = include_str!("../conf/maxage.conf");
+        let readme = include_str!("../README.md");
+        let in_example: Vec<(&str, &str)> = example
+            .lines()
+            .filter_map(|line| line.strip_prefix("maxage."))
+            .filter_map(|line| line.split_once(' '))
+            .collect();
+        assert_eq!(in_example.len(), SETTINGS.len(), "{in_example:?}");
+        for def in &SETTINGS {
+            let (_, value) = in_example
+                .iter()
+                .find(|(name, _)| *name == def.name)
+                .unwrap_or_else(|| panic!("conf/maxage.conf lacks {}", def.name));
+            let value = value.trim_matches('"');
+            let default = match def.kind.default_value() {
+                Value::Number(n) => n.to_string(),
+                Value::Text(text) => text,
+                Value::Flag(on) => if on { "yes" } else { "no" }.to_string(),
+                Value::Choice(i) => match def.kind {
+                    Kind::Choice { options, .. } => options[i as usize].to_string(),
+                    _ => unreachable!(),
+                },
+            };
+            assert_eq!(
+                value, default,
+                "default of {} in conf/maxage.conf",
+                def.name
+            );
+            assert!(
+                readme.contains(&format!("| `maxage.{}` |", def.name)),
+                "the README's settings table lacks maxage.{}",
+                def.name
+            );
+        }
+        let documented = readme
+            .lines()
+            .filter(|line| line.starts_with("| `maxage."))
+            .count();
+        assert_eq!(
+            documented,
+            SETTINGS.len(),
+            "README rows for unknown settings"
+        );
+    }
+
+    // The only test that stores into the process-wide values.
+    #[test]
+    fn set_checks_before_storing() {
+        let rules = Id::Rules as usize;
+        assert!(set(rules, Value::Text("type:normal=1000".to_string())).is_ok());
+        assert!(set(rules, Value::Text("type:normal=x".to_string())).is_err());
+        assert!(set(rules, Value::Text("user:a\0=1".to_string())).is_err());
+        assert_eq!(snapshot().rules.shortest_max_age_ms(0), Some(1000));
+        assert!(set(Id::JitterPct as usize, Value::Number(101)).is_err());
+        assert!(set(Id::Mode as usize, Value::Choice(2)).is_err());
+        assert!(set(rules, Value::Text(String::new())).is_ok());
         assert_eq!(snapshot(), Settings::default());
     }
 }

@@ -113,7 +113,11 @@ struct CommandDoc {
     complexity: &'static str,
     arity: c_int,
     args: Vec<Arg>,
+    tips: &'static str,
 }
+
+/// Commands about every connection of a server: a cluster client sends them to every node.
+const ALL_NODES: &str = "nondeterministic_output request_policy:all_nodes";
 
 fn command_docs() -> Vec<CommandDoc> {
     vec![
@@ -122,6 +126,7 @@ fn command_docs() -> Vec<CommandDoc> {
             summary: "Closes the client connections that match all the given CLIENT KILL filters (plus MAXAGE-MS, LIMIT, DRYRUN), oldest first.",
             complexity: "O(N) where N is the number of client connections",
             arity: -2,
+            tips: ALL_NODES,
             args: vec![
                 arg("filter", Kind::OneOf, None)
                     .multiple()
@@ -133,6 +138,7 @@ fn command_docs() -> Vec<CommandDoc> {
             summary: "Lists the client connections that match the given filters, oldest first, with their age in milliseconds and enforcement deadline.",
             complexity: "O(N) where N is the number of client connections",
             arity: -1,
+            tips: ALL_NODES,
             args: vec![
                 arg("filter", Kind::OneOf, None)
                     .optional()
@@ -145,6 +151,7 @@ fn command_docs() -> Vec<CommandDoc> {
             summary: "Reports, per client class, what a rule set would do: clients, age histogram, exempt, due now and due within a window. Changes nothing.",
             complexity: "O(N) where N is the number of client connections",
             arity: -1,
+            tips: ALL_NODES,
             args: vec![
                 arg("rules", Kind::String, Some("RULES"))
                     .optional()
@@ -158,10 +165,23 @@ fn command_docs() -> Vec<CommandDoc> {
             ],
         },
         CommandDoc {
+            name: "maxage.self",
+            summary: "Sets the maximum age of the calling connection (only ever shorter than the operator's), withdraws it (0), or, without an argument, reports the connection's age, deadline and what set it.",
+            complexity: "O(1)",
+            arity: -1,
+            tips: "nondeterministic_output",
+            args: vec![
+                arg("milliseconds", Kind::Integer, None)
+                    .optional()
+                    .summary("the connection's maximum age; 0 withdraws the request"),
+            ],
+        },
+        CommandDoc {
             name: "maxage.clientkill",
             summary: "Internal: where the module's command filter sends a CLIENT KILL whose filters this server does not support (call CLIENT KILL instead).",
             complexity: "O(N) where N is the number of client connections",
             arity: -4,
+            tips: ALL_NODES,
             args: vec![
                 arg("kill", Kind::PureToken, Some("KILL")),
                 arg("filter", Kind::OneOf, None)
@@ -255,7 +275,7 @@ pub fn register(ctx: &Context) -> Result<(), String> {
             complexity: storage.c_str(doc.complexity),
             since: storage.c_str(env!("CARGO_PKG_VERSION")),
             history: ptr::null_mut(),
-            tips: storage.c_str("nondeterministic_output request_policy:all_nodes"),
+            tips: storage.c_str(doc.tips),
             arity: doc.arity,
             key_specs: ptr::null_mut(),
             args: storage.args(&doc.args),

@@ -11,6 +11,7 @@ use crate::audit::{Reason, RetiredClient, retirement_line};
 use crate::client_list::{ListedClient, parse_client_list};
 use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
+use crate::filter::ClientType;
 use crate::policy::{Decision, Moment, Policy};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
@@ -40,6 +41,11 @@ fn may_receive_invalidations(client: &ListedClient) -> bool {
 
 /// The tracking clients that redirect their invalidations to `target`.
 fn tracking_sources_of(ctx: &Context, target: u64, now_ms: u64) -> Vec<u64> {
+    // Only a full `CLIENT LIST` shows redirects (15 ms at 10,000 clients); the server's count
+    // of tracking clients, which costs next to nothing, says whether there can be any.
+    if ffi::tracking_clients(ctx) == 0 {
+        return Vec::new();
+    }
     let stale = REDIRECTS
         .with(|(taken_at_ms, _)| now_ms.saturating_sub(*taken_at_ms) >= REDIRECTS_MAX_AGE_MS)
         .unwrap_or(true);
@@ -114,7 +120,7 @@ pub fn rearm(now_ms: u64) {
 fn wake_no_later_than(wake_ms: u64) {
     ARMED.with(|armed| {
         if armed.is_none_or(|fires_at| fires_at > wake_ms) {
-            ffi::wake_at_us(wake_ms * 1000);
+            ffi::wake_at_us(wake_ms.saturating_mul(1000));
             *armed = Some(wake_ms);
         }
     });
@@ -172,12 +178,18 @@ pub fn reply_text(reply: RedisValue) -> String {
 /// Closes one client (or, in observe mode for enforcement, only says it would), counts it and
 /// writes the audit line.
 pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason, now_ms: u64) {
-    let observe_only = reason != Reason::ManualKill
+    // Observe mode is about the operator's limits; a client's own request is carried out.
+    let observe_only = matches!(reason, Reason::MaxAge | Reason::MaxAgeGraceExpired)
         && STATE
             .with(|policy| policy.settings.observe_only)
             .unwrap_or(false);
     if !observe_only {
-        if !ffi::close_client(ctx, client.id) {
+        let closed = if ClientType::of(client) == ClientType::Master {
+            close_master_link(ctx, client.id)
+        } else {
+            ffi::close_client(ctx, client.id)
+        };
+        if !closed {
             return;
         }
         // Only enforcement picks its moment (right after a reply) and needs the FIN out at
@@ -187,6 +199,26 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
         }
     }
     record_retirement(ctx, client, age_ms, reason, observe_only, now_ms);
+}
+
+/// Closes a replica's link to its master the way the server's own `CLIENT KILL` does. The
+/// module API's close resets the client's user to `default` first, and the replica keeps that
+/// client for a partial resync: with a restricted `default` user every replicated write would
+/// then be refused by ACL, silently. `CLIENT KILL ID` leaves the user alone (the master link is
+/// never the caller, whose own id would crash Redis 7.0 here).
+fn close_master_link(ctx: &Context, client_id: u64) -> bool {
+    if client_id == ffi::current_client_id(ctx) {
+        return false;
+    }
+    let id = client_id.to_string();
+    let killed = matches!(
+        ctx.call("CLIENT", &["KILL", "ID", id.as_str()][..]),
+        Ok(RedisValue::Integer(1))
+    );
+    // The server announces neither the master link's connect nor (when it caches it for a
+    // partial resync) its disconnect.
+    STATE.with(|policy| policy.on_disconnect(client_id));
+    killed
 }
 
 /// Counts a retirement and writes its audit line.
@@ -235,44 +267,9 @@ fn flush_audit(ctx: &Context, now_ms: u64) {
     }
 }
 
-/// Closes the client after its current reply has gone out (the caller of a kill that matched
-/// itself). The server drops any reply still queued for a client it closes, so the close waits
-/// until the client's output buffers are empty.
-pub fn close_after_reply(client_id: u64) {
-    STATE.with(|policy| policy.closes_after_reply.push(client_id));
-    wake_soon();
-}
-
-/// Wakes up a millisecond from now: after the server's next write pass.
-fn wake_soon() {
-    wake_no_later_than(monotonic_ms() + 1);
-}
-
-fn close_callers_whose_reply_is_out(ctx: &Context) {
-    let waiting = STATE
-        .with(|policy| std::mem::take(&mut policy.closes_after_reply))
-        .unwrap_or_default();
-    if waiting.is_empty() {
-        return;
-    }
-    let mut still_waiting = Vec::new();
-    for client in list_clients(ctx, Some(&waiting)) {
-        if client.obl == 0 && client.oll == 0 {
-            ffi::close_client(ctx, client.id);
-        } else {
-            still_waiting.push(client.id);
-        }
-    }
-    if !still_waiting.is_empty() {
-        STATE.with(|policy| policy.closes_after_reply.extend(still_waiting));
-        wake_soon();
-    }
-}
-
 fn tick(ctx: &Context) {
     let started_us = monotonic_us();
     let now_ms = monotonic_ms();
-    close_callers_whose_reply_is_out(ctx);
     flush_audit(ctx, now_ms);
 
     let Some((observe_only, budget)) = STATE.with(|policy| {
@@ -282,6 +279,8 @@ fn tick(ctx: &Context) {
         return;
     };
     let mut closed = 0;
+    // Every due client was dealt with in this pass (none left waiting for a token or time).
+    let mut drained = false;
     // Clients to look at again go back into the queue only after this pass, so that one asked
     // to be looked at "right after the next write" is not looked at again within this pass.
     let mut look_again: Vec<(u64, u64)> = Vec::new();
@@ -293,6 +292,7 @@ fn tick(ctx: &Context) {
             .with(|policy| policy.take_due(now_ms, lookups))
             .unwrap_or_default();
         if batch.is_empty() {
+            drained = true;
             break;
         }
         let listed: HashMap<u64, ListedClient> = list_clients(ctx, Some(&batch))
@@ -300,7 +300,8 @@ fn tick(ctx: &Context) {
             .map(|client| (client.id, client))
             .collect();
         for (position, client_id) in batch.iter().enumerate() {
-            let Some(client) = listed.get(client_id) else {
+            // Gone, or already being closed (a MAXAGE.KILL earlier in this event-loop pass).
+            let Some(client) = listed.get(client_id).filter(|c| !c.has_flag('A')) else {
                 continue;
             };
             let moment = Moment {
@@ -341,11 +342,12 @@ fn tick(ctx: &Context) {
                     let paced_out = closed >= budget.closes
                         || !STATE
                             .with(|policy| {
-                                let overdue_ms = policy.overdue_ms(client, now_ms);
-                                policy.try_take_token(now_ms, overdue_ms)
+                                let deadline_ms = policy.class_deadline_of(client);
+                                policy.try_take_token(now_ms, deadline_ms)
                             })
                             .unwrap_or(false);
                     if paced_out {
+                        STATE.with(|policy| policy.hold_back(now_ms));
                         stats::PACING_DELAYS.fetch_add(1, Ordering::Relaxed);
                         look_again.extend(batch[position..].iter().map(|id| (*id, now_ms)));
                         break 'batches;
@@ -359,6 +361,7 @@ fn tick(ctx: &Context) {
         }
     }
     STATE.with(|policy| {
+        policy.end_pass(drained);
         for (client_id, at_ms) in look_again {
             policy.requeue(client_id, at_ms);
         }
@@ -374,6 +377,11 @@ pub fn seed_existing_clients(ctx: &Context) -> usize {
     STATE
         .with(|policy| {
             for client in &listed {
+                // The master link is never announced by the server (neither its connect nor,
+                // when cached for a partial resync, its disconnect), so it is not tracked.
+                if ClientType::of(client) == ClientType::Master {
+                    continue;
+                }
                 if !policy.registry.contains(client.id) {
                     let connected_at_ms = now_ms.saturating_sub(client.lower_bound_age_ms());
                     policy.track(client.id, connected_at_ms, true);

@@ -3,12 +3,52 @@
 //! Everything here runs on the server's main thread: commands, server events, timers, INFO and
 //! config callbacks are all called by the server with its global lock held.
 
-use std::ffi::{CStr, CString, c_int, c_void};
+use std::ffi::{CStr, CString, c_char, c_int, c_longlong, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
 
 use redis_module::{Context, raw};
+
+use crate::config::{self, Kind, SETTINGS, Value};
+
+/// Where a callback the server calls finds the module's handler for it: a plain function
+/// pointer behind a lock, so no pointer casts are needed and an unset slot is simply `None`.
+pub struct HandlerSlot<F: Copy>(Mutex<Option<F>>);
+
+impl<F: Copy> Default for HandlerSlot<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F: Copy> HandlerSlot<F> {
+    pub const fn new() -> Self {
+        Self(Mutex::new(None))
+    }
+
+    pub fn set(&self, handler: Option<F>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = handler;
+    }
+
+    pub fn get(&self) -> Option<F> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Failures of server calls that have no caller to report to (a wake-up that could not be
+/// armed, an event-loop removal the server refused); INFO shows the count as `ffi_errors`.
+pub static FFI_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+fn count_failure(what: &str) {
+    FFI_ERRORS.fetch_add(1, Ordering::Relaxed);
+    log(
+        &module_ctx(),
+        LogLevel::Warning,
+        &format!("maxage: {what} failed: {}", std::io::Error::last_os_error()),
+    );
+}
 
 /// Runs `body`, turning a panic into `fallback` so it never unwinds into the server (which would
 /// abort it). The panic message goes to the server log.
@@ -182,7 +222,7 @@ pub fn current_client_id(ctx: &Context) -> u64 {
 /// The server's client-change events: connected (`true`) and disconnected (`false`), with the id.
 pub type ClientChangeHandler = fn(ctx: &Context, client_id: u64, connected: bool);
 
-static CLIENT_CHANGE_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+static CLIENT_CHANGE_HANDLER: HandlerSlot<ClientChangeHandler> = HandlerSlot::new();
 
 unsafe extern "C" fn on_client_change(
     ctx: *mut raw::RedisModuleCtx,
@@ -197,27 +237,45 @@ unsafe extern "C" fn on_client_change(
         // SAFETY: for the ClientChange event the server passes a RedisModuleClientInfo (V1);
         // only its `id` field is read, which every version has at the same offset.
         let client_id = unsafe { (*data.cast::<raw::RedisModuleClientInfo>()).id };
-        let handler = CLIENT_CHANGE_HANDLER.load(Ordering::Acquire);
-        if !handler.is_null() {
-            // SAFETY: only `subscribe_client_changes` stores here, and it stores a ClientChangeHandler.
-            let handler: ClientChangeHandler = unsafe { std::mem::transmute(handler) };
+        if let Some(handler) = CLIENT_CHANGE_HANDLER.get() {
             let connected = subevent == raw::REDISMODULE_SUBEVENT_CLIENT_CHANGE_CONNECTED;
             handler(&Context::new(ctx), client_id, connected);
         }
     })
 }
 
-pub fn subscribe_client_changes(ctx: &Context, handler: ClientChangeHandler) -> bool {
-    CLIENT_CHANGE_HANDLER.store(handler as *mut (), Ordering::Release);
+/// Subscribes `handler` to client connects and disconnects, or (`None`) unsubscribes.
+pub fn subscribe_client_changes(ctx: &Context, handler: Option<ClientChangeHandler>) -> bool {
+    static SUBSCRIBED: AtomicBool = AtomicBool::new(false);
+    CLIENT_CHANGE_HANDLER.set(handler);
+    // Unsubscribing what is not subscribed would *add* a listener with a NULL callback (the
+    // server looks the pair up and adds it when missing), which the next event calls.
+    if handler.is_none() && !SUBSCRIBED.load(Ordering::Relaxed) {
+        return true;
+    }
     let event = raw::RedisModuleEvent {
         id: raw::REDISMODULE_EVENT_CLIENT_CHANGE,
         dataver: 1,
     };
-    // SAFETY: `ctx` is the OnLoad context and the callback has the signature the server calls.
-    unsafe {
-        raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.ctx, event, Some(on_client_change))
+    let callback: raw::RedisModuleEventCallback = handler.map(|_| {
+        on_client_change
+            as unsafe extern "C" fn(
+                *mut raw::RedisModuleCtx,
+                raw::RedisModuleEvent,
+                u64,
+                *mut c_void,
+            )
+    });
+    // SAFETY: `ctx` belongs to this module (a NULL callback unsubscribes) and the callback has
+    // the signature the server calls.
+    let done = unsafe {
+        raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.ctx, event, callback)
             == raw::REDISMODULE_OK as c_int
+    };
+    if done {
+        SUBSCRIBED.store(handler.is_some(), Ordering::Relaxed);
     }
+    done
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -298,7 +356,7 @@ pub fn event_loop_busy_us() -> u64 {
 
 pub type WakeupHandler = fn(ctx: &Context);
 
-static WAKEUP_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+static WAKEUP_HANDLER: HandlerSlot<WakeupHandler> = HandlerSlot::new();
 static WAKEUP_FD: AtomicI32 = AtomicI32::new(-1);
 
 unsafe extern "C" fn on_wakeup(fd: c_int, _user_data: *mut c_void, _mask: c_int) {
@@ -306,11 +364,9 @@ unsafe extern "C" fn on_wakeup(fd: c_int, _user_data: *mut c_void, _mask: c_int)
         let mut expirations = 0u64;
         // SAFETY: reading the 8-byte expiration count clears the fd's readiness; the fd is
         // non-blocking, so a spurious wake-up returns EAGAIN instead of blocking the server.
-        unsafe { libc::read(fd, ptr::addr_of_mut!(expirations).cast(), 8) };
-        let handler = WAKEUP_HANDLER.load(Ordering::Acquire);
-        if !handler.is_null() {
-            // SAFETY: only `start_wakeups` stores here, and it stores a WakeupHandler.
-            let handler: WakeupHandler = unsafe { std::mem::transmute(handler) };
+        // The count itself is not needed; EAGAIN (nothing to read) is harmless.
+        let _ = unsafe { libc::read(fd, ptr::addr_of_mut!(expirations).cast(), 8) };
+        if let Some(handler) = WAKEUP_HANDLER.get() {
             handler(&module_ctx());
         }
     })
@@ -318,7 +374,7 @@ unsafe extern "C" fn on_wakeup(fd: c_int, _user_data: *mut c_void, _mask: c_int)
 
 /// Creates the timerfd and adds it to the server's event loop.
 pub fn start_wakeups(handler: WakeupHandler) -> Result<(), String> {
-    WAKEUP_HANDLER.store(handler as *mut (), Ordering::Release);
+    WAKEUP_HANDLER.set(Some(handler));
     // SAFETY: plain system call; the result is checked.
     let fd = unsafe {
         libc::timerfd_create(
@@ -352,20 +408,25 @@ pub fn start_wakeups(handler: WakeupHandler) -> Result<(), String> {
 
 /// Removes the timerfd from the event loop and closes it (module unload).
 pub fn stop_wakeups() {
+    WAKEUP_HANDLER.set(None);
     let fd = WAKEUP_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
         // SAFETY: `fd` was added by `start_wakeups` and is removed and closed exactly once.
-        unsafe {
-            raw::RedisModule_EventLoopDel.unwrap()(
-                fd,
-                raw::REDISMODULE_EVENTLOOP_READABLE as c_int,
-            );
-            libc::close(fd);
+        let removed = unsafe {
+            raw::RedisModule_EventLoopDel.unwrap()(fd, raw::REDISMODULE_EVENTLOOP_READABLE as c_int)
+        };
+        if removed != raw::REDISMODULE_OK as c_int {
+            count_failure("removing the wake-up timer from the event loop");
+        }
+        // SAFETY: our own fd, closed once.
+        if unsafe { libc::close(fd) } != 0 {
+            count_failure("closing the wake-up timer");
         }
     }
 }
 
-/// Arms the wake-up for an absolute monotonic time in microseconds (a past time fires at once).
+/// Arms the wake-up for an absolute monotonic time in microseconds. A time already past fires
+/// at the next event-loop pass; the caller never asks for one that would keep it spinning.
 pub fn wake_at_us(at_us: u64) {
     set_wakeup(at_us.max(1));
 }
@@ -380,18 +441,23 @@ fn set_wakeup(at_us: u64) {
     if fd < 0 {
         return;
     }
+    // A time_t holds any u64 microsecond count divided by a million.
     let spec = libc::itimerspec {
         it_interval: libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         },
         it_value: libc::timespec {
-            tv_sec: (at_us / 1_000_000) as libc::time_t,
+            tv_sec: (at_us / 1_000_000).min(i64::MAX as u64) as libc::time_t,
             tv_nsec: ((at_us % 1_000_000) * 1000) as libc::c_long,
         },
     };
     // SAFETY: `fd` is our timerfd and `spec` a valid itimerspec; an all-zero value disarms it.
-    unsafe { libc::timerfd_settime(fd, libc::TFD_TIMER_ABSTIME, &spec, ptr::null_mut()) };
+    let status =
+        unsafe { libc::timerfd_settime(fd, libc::TFD_TIMER_ABSTIME, &spec, ptr::null_mut()) };
+    if status != 0 {
+        count_failure("arming the wake-up timer");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,7 +520,7 @@ fn reply_raw(ctx: *mut raw::RedisModuleCtx, value: &Reply) {
 
 pub type InfoHandler = fn(&mut InfoWriter);
 
-static INFO_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+static INFO_HANDLER: HandlerSlot<InfoHandler> = HandlerSlot::new();
 
 pub struct InfoWriter {
     ctx: *mut raw::RedisModuleInfoCtx,
@@ -482,12 +548,14 @@ impl InfoWriter {
     }
 }
 
-unsafe extern "C" fn on_info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {
+unsafe extern "C" fn on_info(ctx: *mut raw::RedisModuleInfoCtx, for_crash_report: c_int) {
+    // A crash report is written from whichever thread crashed, maybe while the main thread is
+    // inside the module: it gets nothing that touches the module's main-thread state.
+    if for_crash_report != 0 {
+        return;
+    }
     no_unwind("INFO", (), || {
-        let handler = INFO_HANDLER.load(Ordering::Acquire);
-        if !handler.is_null() {
-            // SAFETY: only `register_info` stores here, and it stores an InfoHandler.
-            let handler: InfoHandler = unsafe { std::mem::transmute(handler) };
+        if let Some(handler) = INFO_HANDLER.get() {
             handler(&mut InfoWriter { ctx });
         }
     })
@@ -496,7 +564,7 @@ unsafe extern "C" fn on_info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_repor
 /// Replaces the INFO callback the `redis_module!` macro installs with ours (the server keeps
 /// the last one registered).
 pub fn register_info(ctx: &Context, handler: InfoHandler) -> bool {
-    INFO_HANDLER.store(handler as *mut (), Ordering::Release);
+    INFO_HANDLER.set(Some(handler));
     // SAFETY: `ctx` is the OnLoad context and `on_info` has the signature the server calls.
     unsafe {
         raw::RedisModule_RegisterInfoFunc.unwrap()(ctx.ctx, Some(on_info))
@@ -511,7 +579,8 @@ pub fn register_info(ctx: &Context, handler: InfoHandler) -> bool {
 /// name to rewrite `argv[0]` to, if any.
 pub type ClientKillHandler = fn(filters: &[&[u8]]) -> Option<&'static str>;
 
-static FILTER_HANDLER: AtomicPtr<()> = AtomicPtr::new(ptr::null_mut());
+static FILTER_HANDLER: HandlerSlot<ClientKillHandler> = HandlerSlot::new();
+static FILTER: AtomicPtr<raw::RedisModuleCommandFilter> = AtomicPtr::new(ptr::null_mut());
 
 /// Reads argument `pos` of the filtered command.
 ///
@@ -543,12 +612,9 @@ unsafe extern "C" fn on_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         if !name.eq_ignore_ascii_case(b"client") || !subcommand.eq_ignore_ascii_case(b"kill") {
             return;
         }
-        let handler = FILTER_HANDLER.load(Ordering::Acquire);
-        if handler.is_null() {
+        let Some(handler) = FILTER_HANDLER.get() else {
             return;
-        }
-        // SAFETY: only `register_client_kill_filter` stores here, and it stores a ClientKillHandler.
-        let handler: ClientKillHandler = unsafe { std::mem::transmute(handler) };
+        };
         // SAFETY: every position is below `count`; the slices are dropped before the replace.
         let filters: Vec<&[u8]> = (2..count)
             .map(|pos| unsafe { filter_arg(fctx, pos) })
@@ -556,14 +622,20 @@ unsafe extern "C" fn on_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
         let rewrite_to = handler(&filters);
         drop(filters);
         if let Some(command) = rewrite_to {
-            // SAFETY: the new string is handed to the server, which owns and frees it.
+            // SAFETY: on success the new string is handed to the server, which owns and frees
+            // it; on failure it is still ours and freed here.
             unsafe {
                 let replacement = raw::RedisModule_CreateString.unwrap()(
                     ptr::null_mut(),
                     command.as_ptr().cast(),
                     command.len(),
                 );
-                raw::RedisModule_CommandFilterArgReplace.unwrap()(fctx, 0, replacement);
+                if raw::RedisModule_CommandFilterArgReplace.unwrap()(fctx, 0, replacement)
+                    != raw::REDISMODULE_OK as c_int
+                {
+                    raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), replacement);
+                    FFI_ERRORS.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     })
@@ -571,7 +643,7 @@ unsafe extern "C" fn on_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 
 /// Registers the `CLIENT KILL` filter; it skips the module's own `RM_Call`s (NOSELF).
 pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) -> bool {
-    FILTER_HANDLER.store(handler as *mut (), Ordering::Release);
+    FILTER_HANDLER.set(Some(handler));
     // SAFETY: `ctx` is the OnLoad context and `on_command` has the signature the server calls.
     let filter = unsafe {
         raw::RedisModule_RegisterCommandFilter.unwrap()(
@@ -580,7 +652,23 @@ pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) ->
             raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
         )
     };
+    FILTER.store(filter, Ordering::Release);
     !filter.is_null()
+}
+
+/// Removes the filter again (a load that fails after registering it: the server unregisters a
+/// module's filters only on MODULE UNLOAD, so otherwise the next command would call into the
+/// unmapped library).
+pub fn unregister_client_kill_filter(ctx: &Context) {
+    FILTER_HANDLER.set(None);
+    let filter = FILTER.swap(ptr::null_mut(), Ordering::AcqRel);
+    if !filter.is_null() {
+        // SAFETY: `filter` was returned by RegisterCommandFilter for this module, removed once.
+        let status = unsafe { raw::RedisModule_UnregisterCommandFilter.unwrap()(ctx.ctx, filter) };
+        if status != raw::REDISMODULE_OK as c_int {
+            count_failure("unregistering the CLIENT KILL filter");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -632,4 +720,384 @@ pub fn acl_api_present() -> bool {
         unsafe { raw::RedisModule_FreeModuleUser }.is_some(),
     ];
     present.iter().all(|p| *p)
+}
+
+/// Denies `client_id` with the server's own NOPERM wording and records it in `ACL LOG` as the
+/// server does for a denied command (`object` is the command, e.g. `client|kill`).
+pub fn log_acl_denial(ctx: &Context, client_id: u64, object: &str) {
+    // SAFETY: `ctx` is the running command's context; the user and the string are freed
+    // before returning, and the server copies what it keeps in the log.
+    unsafe {
+        let user_name = raw::RedisModule_GetClientUserNameById.unwrap()(ctx.ctx, client_id);
+        if user_name.is_null() {
+            return;
+        }
+        let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name);
+        raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), user_name);
+        if user.is_null() {
+            return;
+        }
+        let object = raw::RedisModule_CreateString.unwrap()(
+            ptr::null_mut(),
+            object.as_ptr().cast(),
+            object.len(),
+        );
+        if let Some(add_log_entry) = raw::RedisModule_ACLAddLogEntry {
+            add_log_entry(
+                ctx.ctx,
+                user,
+                object,
+                raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CMD,
+            );
+        }
+        raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), object);
+        raw::RedisModule_FreeModuleUser.unwrap()(user);
+    }
+}
+
+/// Puts a module command in ACL categories, where the server can (Valkey, Redis 7.2+).
+/// `Ok(false)`: this server has no such API (Redis 7.0).
+pub fn set_command_categories(
+    ctx: &Context,
+    command: &CStr,
+    categories: &CStr,
+) -> Result<bool, String> {
+    // SAFETY: copies of function-pointer statics filled in by RedisModule_Init.
+    let (Some(get_command), Some(set_categories)) =
+        (unsafe { raw::RedisModule_GetCommand }, unsafe {
+            raw::RedisModule_SetCommandACLCategories
+        })
+    else {
+        return Ok(false);
+    };
+    // SAFETY: `ctx` is the OnLoad context and both strings are NUL-terminated constants.
+    let status = unsafe {
+        let handle = get_command(ctx.ctx, command.as_ptr());
+        if handle.is_null() {
+            return Err(format!("no command {}", command.to_string_lossy()));
+        }
+        set_categories(handle, categories.as_ptr())
+    };
+    if status == raw::REDISMODULE_OK as c_int {
+        Ok(true)
+    } else {
+        Err(format!(
+            "the server refused ACL categories for {}",
+            command.to_string_lossy()
+        ))
+    }
+}
+
+/// Replies with an error in the server's own way, whatever the message holds: CR and LF
+/// (which would end the reply early) become spaces and NUL is shown as `?`, so no text can
+/// make the reply path fail. (The crate's error path maps characters to bytes and panics on
+/// the NUL that a character such as U+0100 becomes.)
+pub fn reply_error(ctx: &Context, message: &str) {
+    let cleaned: String = message
+        .chars()
+        .map(|c| match c {
+            '\r' | '\n' => ' ',
+            '\0' => '?',
+            c => c,
+        })
+        .collect();
+    let cleaned = CString::new(cleaned).unwrap_or_default();
+    // SAFETY: `ctx` is the running command's context and `cleaned` a valid C string.
+    unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx.ctx, cleaned.as_ptr()) };
+}
+
+/// `tracking_clients` from `INFO clients`: how many clients have `CLIENT TRACKING` on.
+pub fn tracking_clients(ctx: &Context) -> u64 {
+    // SAFETY: `ctx` is a live module context; the info data is freed before returning and the
+    // field name is a constant C string.
+    unsafe {
+        let info = raw::RedisModule_GetServerInfo.unwrap()(ctx.ctx, c"clients".as_ptr());
+        if info.is_null() {
+            return u64::MAX;
+        }
+        let mut failed: c_int = 0;
+        let count = raw::RedisModule_ServerInfoGetFieldUnsigned.unwrap()(
+            info,
+            c"tracking_clients".as_ptr(),
+            &mut failed,
+        );
+        raw::RedisModule_FreeServerInfo.unwrap()(ctx.ctx, info);
+        // Unknown: assume there may be some.
+        if failed != 0 { u64::MAX } else { count }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings. The module registers them itself rather than through the crate's macro: the
+// crate's callbacks turn values and errors into C strings with `unwrap`, so a NUL byte from
+// CONFIG SET or a load argument aborted the server, and it cannot make load arguments the
+// registered defaults. The private data of each setting is its position in `SETTINGS`.
+
+/// Called after a setting changed (CONFIG SET, or the config file before the module's init).
+pub type SettingsChangedHandler = fn();
+
+static SETTINGS_CHANGED: HandlerSlot<SettingsChangedHandler> = HandlerSlot::new();
+
+/// The last string each string setting handed to the server: the server copies it at once,
+/// and the module owns it, so it is freed on the next read of the same setting.
+struct HandedOut([*mut raw::RedisModuleString; SETTINGS.len()]);
+// SAFETY: only touched on the main thread (config callbacks); the lock makes the static legal.
+unsafe impl Send for HandedOut {}
+static HANDED_OUT: Mutex<HandedOut> = Mutex::new(HandedOut([ptr::null_mut(); SETTINGS.len()]));
+
+fn setting_index(privdata: *mut c_void) -> usize {
+    privdata as usize
+}
+
+/// Stores a value the server hands over; on refusal sets `*err` to the reason.
+fn store_setting(index: usize, value: Value, err: *mut *mut raw::RedisModuleString) -> c_int {
+    match config::set(index, value) {
+        Ok(()) => {
+            if let Some(changed) = SETTINGS_CHANGED.get() {
+                changed();
+            }
+            raw::REDISMODULE_OK as c_int
+        }
+        Err(why) => refuse_setting(err, &why),
+    }
+}
+
+fn refuse_setting(err: *mut *mut raw::RedisModuleString, why: &str) -> c_int {
+    if !err.is_null() {
+        // SAFETY: the server passes a valid out-pointer and frees the string it gets;
+        // CreateString copies `why` with its length, so any byte is fine.
+        unsafe {
+            *err = raw::RedisModule_CreateString.unwrap()(
+                ptr::null_mut(),
+                why.as_ptr().cast(),
+                why.len(),
+            );
+        }
+    }
+    raw::REDISMODULE_ERR as c_int
+}
+
+unsafe extern "C" fn get_number(_name: *const c_char, privdata: *mut c_void) -> c_longlong {
+    no_unwind("CONFIG GET", 0, || {
+        match config::get(setting_index(privdata)) {
+            Some(Value::Number(n)) => n,
+            _ => 0,
+        }
+    })
+}
+
+unsafe extern "C" fn set_number(
+    _name: *const c_char,
+    value: c_longlong,
+    privdata: *mut c_void,
+    err: *mut *mut raw::RedisModuleString,
+) -> c_int {
+    no_unwind("CONFIG SET", raw::REDISMODULE_ERR as c_int, || {
+        store_setting(setting_index(privdata), Value::Number(value), err)
+    })
+}
+
+unsafe extern "C" fn get_flag(_name: *const c_char, privdata: *mut c_void) -> c_int {
+    no_unwind("CONFIG GET", 0, || {
+        c_int::from(config::get(setting_index(privdata)) == Some(Value::Flag(true)))
+    })
+}
+
+unsafe extern "C" fn set_flag(
+    _name: *const c_char,
+    value: c_int,
+    privdata: *mut c_void,
+    err: *mut *mut raw::RedisModuleString,
+) -> c_int {
+    no_unwind("CONFIG SET", raw::REDISMODULE_ERR as c_int, || {
+        store_setting(setting_index(privdata), Value::Flag(value != 0), err)
+    })
+}
+
+unsafe extern "C" fn get_choice(_name: *const c_char, privdata: *mut c_void) -> c_int {
+    no_unwind("CONFIG GET", 0, || {
+        match config::get(setting_index(privdata)) {
+            Some(Value::Choice(i)) => i,
+            _ => 0,
+        }
+    })
+}
+
+unsafe extern "C" fn set_choice(
+    _name: *const c_char,
+    value: c_int,
+    privdata: *mut c_void,
+    err: *mut *mut raw::RedisModuleString,
+) -> c_int {
+    no_unwind("CONFIG SET", raw::REDISMODULE_ERR as c_int, || {
+        store_setting(setting_index(privdata), Value::Choice(value), err)
+    })
+}
+
+unsafe extern "C" fn get_text(
+    _name: *const c_char,
+    privdata: *mut c_void,
+) -> *mut raw::RedisModuleString {
+    no_unwind("CONFIG GET", ptr::null_mut(), || {
+        let index = setting_index(privdata);
+        let text = match config::get(index) {
+            Some(Value::Text(text)) => text,
+            _ => String::new(),
+        };
+        // SAFETY: CreateString copies `text` with its length (no C string is involved);
+        // the previous string of this setting was copied by the server when it was handed out.
+        unsafe {
+            let string = raw::RedisModule_CreateString.unwrap()(
+                ptr::null_mut(),
+                text.as_ptr().cast(),
+                text.len(),
+            );
+            let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = handed_out.0.get_mut(index) {
+                let previous = std::mem::replace(slot, string);
+                if !previous.is_null() {
+                    raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), previous);
+                }
+            }
+            string
+        }
+    })
+}
+
+unsafe extern "C" fn set_text(
+    _name: *const c_char,
+    value: *mut raw::RedisModuleString,
+    privdata: *mut c_void,
+    err: *mut *mut raw::RedisModuleString,
+) -> c_int {
+    no_unwind("CONFIG SET", raw::REDISMODULE_ERR as c_int, || {
+        let mut len = 0usize;
+        // SAFETY: `value` is the server's string for the duration of this call.
+        let bytes = unsafe {
+            let pointer = raw::RedisModule_StringPtrLen.unwrap()(value, &mut len);
+            std::slice::from_raw_parts(pointer.cast::<u8>(), len)
+        };
+        match std::str::from_utf8(bytes) {
+            Ok(text) => store_setting(setting_index(privdata), Value::Text(text.to_string()), err),
+            Err(_) => refuse_setting(err, "the value is not valid UTF-8"),
+        }
+    })
+}
+
+/// Registers every setting of `SETTINGS` with `defaults` (from the load arguments) and loads
+/// the values the config file gives; `changed` runs after each later change.
+pub fn register_settings(
+    ctx: &Context,
+    defaults: &[Value],
+    changed: SettingsChangedHandler,
+) -> Result<(), String> {
+    // Values set while loading (the defaults, the config file) are applied by the caller once.
+    SETTINGS_CHANGED.set(None);
+    for (index, def) in SETTINGS.iter().enumerate() {
+        let name = CString::new(def.name).map_err(|_| "bad setting name".to_string())?;
+        let privdata = index as *mut c_void;
+        let flags = raw::REDISMODULE_CONFIG_DEFAULT;
+        let default = defaults
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| def.kind.default_value());
+        // SAFETY: `ctx` is the OnLoad context; `name` and the defaults are copied by the server;
+        // every callback has the signature the server calls for its kind.
+        let status = unsafe {
+            match (def.kind, default) {
+                (Kind::Number { min, max, .. }, Value::Number(n)) => {
+                    raw::RedisModule_RegisterNumericConfig.unwrap()(
+                        ctx.ctx,
+                        name.as_ptr(),
+                        n,
+                        flags,
+                        min,
+                        max,
+                        Some(get_number),
+                        Some(set_number),
+                        None,
+                        privdata,
+                    )
+                }
+                (Kind::Text { .. }, Value::Text(text)) => {
+                    let text = CString::new(text).map_err(|_| "bad default".to_string())?;
+                    raw::RedisModule_RegisterStringConfig.unwrap()(
+                        ctx.ctx,
+                        name.as_ptr(),
+                        text.as_ptr(),
+                        flags,
+                        Some(get_text),
+                        Some(set_text),
+                        None,
+                        privdata,
+                    )
+                }
+                (Kind::Flag { .. }, Value::Flag(on)) => raw::RedisModule_RegisterBoolConfig
+                    .unwrap()(
+                    ctx.ctx,
+                    name.as_ptr(),
+                    c_int::from(on),
+                    flags,
+                    Some(get_flag),
+                    Some(set_flag),
+                    None,
+                    privdata,
+                ),
+                (Kind::Choice { options, .. }, Value::Choice(position)) => {
+                    let names: Vec<CString> = options
+                        .iter()
+                        .map(|option| CString::new(*option).unwrap_or_default())
+                        .collect();
+                    let mut name_pointers: Vec<*const c_char> =
+                        names.iter().map(|n| n.as_ptr()).collect();
+                    let values: Vec<c_int> = (0..options.len() as c_int).collect();
+                    raw::RedisModule_RegisterEnumConfig.unwrap()(
+                        ctx.ctx,
+                        name.as_ptr(),
+                        position,
+                        flags,
+                        name_pointers.as_mut_ptr(),
+                        values.as_ptr(),
+                        options.len() as c_int,
+                        Some(get_choice),
+                        Some(set_choice),
+                        None,
+                        privdata,
+                    )
+                }
+                _ => {
+                    return Err(format!(
+                        "setting {} has a default of the wrong kind",
+                        def.name
+                    ));
+                }
+            }
+        };
+        if status != raw::REDISMODULE_OK as c_int {
+            return Err(format!(
+                "the server refused the setting maxage.{}",
+                def.name
+            ));
+        }
+    }
+    // SAFETY: `ctx` is the OnLoad context, after every setting is registered.
+    let loaded = unsafe { raw::RedisModule_LoadConfigs.unwrap()(ctx.ctx) };
+    if loaded != raw::REDISMODULE_OK as c_int {
+        return Err("the server could not apply the maxage.* lines of its config file".to_string());
+    }
+    SETTINGS_CHANGED.set(Some(changed));
+    Ok(())
+}
+
+/// Frees the strings handed to the server (module unload).
+pub fn release_settings() {
+    SETTINGS_CHANGED.set(None);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    for slot in handed_out.0.iter_mut() {
+        let string = std::mem::replace(slot, ptr::null_mut());
+        if !string.is_null() {
+            // SAFETY: created by `get_text`, freed once (swapped out).
+            unsafe { raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), string) };
+        }
+    }
 }

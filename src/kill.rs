@@ -2,9 +2,10 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
+use crate::acl::{self, Needs};
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
-use crate::enforcement::{close_after_reply, list_clients, record_retirement, reply_text, retire};
+use crate::enforcement::{list_clients, reply_text, retire};
 use crate::ffi::{self, Reply, monotonic_ms};
 use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
 use crate::policy::exemption;
@@ -48,6 +49,8 @@ pub struct Matched {
     /// Milliseconds from now to the enforcement deadline (negative when overdue).
     pub deadline_in_ms: Option<i64>,
     pub exempt_reason: Option<&'static str>,
+    /// What the client asked for with `MAXAGE.SELF`.
+    pub requested_max_age_ms: Option<u64>,
 }
 
 pub fn parse_args(
@@ -81,6 +84,12 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
             listed
                 .into_iter()
                 .filter_map(|client| {
+                    // Already being closed (by an earlier kill or a wake-up in this event-loop
+                    // pass): the server frees it before the next pass, and it must not be
+                    // closed, counted or logged twice.
+                    if client.has_flag('A') {
+                        return None;
+                    }
                     let tracked = policy.registry.get(client.id);
                     let age_ms = tracked.map_or(client.lower_bound_age_ms(), |t| t.age_ms(now_ms));
                     let candidate = filter::Candidate {
@@ -92,16 +101,16 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
                         return None;
                     }
                     let exempt_reason = exemption(&policy.settings, &client);
-                    let (rule, class_deadline) = match tracked {
+                    let rule = match tracked {
                         Some(t) if policy.settings.enforcing() => {
-                            policy.class_deadline(&t, &client)
+                            policy.class_deadline(&t, &client).0
                         }
-                        _ => (crate::rules::DEFAULT_CLASS, None),
+                        _ => crate::rules::DEFAULT_CLASS,
                     };
-                    let deadline_in_ms = class_deadline
-                        .filter(|_| exempt_reason.is_none())
-                        .map(|deadline| deadline as i64 - now_ms as i64);
+                    let deadline = tracked.and_then(|t| policy.effective_deadline(&t, &client).0);
+                    let deadline_in_ms = deadline.map(|deadline| deadline as i64 - now_ms as i64);
                     Some(Matched {
+                        requested_max_age_ms: policy.requested_max_age_ms(client.id),
                         rule: rule.to_string(),
                         age_ms,
                         approximate: tracked.is_none_or(|t| t.approximate),
@@ -121,41 +130,31 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
 }
 
 /// Kills the selected clients (unless `DRYRUN`) and replies with how many. The reply goes out
-/// before any close, and the caller itself (`SKIPME no`) is closed only after its reply is sent.
+/// before any close. The caller itself (`SKIPME no`) is closed by the server's own
+/// close-after-reply: its reply is written, then the connection closes, and nothing pipelined
+/// behind the command runs, exactly as with the server's `CLIENT KILL`.
 pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
     let matched = select(ctx, filter);
     ffi::reply(ctx, &Reply::Int(matched.len() as i64));
     if filter.dry_run {
         return matched.len();
     }
-    let caller_id = ffi::current_client_id(ctx);
     let now_ms = monotonic_ms();
     for client in &matched {
-        if client.listed.id == caller_id {
-            close_after_reply(caller_id);
-            record_retirement(
-                ctx,
-                &client.listed,
-                client.age_ms,
-                Reason::ManualKill,
-                false,
-                now_ms,
-            );
-        } else {
-            retire(
-                ctx,
-                &client.listed,
-                client.age_ms,
-                Reason::ManualKill,
-                now_ms,
-            );
-        }
+        retire(
+            ctx,
+            &client.listed,
+            client.age_ms,
+            Reason::ManualKill,
+            now_ms,
+        );
     }
     matched.len()
 }
 
 /// MAXAGE.KILL <filter> [<filter> ...]
 pub fn kill_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    acl::require(ctx, Needs::ClientKill, &[])?;
     let filter = parse_args(ctx, args.get(1..).unwrap_or_default(), Command::Kill)?;
     kill(ctx, &filter);
     Ok(RedisValue::NoReply)
@@ -163,6 +162,7 @@ pub fn kill_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 
 /// MAXAGE.LIST [<filter> ...]
 pub fn list_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    acl::require(ctx, Needs::ClientList, &[])?;
     let filter = parse_args(ctx, args.get(1..).unwrap_or_default(), Command::List)?;
     let entries: Vec<Reply> = select(ctx, &filter).into_iter().map(entry).collect();
     ffi::reply(ctx, &Reply::Array(entries));
@@ -192,6 +192,12 @@ fn entry(client: Matched) -> Reply {
             client.deadline_in_ms.map_or(Reply::Null, Reply::Int),
         ),
         ("rule", Reply::Str(client.rule.clone())),
+        (
+            "requested-max-age-ms",
+            client
+                .requested_max_age_ms
+                .map_or(Reply::Null, |ms| Reply::Int(ms as i64)),
+        ),
         (
             "exempt",
             client

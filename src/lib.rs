@@ -3,6 +3,7 @@
 //! This file only declares the module (name, commands, configs) and wires the parts together;
 //! each other file has the one responsibility its name says.
 
+pub mod acl;
 pub mod audit;
 pub mod client_list;
 pub mod compat;
@@ -18,13 +19,14 @@ pub mod preview;
 pub mod registry;
 pub mod rules;
 pub mod schedule;
+pub mod self_request;
 pub mod state;
 pub mod stats;
 
-use redis_module::configuration::{ConfigurationContext, ConfigurationFlags};
-use redis_module::{Context, RedisError, RedisResult, RedisString, Status, redis_module};
+use redis_module::{
+    Context, RedisError, RedisResult, RedisString, RedisValue, Status, redis_module,
+};
 
-use crate::config::{Mode, Pacing};
 use crate::ffi::{LogLevel, no_unwind};
 
 /// Inside the server all memory comes from the server's allocator (so INFO memory and maxmemory
@@ -39,20 +41,30 @@ type ModuleAllocator = std::alloc::System;
 #[cfg(any(test, fuzzing))]
 const MODULE_ALLOCATOR: ModuleAllocator = std::alloc::System;
 
-/// Every command handler runs inside this: a panic becomes an error reply, never an abort.
+/// Every command handler runs inside this: a panic becomes an error reply, never an abort, and
+/// every error is replied through the module's own path, which is safe for any bytes (the
+/// crate's error path aborts the server on some client-supplied text).
 fn guarded(
     what: &str,
     ctx: &Context,
     args: Vec<RedisString>,
     handler: fn(&Context, Vec<RedisString>) -> RedisResult,
 ) -> RedisResult {
-    no_unwind(
+    let result = no_unwind(
         what,
         Err(RedisError::Str(
             "ERR internal error in the maxage module (see the server log)",
         )),
         || handler(ctx, args),
-    )
+    );
+    match result {
+        Err(RedisError::WrongArity) => Err(RedisError::WrongArity),
+        Err(error) => {
+            ffi::reply_error(ctx, &error.to_string());
+            Ok(RedisValue::NoReply)
+        }
+        ok => ok,
+    }
 }
 
 /// MAXAGE.KILL <filter> [<filter> ...]: closes matching clients, replies with how many.
@@ -70,6 +82,11 @@ fn maxage_preview(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("MAXAGE.PREVIEW", ctx, args, preview::preview_command)
 }
 
+/// MAXAGE.SELF [ms]: the calling connection's own max age (only ever shorter), or a report.
+fn maxage_self(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("MAXAGE.SELF", ctx, args, self_request::self_command)
+}
+
 /// CLIENT KILL <filters> that the server cannot answer itself, handed over by the filter.
 fn maxage_clientkill(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded(
@@ -80,24 +97,35 @@ fn maxage_clientkill(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     )
 }
 
-fn on_setting_changed<T>(_ctx: &ConfigurationContext, _name: &str, _value: &'static T) {
-    no_unwind("config change", (), enforcement::on_settings_changed);
-}
-
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     no_unwind("module load", Status::Err, || load(ctx, args))
 }
 
+/// Refuses the load, undoing every registration the server would not undo itself: on a failed
+/// load it drops the commands and settings but keeps command filters and event subscriptions,
+/// which would then call into the unmapped library.
 fn refuse(ctx: &Context, why: &str) -> Status {
     ffi::log(
         ctx,
         LogLevel::Warning,
         &format!("maxage: refusing to load: {why}"),
     );
+    ffi::unregister_client_kill_filter(ctx);
+    ffi::subscribe_client_changes(ctx, None);
+    ffi::watch_event_loop(ctx, false);
     ffi::stop_wakeups();
+    ffi::release_settings();
     ffi::release_module_ctx();
     Status::Err
 }
+
+/// The module's commands, for ACL categories where the server has them.
+const COMMANDS: [&std::ffi::CStr; 4] = [
+    c"maxage.kill",
+    c"maxage.list",
+    c"maxage.preview",
+    c"maxage.clientkill",
+];
 
 fn load(ctx: &Context, args: &[RedisString]) -> Status {
     // Detect, never assume: each of these is needed and each is missing on some servers.
@@ -131,11 +159,25 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
         );
     }
     ffi::init_module_ctx(ctx);
-    let args: Vec<String> = args.iter().map(|a| a.to_string_lossy()).collect();
-    if let Err(why) = config::apply_load_args(&args) {
+    let args: Vec<&[u8]> = args.iter().map(RedisString::as_slice).collect();
+    let defaults = match config::defaults_from_load_args(&args) {
+        Ok(defaults) => defaults,
+        Err(why) => return refuse(ctx, &why),
+    };
+    if let Err(why) = ffi::register_settings(ctx, &defaults, enforcement::on_settings_changed) {
         return refuse(ctx, &why);
     }
     if let Err(why) = docs::register(ctx) {
+        return refuse(ctx, &why);
+    }
+    // Commands that can close or list anyone's connection belong with CLIENT KILL/LIST.
+    for command in COMMANDS {
+        if let Err(why) = ffi::set_command_categories(ctx, command, c"admin dangerous connection") {
+            return refuse(ctx, &why);
+        }
+    }
+    // MAXAGE.SELF is about the caller's own connection, like CLIENT SETNAME.
+    if let Err(why) = ffi::set_command_categories(ctx, c"maxage.self", c"connection") {
         return refuse(ctx, &why);
     }
     let native = compat::probe_native_support(ctx);
@@ -165,7 +207,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
     if let Err(why) = ffi::start_wakeups(enforcement::on_wakeup) {
         return refuse(ctx, &why);
     }
-    if !ffi::subscribe_client_changes(ctx, enforcement::on_client_change) {
+    if !ffi::subscribe_client_changes(ctx, Some(enforcement::on_client_change)) {
         return refuse(ctx, "cannot subscribe to client connect/disconnect events");
     }
     if !ffi::register_info(ctx, stats::write_info) {
@@ -186,14 +228,34 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
     Status::Ok
 }
 
-fn deinit(_ctx: &Context) -> Status {
+fn deinit(ctx: &Context) -> Status {
     no_unwind("module unload", Status::Ok, || {
+        // A client whose last command was one of ours keeps pointing at that command after
+        // the server unregisters it; the next CLIENT LIST then reads freed memory (seen to
+        // crash Valkey 9.1 in the module's own seeding at the next load). Refuse instead.
+        let pinned: Vec<u64> = enforcement::list_clients(ctx, None)
+            .into_iter()
+            .filter(|client| client.cmd.starts_with("maxage."))
+            .map(|client| client.id)
+            .collect();
+        if !pinned.is_empty() {
+            ffi::log(
+                ctx,
+                LogLevel::Warning,
+                &format!(
+                    "maxage: refusing to unload: the last command of client(s) {pinned:?} was a maxage command; run any other command on them (or close them) and unload again"
+                ),
+            );
+            return Status::Err;
+        }
         enforcement::disarm();
         ffi::stop_wakeups();
         ffi::watch_event_loop(&ffi::module_ctx(), false);
+        ffi::subscribe_client_changes(ctx, None);
         state::STATE.with(|policy| {
             *policy = policy::Policy::new(config::snapshot(), 0, ffi::monotonic_ms())
         });
+        ffi::release_settings();
         ffi::release_module_ctx();
         Status::Ok
     })
@@ -207,34 +269,13 @@ redis_module! {
     init: init,
     deinit: deinit,
     commands: [
-        // No keys; the ACL-categories field stays empty because Redis 7.0 cannot set categories.
+        // No keys. The ACL-categories field stays empty: a category there makes the load fail
+        // on Redis 7.0; `load` sets them where the server has the API.
         ["maxage.kill", maxage_kill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
         ["maxage.list", maxage_list, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
         ["maxage.preview", maxage_preview, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
         ["maxage.clientkill", maxage_clientkill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
+        // Acts on the caller's own connection only: no `admin`, so application users may run it.
+        ["maxage.self", maxage_self, "fast deny-script allow-loading allow-stale", 0, 0, 0, ""],
     ],
-    configurations: [
-        i64: [
-            ["max-age-ms", &*config::MAX_AGE_MS, config::MAX_AGE_MS_DEFAULT, config::MAX_AGE_MS_MIN, config::MAX_AGE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["jitter-pct", &*config::JITTER_PCT, config::JITTER_PCT_DEFAULT, config::JITTER_PCT_MIN, config::JITTER_PCT_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["max-evictions-per-sec", &*config::MAX_EVICTIONS_PER_SEC, config::MAX_EVICTIONS_PER_SEC_DEFAULT, config::MAX_EVICTIONS_PER_SEC_MIN, config::MAX_EVICTIONS_PER_SEC_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["min-evictions-per-sec", &*config::MIN_EVICTIONS_PER_SEC, config::MIN_EVICTIONS_PER_SEC_DEFAULT, config::MAX_EVICTIONS_PER_SEC_MIN, config::MAX_EVICTIONS_PER_SEC_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["max-overdue-ms", &*config::MAX_OVERDUE_MS, config::MAX_OVERDUE_MS_DEFAULT, config::MAX_OVERDUE_MS_MIN, config::MAX_OVERDUE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["grace-ms", &*config::GRACE_MS, config::GRACE_MS_DEFAULT, config::GRACE_MS_MIN, config::GRACE_MS_MAX, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-        ],
-        string: [
-            ["exempt-types", &*config::EXEMPT_TYPES, config::EXEMPT_TYPES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["exempt-users", &*config::EXEMPT_USERS, config::EXEMPT_USERS_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["exempt-names", &*config::EXEMPT_NAMES, config::EXEMPT_NAMES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["rules", &*config::RULES, config::RULES_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-        ],
-        bool: [
-            ["client-kill-compat", &*config::CLIENT_KILL_COMPAT, config::CLIENT_KILL_COMPAT_DEFAULT, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-        ],
-        enum: [
-            ["mode", &*config::MODE, Mode::enforce, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-            ["pacing", &*config::PACING, Pacing::fixed, ConfigurationFlags::DEFAULT, Some(Box::new(on_setting_changed))],
-        ],
-        module_args_as_configuration: false,
-    ]
 }

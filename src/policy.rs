@@ -108,6 +108,13 @@ pub fn parked(client: &ListedClient) -> bool {
     client.cmd == "NULL" || client.idle_s >= 1
 }
 
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[derive(Debug)]
 pub struct Policy {
     pub registry: Registry,
@@ -117,8 +124,15 @@ pub struct Policy {
     load: LoadGauge,
     /// Due clients the module is waiting on for a safe moment to close.
     watched: HashMap<u64, Watch>,
-    /// Clients that closing must wait for until their reply is out (the caller of a kill).
-    pub closes_after_reply: Vec<u64>,
+    /// When each client-side-caching redirect target began waiting for its sources.
+    tracking_hold_since_ms: HashMap<u64, u64>,
+    /// Max ages clients asked for with `MAXAGE.SELF` (client id -> ms), only those that asked.
+    requested_max_age_ms: HashMap<u64, u64>,
+    /// Since when pacing has been holding due clients back (cleared by a pass that retires
+    /// everyone due). The slack counts from the later of a client's deadline and this moment,
+    /// so clients that were overdue long before pacing began (after lowering the max age, or a
+    /// runtime load into a long-running server) are paced too.
+    backlog_since_ms: Option<u64>,
     /// Clients to retire now whatever their own deadline: the tracking clients whose
     /// invalidations go to a client that is being retired.
     retire_early: HashSet<u64>,
@@ -138,7 +152,9 @@ impl Policy {
             deadlines: DeadlineQueue::default(),
             load: LoadGauge::default(),
             watched: HashMap::new(),
-            closes_after_reply: Vec::new(),
+            backlog_since_ms: None,
+            requested_max_age_ms: HashMap::new(),
+            tracking_hold_since_ms: HashMap::new(),
             retire_early: HashSet::new(),
             audit: AuditLimiter::default(),
             seed,
@@ -149,9 +165,56 @@ impl Policy {
     /// The first moment this client may be due: its deadline under the shortest max age of any
     /// class (its own class is known only later, after AUTH and CLIENT SETNAME).
     pub fn deadline_of(&self, client: &TrackedClient) -> Option<u64> {
-        self.settings
+        let operator = self
+            .settings
             .shortest_max_age_ms()
-            .map(|max_age_ms| self.deadline_at(client, max_age_ms))
+            .map(|max_age_ms| self.deadline_at(client, max_age_ms));
+        earliest(operator, self.requested_deadline(client))
+    }
+
+    /// The deadline the client asked for with `MAXAGE.SELF` (no jitter: it asked for an age).
+    pub fn requested_deadline(&self, client: &TrackedClient) -> Option<u64> {
+        self.requested_max_age_ms
+            .get(&client.client_id)
+            .map(|ms| client.connected_at_ms.saturating_add(*ms))
+    }
+
+    pub fn requested_max_age_ms(&self, client_id: u64) -> Option<u64> {
+        self.requested_max_age_ms.get(&client_id).copied()
+    }
+
+    /// `MAXAGE.SELF <ms>` (0 withdraws): schedules the client for the age it asked for. The
+    /// operator's limits still apply; the earlier deadline wins.
+    pub fn request_max_age(&mut self, client_id: u64, max_age_ms: u64) {
+        if max_age_ms == 0 {
+            self.requested_max_age_ms.remove(&client_id);
+            return;
+        }
+        self.requested_max_age_ms.insert(client_id, max_age_ms);
+        if let Some(deadline) = self
+            .registry
+            .get(client_id)
+            .and_then(|client| self.requested_deadline(&client))
+        {
+            self.deadlines.push(deadline, client_id);
+        }
+    }
+
+    /// The deadline that applies to a client now and whether it is the one the client asked
+    /// for: the earlier of its class's (unless it is exempt) and its own request.
+    pub fn effective_deadline(
+        &self,
+        tracked: &TrackedClient,
+        listed: &ListedClient,
+    ) -> (Option<u64>, bool) {
+        let operator = if exemption(&self.settings, listed).is_some() {
+            None
+        } else {
+            self.class_deadline(tracked, listed).1
+        };
+        let requested = self.requested_deadline(tracked);
+        let effective = earliest(operator, requested);
+        (effective, requested.is_some() && effective == requested)
     }
 
     /// This client's class (rule label or "default") and its deadline in that class (`None`:
@@ -202,6 +265,8 @@ impl Policy {
         self.registry.remove(client_id);
         self.watched.remove(&client_id);
         self.retire_early.remove(&client_id);
+        self.requested_max_age_ms.remove(&client_id);
+        self.tracking_hold_since_ms.remove(&client_id);
         let live = self.registry.len();
         let registry = &self.registry;
         self.deadlines
@@ -226,7 +291,7 @@ impl Policy {
 
     pub fn retime_all(&mut self) {
         self.deadlines.clear();
-        if !self.settings.enforcing() {
+        if !self.settings.enforcing() && self.requested_max_age_ms.is_empty() {
             self.watched.clear();
             return;
         }
@@ -258,21 +323,41 @@ impl Policy {
     }
 
     /// Takes a pacing token for a retirement. A client overdue by `maxage.max-overdue-ms` or
-    /// more needs none: pacing may delay a retirement, never by more than that slack.
-    pub fn try_take_token(&mut self, now_ms: u64, overdue_ms: u64) -> bool {
-        if overdue_ms >= self.settings.max_overdue_ms {
+    /// more (counted from its deadline, or from when pacing began holding clients back if that
+    /// was later) needs none: pacing may delay a retirement, never by more than that slack.
+    pub fn try_take_token(&mut self, now_ms: u64, deadline_ms: Option<u64>) -> bool {
+        let counted_from = deadline_ms
+            .unwrap_or(now_ms)
+            .max(self.backlog_since_ms.unwrap_or(now_ms));
+        if now_ms.saturating_sub(counted_from) >= self.settings.max_overdue_ms {
             self.behind_slack = true;
             return true;
         }
-        self.pacer.try_take(now_ms)
+        let taken = self.pacer.try_take(now_ms);
+        if !taken {
+            self.hold_back(now_ms);
+        }
+        taken
     }
 
-    /// How late this client is past its own class deadline.
-    pub fn overdue_ms(&self, client: &ListedClient, now_ms: u64) -> u64 {
+    /// Due clients are being held back (no token, or the pass is full): the slack clock of
+    /// the backlog starts now, unless it is already running.
+    pub fn hold_back(&mut self, now_ms: u64) {
+        self.backlog_since_ms.get_or_insert(now_ms);
+    }
+
+    /// A pass that dealt with everyone due leaves no backlog: pacing holds nobody now.
+    pub fn end_pass(&mut self, drained: bool) {
+        if drained {
+            self.backlog_since_ms = None;
+        }
+    }
+
+    /// This client's deadline now (its class's, or the earlier one it asked for).
+    pub fn class_deadline_of(&self, client: &ListedClient) -> Option<u64> {
         self.registry
             .get(client.id)
-            .and_then(|tracked| self.class_deadline(&tracked, client).1)
-            .map_or(0, |deadline| now_ms.saturating_sub(deadline))
+            .and_then(|tracked| self.effective_deadline(&tracked, client).0)
     }
 
     /// With adaptive pacing, samples `(now_us, event_loop_busy_us)` and sets the rate from the
@@ -326,32 +411,44 @@ impl Policy {
                 .shortest_max_age_ms()
                 .unwrap_or(0)
                 .max(EXEMPT_RECHECK_MIN_MS);
-        if exemption(&self.settings, client).is_some() {
-            self.watched.remove(&client.id);
-            return Decision::Exempt { recheck_at_ms };
-        }
-        if let Some(tracked) = self.registry.get(client.id) {
-            match self.class_deadline(&tracked, client).1 {
-                None => {
-                    self.watched.remove(&client.id);
-                    return Decision::Exempt { recheck_at_ms };
+        let exempt = exemption(&self.settings, client).is_some();
+        let mut client_requested = false;
+        match self.registry.get(client.id) {
+            None if exempt => {
+                self.watched.remove(&client.id);
+                return Decision::Exempt { recheck_at_ms };
+            }
+            None => {}
+            Some(tracked) => {
+                let (effective, requested) = self.effective_deadline(&tracked, client);
+                client_requested = requested;
+                match effective {
+                    None => {
+                        self.watched.remove(&client.id);
+                        return Decision::Exempt { recheck_at_ms };
+                    }
+                    Some(due_at_ms)
+                        if due_at_ms > now_ms
+                            && !self.watched.contains_key(&client.id)
+                            && !self.retire_early.contains(&client.id) =>
+                    {
+                        return Decision::NotYet { due_at_ms };
+                    }
+                    Some(_) => {}
                 }
-                Some(due_at_ms)
-                    if due_at_ms > now_ms
-                        && !self.watched.contains_key(&client.id)
-                        && !self.retire_early.contains(&client.id) =>
-                {
-                    return Decision::NotYet { due_at_ms };
-                }
-                Some(_) => {}
             }
         }
+        let on_time = if client_requested {
+            Reason::ClientRequested
+        } else {
+            Reason::MaxAge
+        };
         let busy = mid_request(client, moment);
         let replying = reply_pending(client);
         let watch = self.watched.get(&client.id).copied();
         if !busy && !replying && (parked(client) || watch.is_some_and(|w| w.reply_seen)) {
             self.watched.remove(&client.id);
-            return Decision::Retire(Reason::MaxAge);
+            return Decision::Retire(on_time);
         }
         if watch.is_none() && self.watched.len() >= MAX_WATCHED {
             return Decision::Wait {
@@ -365,17 +462,22 @@ impl Policy {
         let grace_ends = watch.since_ms.saturating_add(self.settings.grace_ms);
         if now_ms >= grace_ends {
             self.watched.remove(&client.id);
-            let reason = if busy || replying {
+            let reason = if (busy || replying) && !client_requested {
                 Reason::MaxAgeGraceExpired
             } else {
-                Reason::MaxAge
+                on_time
             };
             return Decision::Retire(reason);
         }
+        let reply_seen_before = watch.reply_seen;
         watch.reply_seen = replying && !busy;
-        let poll_ms = if replying && !busy {
+        let poll_ms = if replying && !busy && !reply_seen_before {
             // The reply goes out before the next pass: look again right after it.
             0
+        } else if replying && !busy {
+            // Still replying at the next pass (a replica link's stream, a big reply being
+            // written): looking again at every pass would spin the event loop until grace ends.
+            QUIET_POLL_MS
         } else if busy && moment.unread_input_bytes == 0 {
             GRACE_POLL_MS
         } else {
@@ -405,14 +507,10 @@ impl Policy {
         if live.is_empty() {
             return None;
         }
-        let since_ms = self
-            .watched
-            .entry(target)
-            .or_insert(Watch {
-                since_ms: now_ms,
-                reply_seen: false,
-            })
-            .since_ms;
+        // Its own clock: `decide` forgets a client's watch each time it finds it ready to
+        // close, which restarted this grace at every look, so a target whose sources are
+        // never retired (exempt) waited forever.
+        let since_ms = *self.tracking_hold_since_ms.entry(target).or_insert(now_ms);
         let grace_ends = since_ms.saturating_add(self.settings.grace_ms);
         if now_ms >= grace_ends {
             return None;
@@ -429,7 +527,10 @@ impl Policy {
     /// has no token, the next token), or a pending audit summary, whichever is first.
     pub fn next_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
         let deadline = self.deadlines.next_deadline().map(|(deadline, _)| {
-            if deadline <= now_ms {
+            if deadline <= now_ms && self.behind_slack {
+                // Clients past the slack need no token: carry on at the next loop pass.
+                now_ms
+            } else if deadline <= now_ms {
                 self.pacer.next_token_at_ms(now_ms)
             } else {
                 deadline
@@ -540,7 +641,7 @@ mod tests {
         for now in 100..1100 {
             let due = policy.take_due(now, 64);
             for (position, _) in due.iter().enumerate() {
-                if policy.try_take_token(now, 0) {
+                if policy.try_take_token(now, Some(100)) {
                     retired += 1;
                 } else {
                     due[position..]
@@ -557,14 +658,17 @@ mod tests {
     fn busy_loop_shrinks_passes_until_the_slack_is_reached() {
         let mut config = settings(100);
         config.adaptive_pacing = true;
+        config.max_evictions_per_sec = 100;
         config.max_overdue_ms = 500;
         let mut policy = Policy::new(config, 1, 0);
         // A loop that never sleeps.
         policy.observe_load(|| (1_000_000, 0));
         policy.observe_load(|| (2_000_000, 1_000_000));
         assert_eq!(policy.start_pass().closes, 1);
-        // A client past the slack needs no token and makes the next pass full-size.
-        assert!(policy.try_take_token(2_000, 500));
+        // A client held back past the slack needs no token and makes the next pass full-size.
+        while policy.try_take_token(1_500, Some(100)) {}
+        assert!(!policy.try_take_token(1_510, Some(100)));
+        assert!(policy.try_take_token(2_000, Some(100)));
         assert_eq!(policy.start_pass(), FULL_PASS);
         // That pass met nobody past the slack: back to one close a pass.
         assert_eq!(policy.start_pass().closes, 1);
@@ -572,6 +676,83 @@ mod tests {
         fixed.observe_load(|| (1_000_000, 0));
         fixed.observe_load(|| (2_000_000, 1_000_000));
         assert_eq!(fixed.start_pass(), FULL_PASS);
+    }
+
+    /// Lowering the max age makes every old client overdue at once, by far more than the
+    /// slack: pacing must still spread them, the slack counting from when pacing held each.
+    #[test]
+    fn clients_overdue_before_pacing_held_them_are_still_paced() {
+        let mut config = settings(3_600_000);
+        config.max_evictions_per_sec = 100;
+        config.max_overdue_ms = 2_000;
+        let mut policy = Policy::new(config.clone(), 1, 0);
+        for id in 1..=1000 {
+            policy.on_connect(id, 0);
+        }
+        config.max_age_ms = 1_000;
+        let now = 86_400_000;
+        policy.apply_settings(config, now);
+        let mut retired_in_first_second = 0;
+        for tick in 0..1000 {
+            let due = policy.take_due(now + tick, 64);
+            for (position, _) in due.iter().enumerate() {
+                if policy.try_take_token(now + tick, Some(1_000)) {
+                    retired_in_first_second += 1;
+                } else {
+                    due[position..]
+                        .iter()
+                        .for_each(|id| policy.requeue(*id, now + tick));
+                    break;
+                }
+            }
+        }
+        assert!(
+            (100..=106).contains(&retired_in_first_second),
+            "{retired_in_first_second}"
+        );
+        // ...and the slack still bounds the wait, counted from when pacing began.
+        assert!(policy.try_take_token(now + 2_000, Some(1_000)));
+    }
+
+    /// A redirect target whose source is never retired (exempt) still goes when its grace
+    /// runs out, although each look finds it ready to close.
+    #[test]
+    fn a_redirect_target_waits_for_its_sources_at_most_the_grace() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        policy.on_connect(5, 0);
+        policy.on_connect(6, 0);
+        let mut held_until = 0;
+        for now in (200..400).step_by(10) {
+            let idle = listed(&format!("{IDLE} cmd=get idle=3"));
+            assert_eq!(
+                policy.decide(&idle, Moment::default(), now),
+                Decision::Retire(Reason::MaxAge)
+            );
+            match policy.hold_for_tracking_sources(5, &[6], now) {
+                Some(_) => held_until = now,
+                None => break,
+            }
+        }
+        assert!((290..300).contains(&held_until), "{held_until}");
+    }
+
+    /// A client that is always replying (a replica link's output) is looked at again right
+    /// after the first reply, then once a millisecond, never at every event-loop pass.
+    #[test]
+    fn a_client_that_always_replies_is_not_polled_at_every_pass() {
+        let mut policy = Policy::new(settings(100), 1, 0);
+        policy.on_connect(5, 0);
+        let replying = listed(
+            "id=5 addr=127.0.0.1:1 flags=N db=0 multi=-1 qbuf=0 obl=0 oll=1 cmd=get idle=0 user=default",
+        );
+        let mut polls = Vec::new();
+        for now in [200, 201, 202] {
+            match policy.decide(&replying, Moment::default(), now) {
+                Decision::Wait { retry_at_ms } => polls.push(retry_at_ms - now),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(polls, vec![0, QUIET_POLL_MS, QUIET_POLL_MS]);
     }
 
     const IDLE: &str =

@@ -101,6 +101,7 @@ pub fn preview(
 
 /// MAXAGE.PREVIEW [RULES <rules>] [MAX-AGE-MS <ms>] [WITHIN <ms>]
 pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    crate::acl::require(ctx, crate::acl::Needs::ClientList, &[])?;
     let mut rules_text: Option<String> = None;
     let mut max_age_ms: Option<u64> = None;
     let mut within_ms = 60_000u64;
@@ -112,12 +113,13 @@ pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         };
         let number = || {
             parse_strict_i64(value.as_slice())
-                .filter(|n| *n >= 0)
+                .filter(|n| (0..=crate::config::MAX_AGE_MS_MAX).contains(n))
                 .map(|n| n as u64)
                 .ok_or_else(|| {
                     RedisError::String(format!(
-                        "ERR {} is not a non-negative integer",
-                        keyword.to_lowercase()
+                        "ERR {} is not an integer from 0 to {}",
+                        keyword.to_lowercase(),
+                        crate::config::MAX_AGE_MS_MAX
                     ))
                 })
         };

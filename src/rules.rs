@@ -48,6 +48,10 @@ impl Rule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rules(Vec<Rule>);
 
+/// A rule's max age has the bounds of `maxage.max-age-ms` (ten years): deadlines computed from
+/// it never come near overflow.
+pub const MAX_RULE_AGE_MS: u64 = crate::config::MAX_AGE_MS_MAX as u64;
+
 /// The label of the class of clients no rule matches.
 pub const DEFAULT_CLASS: &str = "default";
 
@@ -59,9 +63,15 @@ impl Rules {
             let (selector_text, age_text) = word
                 .rsplit_once('=')
                 .ok_or_else(|| format!("rule '{word}' has no '=<max-age-ms>'"))?;
-            let max_age_ms: u64 = age_text.parse().map_err(|_| {
-                format!("rule '{word}': '{age_text}' is not a number of milliseconds")
-            })?;
+            let max_age_ms: u64 = age_text
+                .parse()
+                .ok()
+                .filter(|ms| *ms <= MAX_RULE_AGE_MS)
+                .ok_or_else(|| {
+                    format!(
+                        "rule '{word}': '{age_text}' is not a number of milliseconds from 0 to {MAX_RULE_AGE_MS}"
+                    )
+                })?;
             let (kind, pattern) = selector_text.split_once(':').ok_or_else(|| {
                 format!("rule '{word}' has no '<kind>:' (user, name, lib or type)")
             })?;
@@ -184,10 +194,13 @@ mod tests {
             "color:red=100",
             "type:robot=100",
             "name:ok=1 user:x=-5",
+            "type:normal=18446744073709552",
+            "type:normal=315360000001",
         ] {
             assert!(Rules::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(Rules::parse("").unwrap(), Rules::default());
         assert!(Rules::parse("  name:a=1   TYPE:normal=2 ").is_ok());
+        assert!(Rules::parse("type:normal=315360000000").is_ok());
     }
 }

@@ -13,6 +13,7 @@ use crate::state::STATE;
 pub static EVICTED_BY_MAX_AGE: AtomicU64 = AtomicU64::new(0);
 pub static EVICTED_AFTER_GRACE: AtomicU64 = AtomicU64::new(0);
 pub static EVICTED_BY_COMMAND: AtomicU64 = AtomicU64::new(0);
+pub static EVICTED_CLIENT_REQUESTED: AtomicU64 = AtomicU64::new(0);
 pub static OBSERVED_WOULD_EVICT: AtomicU64 = AtomicU64::new(0);
 pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
 pub static SAFE_MOMENT_POLLS: AtomicU64 = AtomicU64::new(0);
@@ -31,6 +32,7 @@ pub fn count_retirement(reason: Reason, observe_only: bool) {
         (false, Reason::MaxAge) => &EVICTED_BY_MAX_AGE,
         (false, Reason::MaxAgeGraceExpired) => &EVICTED_AFTER_GRACE,
         (false, Reason::ManualKill) => &EVICTED_BY_COMMAND,
+        (false, Reason::ClientRequested) => &EVICTED_CLIENT_REQUESTED,
     };
     counter.fetch_add(1, Ordering::Relaxed);
 }
@@ -85,6 +87,7 @@ pub fn write_info(info: &mut InfoWriter) {
     let by_max_age = get(&EVICTED_BY_MAX_AGE);
     let after_grace = get(&EVICTED_AFTER_GRACE);
     let by_command = get(&EVICTED_BY_COMMAND);
+    let client_requested = get(&EVICTED_CLIENT_REQUESTED);
     info.field_u64("tracked_clients", tracked);
     info.field_u64("approximate_age_clients", approximate);
     let buckets: Vec<String> = crate::preview::AGE_BUCKETS_MS
@@ -95,10 +98,14 @@ pub fn write_info(info: &mut InfoWriter) {
         .map(|(name, count)| format!("{name}={count}"))
         .collect();
     info.field_str("age_histogram", &buckets.join(","));
-    info.field_u64("evicted_connections", by_max_age + after_grace + by_command);
+    info.field_u64(
+        "evicted_connections",
+        by_max_age + after_grace + by_command + client_requested,
+    );
     info.field_u64("evicted_max_age", by_max_age);
     info.field_u64("evicted_max_age_after_grace", after_grace);
     info.field_u64("evicted_manual", by_command);
+    info.field_u64("evicted_client_requested", client_requested);
     info.field_u64("observed_would_evict", get(&OBSERVED_WOULD_EVICT));
     info.field_u64("exempted", get(&EXEMPTIONS));
     info.field_u64("safe_moment_polls", get(&SAFE_MOMENT_POLLS));
@@ -127,8 +134,10 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("max_overdue_ms", settings.max_overdue_ms);
     info.field_u64("evictions_per_sec_now", rate_now);
     info.field_u64("event_loop_busy_pct", event_loop_busy_pct);
-    info.field_str("rules", &crate::config::RULES.current());
-    info.field_str("exempt_types", &crate::config::EXEMPT_TYPES.current());
-    info.field_str("exempt_users", &crate::config::EXEMPT_USERS.current());
-    info.field_str("exempt_names", &crate::config::EXEMPT_NAMES.current());
+    use crate::config::{Id, text_setting};
+    info.field_str("rules", &text_setting(Id::Rules));
+    info.field_str("exempt_types", &text_setting(Id::ExemptTypes));
+    info.field_str("exempt_users", &text_setting(Id::ExemptUsers));
+    info.field_str("exempt_names", &text_setting(Id::ExemptNames));
+    info.field_u64("ffi_errors", crate::ffi::FFI_ERRORS.load(Ordering::Relaxed));
 }

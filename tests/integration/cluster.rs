@@ -47,6 +47,9 @@ fn cluster_traffic(port: u16, seconds: u64) -> Child {
 
 #[test]
 fn cluster_with_the_module_on_every_node() {
+    if !runs_on(Flavor::Redis) {
+        return;
+    }
     let _alone = exclusive();
     let nodes: Vec<Server> = (0..6)
         .map(|_| Server::builder(Flavor::Redis).cluster_node().start())

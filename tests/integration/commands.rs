@@ -173,7 +173,7 @@ fn list_reports_fields_oldest_first_in_resp2_and_resp3() {
         let mut resp3 = server.idle_socket();
         raw_command(&mut resp3, &["HELLO", "3"]);
         let reply = raw_command(&mut resp3, &["MAXAGE.LIST", "NAME", "first"]);
-        assert!(reply.starts_with("*1\r\n%15\r\n"), "{flavor:?}: {reply:?}");
+        assert!(reply.starts_with("*1\r\n%16\r\n"), "{flavor:?}: {reply:?}");
     }
 }
 

@@ -1,6 +1,7 @@
-//! Existing tools keep working: `CLIENT KILL ... MAXAGE` from redis-py and redis-cli on Redis 7.0
-//! through the compatibility filter, untouched native behaviour on Valkey 9.1, command docs,
-//! replication role changes and a Redis Cluster with the module on every node.
+//! Existing tools keep working: `CLIENT KILL ... MAXAGE` from redis-py and redis-cli through the
+//! compatibility filter where the server lacks the filter (Redis 7.0, 7.2), untouched native
+//! behaviour where it has it (Redis 7.4+, Valkey 8+), command docs, replication role changes and
+//! a Redis Cluster with the module on every node.
 
 use std::collections::BTreeSet;
 use std::net::TcpStream;
@@ -28,9 +29,14 @@ fn redis_py_kill_maxage(port: u16, seconds: u64) -> i64 {
     .expect("an integer")
 }
 
+/// On Redis 7.0-7.2 the module answers; on Redis 7.4+ (native MAXAGE) the server does, alone.
 #[test]
 fn redis_py_client_kill_filter_maxage_works_on_redis_70() {
+    if !runs_on(Flavor::Redis) {
+        return;
+    }
     let server = Server::start(Flavor::Redis);
+    let native = server.info().native_kill_maxage();
     let (old, young, _sockets) = aged_clients(&server);
     let mut admin = server.admin();
     // redis-py sends CLIENT KILL MAXAGE 2; Redis 7.0 alone answers ERR syntax error.
@@ -40,7 +46,9 @@ fn redis_py_client_kill_filter_maxage_works_on_redis_70() {
     assert!(listed.is_superset(&young));
     assert_eq!(
         info_field(&mut admin, "maxage_compat_client_kill_calls"),
-        Some(1)
+        Some(if native { 0 } else { 1 }),
+        "{:?}",
+        server.info()
     );
     // redis-cli too: the two young ones are now older than a second.
     drop(admin);
@@ -54,6 +62,9 @@ fn redis_py_client_kill_filter_maxage_works_on_redis_70() {
 
 #[test]
 fn valkey_native_results_are_unchanged_by_the_module() {
+    if !runs_on(Flavor::Valkey) {
+        return;
+    }
     let mut results = Vec::new();
     for with_module in [false, true] {
         let builder = Server::builder(Flavor::Valkey);
@@ -83,6 +94,7 @@ fn valkey_native_results_are_unchanged_by_the_module() {
 fn old_style_and_native_forms_are_untouched_and_compat_can_be_turned_off() {
     for flavor in BOTH {
         let server = Server::start(flavor);
+        let info = server.info();
         let mut admin = server.admin();
         assert_eq!(
             error_of(&mut admin, &["CLIENT", "KILL", "1.2.3.4:5"]),
@@ -121,14 +133,29 @@ fn old_style_and_native_forms_are_untouched_and_compat_can_be_turned_off() {
             &["CONFIG", "SET", "maxage.client-kill-compat", "no"],
         )
         .unwrap();
+        // With compat off the server alone answers: what it has works, what it lacks is an error.
         let outcome = run::<redis::Value>(&mut admin, &["CLIENT", "KILL", "MAXAGE", "1"]);
-        match flavor {
-            Flavor::Redis => assert_eq!(
+        if info.native_kill_maxage() {
+            assert!(outcome.is_ok(), "{info:?}: {outcome:?}");
+        } else {
+            assert_eq!(
                 error_of(&mut admin, &["CLIENT", "KILL", "MAXAGE", "1"]),
-                "ERR syntax error"
-            ),
-            Flavor::Valkey => assert!(outcome.is_ok(), "{outcome:?}"),
+                "ERR syntax error",
+                "{info:?}"
+            );
         }
+        if let Some((keyword, value)) = info.lacking_kill_filter() {
+            assert_eq!(
+                error_of(&mut admin, &["CLIENT", "KILL", keyword, value]),
+                "ERR syntax error",
+                "{info:?}"
+            );
+        }
+        assert_eq!(
+            info_field(&mut admin, "maxage_compat_client_kill_calls"),
+            Some(0),
+            "{info:?}"
+        );
         // The module's own MAXAGE-MS is an addition through CLIENT KILL too, when compat is on.
         run::<()>(
             &mut admin,
@@ -148,27 +175,195 @@ fn old_style_and_native_forms_are_untouched_and_compat_can_be_turned_off() {
     }
 }
 
+/// A `CLIENT KILL` the module answers (a filter the server lacks: MAXAGE on Redis 7.0-7.2,
+/// IDLE on Redis 7.4 and Valkey 8) needs both the original command and the module's; one the
+/// server answers itself (MAXAGE on Redis 7.4+, Valkey 8+) needs only the original.
 #[test]
 fn compat_keeps_acl_on_the_original_command() {
-    let server = Server::start(Flavor::Redis);
-    let mut admin = server.admin();
-    for (user, rules) in [
-        ("no-client-kill", &["+@all", "-client|kill"][..]),
-        ("no-module", &["+@all", "-maxage.clientkill"][..]),
-        ("both", &["+@all"][..]),
-    ] {
-        create_user(&mut admin, user, rules);
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let info = server.info();
+        let mut admin = server.admin();
+        for (user, rules) in [
+            ("no-client-kill", &["+@all", "-client|kill"][..]),
+            ("no-module", &["+@all", "-maxage.clientkill"][..]),
+            ("both", &["+@all"][..]),
+        ] {
+            create_user(&mut admin, user, rules);
+        }
+        if info.native_kill_maxage() {
+            let native = ["CLIENT", "KILL", "MAXAGE", "1000"];
+            let error = error_of(&mut login(&server, "no-client-kill"), &native);
+            assert!(error.starts_with("NOPERM"), "{info:?}: {error}");
+            let mut without_module = login(&server, "no-module");
+            assert_eq!(run::<i64>(&mut without_module, &native).unwrap(), 0);
+        }
+        if let Some((keyword, value)) = info.lacking_kill_filter() {
+            let command = ["CLIENT", "KILL", keyword, value];
+            for user in ["no-client-kill", "no-module"] {
+                let error = error_of(&mut login(&server, user), &command);
+                assert!(error.starts_with("NOPERM"), "{info:?} {user}: {error}");
+            }
+            let mut allowed = login(&server, "both");
+            assert_eq!(run::<i64>(&mut allowed, &command).unwrap(), 0, "{info:?}");
+        }
+        let answered_by_module = i64::from(info.lacking_kill_filter().is_some());
+        assert_eq!(
+            info_field(&mut admin, "maxage_compat_client_kill_calls"),
+            Some(answered_by_module),
+            "{info:?}"
+        );
     }
-    for user in ["no-client-kill", "no-module"] {
-        let mut conn = login(&server, user);
-        let error = error_of(&mut conn, &["CLIENT", "KILL", "MAXAGE", "1000"]);
-        assert!(error.starts_with("NOPERM"), "{user}: {error}");
+}
+
+/// What the suite expects of each server (harness::ServerInfo) agrees with what the module
+/// found at load and with the server itself: which CLIENT KILL filters the module answers,
+/// whether clients can set lib-name (Redis 7.2+, Valkey) and capa (Valkey 8+), and the module's
+/// LIB-NAME and CAPA filters see what the server shows in CLIENT LIST (capa only from Valkey 9.0:
+/// on 8.0 the CAPA filter matches nobody).
+#[test]
+fn the_module_and_the_server_agree_with_the_capability_table() {
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let info = server.info();
+        assert_eq!(
+            info.product == Product::Valkey,
+            flavor == Flavor::Valkey,
+            "{info:?}"
+        );
+        let log = server.log();
+        let lacks = log.lines().find(|line| line.contains("CLIENT KILL lacks"));
+        match info.lacking_kill_filter() {
+            None => assert!(lacks.is_none(), "{info:?}: {lacks:?}"),
+            Some(_) => {
+                let lacks = lacks.unwrap_or_else(|| panic!("{info:?}: no 'lacks' line:\n{log}"));
+                for keyword in ["MAXAGE", "NAME", "IDLE", "NOT-ID"] {
+                    let listed = lacks.split([' ', ',']).any(|word| word == keyword);
+                    assert_eq!(
+                        listed,
+                        !info.native_kill_filter(keyword),
+                        "{info:?} {keyword}: {lacks}"
+                    );
+                }
+            }
+        }
+        let mut admin = server.admin();
+        let mut lib = server.idle_socket();
+        let lib_id = raw_client_id(&mut lib);
+        let reply = raw_command(&mut lib, &["CLIENT", "SETINFO", "LIB-NAME", "mylib"]);
+        let mut capa = server.idle_socket();
+        let capa_id = raw_client_id(&mut capa);
+        let capa_reply = raw_command(&mut capa, &["CLIENT", "CAPA", "redirect"]);
+        for (has, shown, reply, filter, id) in [
+            (
+                info.client_setinfo(),
+                info.client_setinfo(),
+                reply,
+                ["LIB-NAME", "mylib"],
+                lib_id,
+            ),
+            (
+                info.client_capa(),
+                info.client_list_capa(),
+                capa_reply,
+                ["CAPA", "r"],
+                capa_id,
+            ),
+        ] {
+            let listed = maxage_list_ids(&mut admin, &filter);
+            if has {
+                assert_eq!(reply, "+OK\r\n", "{info:?} {filter:?}");
+                let expected = if shown { vec![id] } else { vec![] };
+                assert_eq!(listed, expected, "{info:?} {filter:?}");
+            } else {
+                assert!(
+                    reply.starts_with("-ERR unknown subcommand"),
+                    "{info:?}: {reply}"
+                );
+                assert!(listed.is_empty(), "{info:?} {filter:?}: {listed:?}");
+            }
+        }
     }
-    let mut allowed = login(&server, "both");
-    assert_eq!(
-        run::<i64>(&mut allowed, &["CLIENT", "KILL", "MAXAGE", "1000"]).unwrap(),
-        0
-    );
+}
+
+/// On a server without the module APIs it needs (Redis 6.2: no SetCommandInfo, no module
+/// configs) the module refuses with a log line, at startup (the server exits 1, not by a
+/// signal) and on MODULE LOAD (an error reply; the server keeps running).
+#[test]
+fn refuses_to_load_on_a_server_too_old() {
+    let Some(binary) = old_server() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("maxage-old-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log_path = dir.join("server.log");
+    let start = |load: bool| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let _ = std::fs::remove_file(&log_path);
+        let mut args = vec![
+            "--port".to_string(),
+            port.to_string(),
+            "--bind".to_string(),
+            "127.0.0.1".to_string(),
+            "--save".to_string(),
+            String::new(),
+            "--dir".to_string(),
+            dir.display().to_string(),
+            "--logfile".to_string(),
+            log_path.display().to_string(),
+        ];
+        if load {
+            args.extend([
+                "--loadmodule".to_string(),
+                module_path().display().to_string(),
+            ]);
+        }
+        let child = std::process::Command::new(&binary)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {binary:?}: {e}"));
+        (child, port)
+    };
+    let refusal = "maxage: refusing to load: the server lacks the module API";
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    let (mut child, _) = start(true);
+    let mut status = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }));
+    let status = status.unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}:\n{}", log());
+    assert!(log().contains(refusal), "{}", log());
+
+    let (mut child, port) = start(false);
+    let url = format!("redis://127.0.0.1:{port}/");
+    let mut conn = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .ok();
+        conn.is_some()
+    }));
+    let mut conn = conn.unwrap();
+    let module = module_path().display().to_string();
+    let error = error_of(&mut conn, &["MODULE", "LOAD", &module]);
+    assert!(error.starts_with("ERR"), "{error}");
+    assert_eq!(run::<String>(&mut conn, &["PING"]).unwrap(), "PONG");
+    assert!(child.try_wait().unwrap().is_none(), "the server died");
+    assert!(log().contains(refusal), "{}", log());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -2,12 +2,14 @@
 //! with the module loaded on a free loopback port, hands out connections, and always stops the
 //! server (also when the test panics, through `Drop`).
 
+use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
+use std::marker::PhantomData;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,7 +20,281 @@ pub enum Flavor {
     Valkey,
 }
 
-pub const BOTH: [Flavor; 2] = [Flavor::Redis, Flavor::Valkey];
+/// The flavors this run covers: `for flavor in BOTH` runs both unless `MAXAGE_SERVERS` (a
+/// comma-separated list of `redis`, `valkey`) names fewer, as scripts/matrix does to run the
+/// suite against one extra server.
+pub const BOTH: Flavors = Flavors;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Flavors;
+
+impl IntoIterator for Flavors {
+    type Item = Flavor;
+    type IntoIter = std::vec::IntoIter<Flavor>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        [Flavor::Redis, Flavor::Valkey]
+            .into_iter()
+            .filter(|flavor| flavor.selected())
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+}
+
+impl Flavor {
+    /// Whether `MAXAGE_SERVERS` (unset: both) covers this flavor.
+    pub fn selected(self) -> bool {
+        let Some(list) = std::env::var_os("MAXAGE_SERVERS") else {
+            return true;
+        };
+        let list = list.to_string_lossy().to_ascii_lowercase();
+        let names: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        for name in &names {
+            assert!(
+                ["redis", "valkey"].contains(name),
+                "MAXAGE_SERVERS={list}: {name} is neither redis nor valkey"
+            );
+        }
+        names.contains(&self.name())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Redis => "redis",
+            Flavor::Valkey => "valkey",
+        }
+    }
+}
+
+/// For a test written for one flavor: true when this run covers it; otherwise notes the test as
+/// skipped (in `MAXAGE_SKIP_LOG`, if set, for scripts/matrix's table) and the test returns.
+pub fn runs_on(flavor: Flavor) -> bool {
+    if flavor.selected() {
+        return true;
+    }
+    skipped(&format!("MAXAGE_SERVERS does not cover {flavor:?}"));
+    false
+}
+
+/// A server binary too old for the module (`MAXAGE_OLD_SERVER`, e.g. Redis 6.2; scripts/matrix
+/// sets it), or None after noting the calling test as skipped.
+pub fn old_server() -> Option<PathBuf> {
+    let path = std::env::var_os("MAXAGE_OLD_SERVER").map(PathBuf::from);
+    if path.is_none() {
+        skipped("MAXAGE_OLD_SERVER is not set");
+    }
+    path
+}
+
+/// Notes the calling test as skipped: on standard error and in `MAXAGE_SKIP_LOG`, if set.
+fn skipped(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_string();
+    eprintln!("skipped {test}: {why}");
+    if let Some(path) = std::env::var_os("MAXAGE_SKIP_LOG")
+        && let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(file, "{test}");
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Product {
+    Redis,
+    Valkey,
+}
+
+/// What the running server is (from `INFO server`) and so what it should do by itself. These
+/// are tables from the servers' sources and release notes, deliberately not probes: the tests
+/// check the module's own probing against them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub product: Product,
+    /// (major, minor, patch): `valkey_version` on Valkey (whose `redis_version` stays 7.2.4),
+    /// else `redis_version`.
+    pub version: (u32, u32, u32),
+}
+
+/// `CLIENT KILL` filters every supported server has.
+pub const BASE_KILL_FILTERS: [&str; 6] = ["ID", "TYPE", "USER", "ADDR", "LADDR", "SKIPME"];
+
+/// Filters only Valkey 9.0+ has natively (extended filters and their NOT- forms); on others the
+/// module's compatibility filter answers them.
+pub const VALKEY_9_KILL_FILTERS: [&str; 20] = [
+    "NAME",
+    "IDLE",
+    "FLAGS",
+    "LIB-NAME",
+    "LIB-VER",
+    "DB",
+    "CAPA",
+    "IP",
+    "NOT-ID",
+    "NOT-TYPE",
+    "NOT-USER",
+    "NOT-ADDR",
+    "NOT-LADDR",
+    "NOT-IP",
+    "NOT-NAME",
+    "NOT-FLAGS",
+    "NOT-LIB-NAME",
+    "NOT-LIB-VER",
+    "NOT-DB",
+    "NOT-CAPA",
+];
+
+/// A `CLIENT KILL` filter keyword of some server.
+fn is_keyword(word: &str) -> bool {
+    let word = word.to_ascii_uppercase();
+    BASE_KILL_FILTERS.contains(&word.as_str())
+        || word == "MAXAGE"
+        || VALKEY_9_KILL_FILTERS.contains(&word.as_str())
+}
+
+/// The filter keywords of a `CLIENT KILL`/`LIST` argument list, each with how many values
+/// follow it (ID and NOT-ID take several).
+fn filter_keywords(args: &[&str]) -> Vec<(String, usize)> {
+    let mut keywords = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let keyword = args[i].to_ascii_uppercase();
+        i += 1;
+        let mut values = 0;
+        while i < args.len() && (values == 0 || keyword.ends_with("ID")) && !is_keyword(args[i]) {
+            values += 1;
+            i += 1;
+        }
+        keywords.push((keyword, values));
+    }
+    keywords
+}
+
+impl ServerInfo {
+    pub fn parse(info_server: &str) -> ServerInfo {
+        let field = |name: &str| {
+            info_server
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}:")))
+                .map(|value| value.trim().to_string())
+        };
+        let valkey = field("server_name").as_deref() == Some("valkey");
+        let version_text = if valkey {
+            field("valkey_version")
+        } else {
+            field("redis_version")
+        }
+        .unwrap_or_else(|| panic!("INFO server has no version:\n{info_server}"));
+        let mut parts = version_text
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let mut next = || parts.next().unwrap_or(0);
+        ServerInfo {
+            product: if valkey {
+                Product::Valkey
+            } else {
+                Product::Redis
+            },
+            version: (next(), next(), next()),
+        }
+    }
+
+    fn at_least(&self, major: u32, minor: u32) -> bool {
+        (self.version.0, self.version.1) >= (major, minor)
+    }
+
+    /// `CLIENT KILL ... MAXAGE`: Redis 7.4+, Valkey 8.0+.
+    pub fn native_kill_maxage(&self) -> bool {
+        match self.product {
+            Product::Redis => self.at_least(7, 4),
+            Product::Valkey => self.at_least(8, 0),
+        }
+    }
+
+    /// Whether the server's own `CLIENT KILL` takes this filter keyword. Redis up to 7.4 has
+    /// the base set plus MAXAGE (7.4); Valkey 8.0 the same as Redis 7.4; Valkey 9.0 everything.
+    pub fn native_kill_filter(&self, keyword: &str) -> bool {
+        let keyword = keyword.to_ascii_uppercase();
+        if BASE_KILL_FILTERS.contains(&keyword.as_str()) {
+            return true;
+        }
+        if keyword == "MAXAGE" {
+            return self.native_kill_maxage();
+        }
+        self.product == Product::Valkey
+            && self.at_least(9, 0)
+            && VALKEY_9_KILL_FILTERS.contains(&keyword.as_str())
+    }
+
+    /// `ID a b` in `CLIENT KILL`: Valkey 8.1+.
+    pub fn native_variadic_kill_id(&self) -> bool {
+        self.product == Product::Valkey && self.at_least(8, 1)
+    }
+
+    /// Whether the server's own `CLIENT KILL <args>` understands every filter in `args` (a word
+    /// that is no filter keyword of any server counts as understood: both answer it alike).
+    pub fn native_kill_args(&self, args: &[&str]) -> bool {
+        filter_keywords(args).iter().all(|(keyword, values)| {
+            !is_keyword(keyword)
+                || (self.native_kill_filter(keyword)
+                    && (*values <= 1 || !keyword.ends_with("ID") || self.native_variadic_kill_id()))
+        })
+    }
+
+    /// Whether the server's own `CLIENT LIST <args>` takes them: from Valkey 9.0 the same
+    /// filters as `CLIENT KILL`; before, only `TYPE t` or `ID id [id ...]` alone (Valkey 8.1
+    /// added a few more; they are not counted on here).
+    pub fn native_list_args(&self, args: &[&str]) -> bool {
+        if self.product == Product::Valkey && self.at_least(9, 0) {
+            return self.native_kill_args(args);
+        }
+        match filter_keywords(args).as_slice() {
+            [(keyword, values)] => {
+                (keyword == "TYPE" && *values == 1) || (keyword == "ID" && *values >= 1)
+            }
+            _ => false,
+        }
+    }
+
+    /// A `CLIENT KILL` filter (keyword, harmless value) this server lacks, the first of a fixed
+    /// list, if it lacks any: the compatibility filter hands such calls to the module.
+    pub fn lacking_kill_filter(&self) -> Option<(&'static str, &'static str)> {
+        [
+            ("MAXAGE", "1000"),
+            ("IDLE", "1000"),
+            ("NAME", "no-such-name"),
+        ]
+        .into_iter()
+        .find(|(keyword, _)| !self.native_kill_filter(keyword))
+    }
+
+    /// `CLIENT SETINFO LIB-NAME/LIB-VER` (and the lib-name= lib-ver= fields): Redis 7.2+, Valkey.
+    pub fn client_setinfo(&self) -> bool {
+        match self.product {
+            Product::Redis => self.at_least(7, 2),
+            Product::Valkey => true,
+        }
+    }
+
+    /// `CLIENT CAPA`: Valkey 8.0+ only.
+    pub fn client_capa(&self) -> bool {
+        self.product == Product::Valkey && self.at_least(8, 0)
+    }
+
+    /// The `capa=` field of `CLIENT LIST`, which the module's CAPA filter reads: Valkey 9.0+
+    /// (Valkey 8.0 takes `CLIENT CAPA` but does not show it; 8.1 is not known here).
+    pub fn client_list_capa(&self) -> bool {
+        self.product == Product::Valkey && self.at_least(9, 0)
+    }
+}
 
 impl Flavor {
     pub fn binary(self) -> PathBuf {
@@ -62,12 +338,86 @@ pub fn module_path() -> PathBuf {
     path
 }
 
-/// Timing-sensitive tests take this so that they do not share the two cores with a noisy neighbour.
-pub fn exclusive() -> MutexGuard<'static, ()> {
-    static EXCLUSIVE: Mutex<()> = Mutex::new(());
-    EXCLUSIVE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Every server a test starts holds a shared lane; timing-sensitive tests take the lane
+/// exclusively, so they never share the two cores with another test's servers (a heavy test
+/// beside a precision test made the precision test fail on a loaded machine).
+static LANE: RwLock<()> = RwLock::new(());
+
+thread_local! {
+    static ALONE: Cell<bool> = const { Cell::new(false) };
+    /// How many of this thread's servers hold the shared lane, and the one guard they share: a
+    /// test takes the lane once, however many servers it starts, so that a waiting exclusive
+    /// test cannot block its second server while its first holds the lane.
+    static SHARED: RefCell<(usize, Option<RwLockReadGuard<'static, ()>>)> =
+        const { RefCell::new((0, None)) };
+}
+
+/// Held by a timing-sensitive test for its whole run (see `LANE`).
+pub struct Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>);
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        ALONE.with(|alone| alone.set(false));
+    }
+}
+
+pub fn exclusive() -> Alone {
+    let guard = LANE
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    ALONE.with(|alone| alone.set(true));
+    Alone(guard)
+}
+
+/// A server's share of its thread's lane (not `Send`: it must be dropped on that thread).
+pub struct LaneShare(PhantomData<*const ()>);
+
+impl Drop for LaneShare {
+    fn drop(&mut self) {
+        SHARED.with(|shared| {
+            let mut shared = shared.borrow_mut();
+            shared.0 -= 1;
+            if shared.0 == 0 {
+                shared.1 = None;
+            }
+        });
+    }
+}
+
+/// The shared lane for a server, unless this thread's test already runs alone.
+fn shared_lane() -> Option<LaneShare> {
+    if ALONE.with(Cell::get) {
+        return None;
+    }
+    SHARED.with(|shared| {
+        let mut shared = shared.borrow_mut();
+        if shared.0 == 0 {
+            shared.1 = Some(LANE.read().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        }
+        shared.0 += 1;
+    });
+    Some(LaneShare(PhantomData))
+}
+
+/// Raises this process's open-file limit to the hard limit once: servers inherit it, and a
+/// test with thousands of clients needs it for its own sockets.
+fn raise_open_file_limit() {
+    static RAISED: Once = Once::new();
+    RAISED.call_once(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain system calls on a valid, writable rlimit.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+                && limit.rlim_cur < limit.rlim_max
+            {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    });
 }
 
 pub struct ServerBuilder {
@@ -114,6 +464,8 @@ impl ServerBuilder {
     /// Starts the server; on failure returns its log (for tests of refused load arguments).
     pub fn try_start(self) -> Result<Server, String> {
         static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+        raise_open_file_limit();
+        let mut lane = shared_lane();
         let dir = std::env::temp_dir().join(format!(
             "maxage-test-{}-{}",
             std::process::id(),
@@ -163,9 +515,13 @@ impl ServerBuilder {
                 port,
                 dir: dir.clone(),
                 child: Some(child),
+                _lane: None,
             };
             match server.wait_ready() {
-                Ok(()) => return Ok(server),
+                Ok(()) => {
+                    server._lane = lane.take();
+                    return Ok(server);
+                }
                 Err(log) => {
                     last_log = log;
                     let port_taken = last_log.contains("Address already in use");
@@ -214,6 +570,8 @@ pub struct Server {
     pub port: u16,
     pub dir: PathBuf,
     child: Option<Child>,
+    /// Dropped last (fields drop in order), after the process is stopped by `Drop`.
+    _lane: Option<LaneShare>,
 }
 
 impl Server {
@@ -259,6 +617,16 @@ impl Server {
         Err(format!("timed out waiting for the server\n{}", self.log()))
     }
 
+    /// Product and version of the running server (`INFO server`).
+    pub fn info(&self) -> ServerInfo {
+        let mut conn = self.conn();
+        let text: String = redis::cmd("INFO")
+            .arg("server")
+            .query(&mut conn)
+            .expect("INFO server");
+        ServerInfo::parse(&text)
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
@@ -300,6 +668,18 @@ impl Server {
     /// The server process is still running (it did not crash).
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Runs the server's main thread at nice -10 (a no-op without the right to): precision
+    /// tests measure the module's timing, not how long a loaded machine takes to schedule the
+    /// server, so the server and the test's client threads are put ahead of other load.
+    pub fn raise_priority(&self) {
+        let pid = self.child.as_ref().map_or(0, Child::id);
+        // SAFETY: plain system calls; a failure (not root) leaves the priority as it was.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, pid, -10);
+            libc::setpriority(libc::PRIO_PROCESS, 0, -10);
+        }
     }
 
     /// The server process's resident memory, from /proc.
@@ -518,7 +898,15 @@ pub fn config_set(conn: &mut redis::Connection, name: &str, value: &str) {
 }
 
 /// The module's registry holds exactly the clients `CLIENT LIST` shows.
+/// The one client it never tracks is a replica's link to its master, which the server never
+/// announces (neither its connect nor, when kept for a partial resync, its disconnect).
 pub fn registry_matches_client_list(admin: &mut redis::Connection) -> bool {
-    let listed = listed_ids(admin).len() as i64;
+    let masters: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("master")
+        .query(admin)
+        .unwrap_or_default();
+    let listed = (listed_ids(admin).len() - masters.lines().count()) as i64;
     info_field(admin, "maxage_tracked_clients") == Some(listed)
 }

@@ -92,7 +92,7 @@ fn bad_load_arguments_refuse_the_load_with_a_reason() {
         (&["bogus", "1"], "unknown argument 'bogus'"),
         (&["max-age-ms", "soon"], "is not an integer"),
         (&["jitter-pct", "101"], "out of range"),
-        (&["mode", "sometimes"], "not enforce or observe"),
+        (&["mode", "sometimes"], "is not one of enforce, observe"),
         (&["exempt-types", "robots"], "unknown client type 'robots'"),
     ];
     for flavor in BOTH {

