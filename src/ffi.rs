@@ -675,40 +675,58 @@ pub fn unregister_client_kill_filter(ctx: &Context) {
 // ACL.
 
 /// Whether the user of client `client_id` may run `argv` (e.g. `CLIENT KILL ...`).
-pub fn client_may_run(ctx: &Context, client_id: u64, argv: &[&[u8]]) -> bool {
-    // SAFETY: `ctx` is the running command's context. Every string and the user created here
-    // are freed before returning; the server only reads them during the calls.
+/// Runs `body` with the ACL user of client `client_id` (`None` if it has none or is gone) and
+/// frees the user afterwards.
+fn with_client_user<T>(
+    ctx: &Context,
+    client_id: u64,
+    body: impl FnOnce(*mut raw::RedisModuleUser) -> T,
+) -> Option<T> {
+    // SAFETY: `ctx` is the running command's context; the name string and the user are freed
+    // here, exactly once, after `body` (which must not keep the user) has run.
     unsafe {
         let user_name = raw::RedisModule_GetClientUserNameById.unwrap()(ctx.ctx, client_id);
         if user_name.is_null() {
-            return false;
+            return None;
         }
         let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name);
         raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), user_name);
         if user.is_null() {
-            return false;
+            return None;
         }
-        let mut strings: Vec<*mut raw::RedisModuleString> = argv
-            .iter()
-            .map(|arg| {
-                raw::RedisModule_CreateString.unwrap()(
-                    ptr::null_mut(),
-                    arg.as_ptr().cast(),
-                    arg.len(),
-                )
-            })
-            .collect();
-        let status = raw::RedisModule_ACLCheckCommandPermissions.unwrap()(
-            user,
-            strings.as_mut_ptr(),
-            strings.len() as c_int,
-        );
-        for string in strings {
-            raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), string);
-        }
+        let result = body(user);
         raw::RedisModule_FreeModuleUser.unwrap()(user);
-        status == raw::REDISMODULE_OK as c_int
+        Some(result)
     }
+}
+
+pub fn client_may_run(ctx: &Context, client_id: u64, argv: &[&[u8]]) -> bool {
+    with_client_user(ctx, client_id, |user| {
+        // SAFETY: `user` is live for this call; every string created here is freed before
+        // returning, and the server only reads them during the check.
+        unsafe {
+            let mut strings: Vec<*mut raw::RedisModuleString> = argv
+                .iter()
+                .map(|arg| {
+                    raw::RedisModule_CreateString.unwrap()(
+                        ptr::null_mut(),
+                        arg.as_ptr().cast(),
+                        arg.len(),
+                    )
+                })
+                .collect();
+            let status = raw::RedisModule_ACLCheckCommandPermissions.unwrap()(
+                user,
+                strings.as_mut_ptr(),
+                strings.len() as c_int,
+            );
+            for string in strings {
+                raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), string);
+            }
+            status == raw::REDISMODULE_OK as c_int
+        }
+    })
+    .unwrap_or(false)
 }
 
 pub fn acl_api_present() -> bool {
@@ -725,34 +743,26 @@ pub fn acl_api_present() -> bool {
 /// Denies `client_id` with the server's own NOPERM wording and records it in `ACL LOG` as the
 /// server does for a denied command (`object` is the command, e.g. `client|kill`).
 pub fn log_acl_denial(ctx: &Context, client_id: u64, object: &str) {
-    // SAFETY: `ctx` is the running command's context; the user and the string are freed
-    // before returning, and the server copies what it keeps in the log.
-    unsafe {
-        let user_name = raw::RedisModule_GetClientUserNameById.unwrap()(ctx.ctx, client_id);
-        if user_name.is_null() {
-            return;
-        }
-        let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name);
-        raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), user_name);
-        if user.is_null() {
-            return;
-        }
-        let object = raw::RedisModule_CreateString.unwrap()(
-            ptr::null_mut(),
-            object.as_ptr().cast(),
-            object.len(),
-        );
-        if let Some(add_log_entry) = raw::RedisModule_ACLAddLogEntry {
-            add_log_entry(
-                ctx.ctx,
-                user,
-                object,
-                raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CMD,
+    with_client_user(ctx, client_id, |user| {
+        // SAFETY: `ctx` is the running command's context and `user` is live for this call;
+        // the string is freed before returning, and the server copies what it keeps.
+        unsafe {
+            let object = raw::RedisModule_CreateString.unwrap()(
+                ptr::null_mut(),
+                object.as_ptr().cast(),
+                object.len(),
             );
+            if let Some(add_log_entry) = raw::RedisModule_ACLAddLogEntry {
+                add_log_entry(
+                    ctx.ctx,
+                    user,
+                    object,
+                    raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CMD,
+                );
+            }
+            raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), object);
         }
-        raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), object);
-        raw::RedisModule_FreeModuleUser.unwrap()(user);
-    }
+    });
 }
 
 /// Puts a module command in ACL categories, where the server can (Valkey, Redis 7.2+).

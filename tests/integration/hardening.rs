@@ -177,8 +177,7 @@ fn load_arguments_with_any_bytes_refuse_cleanly() {
     }
 }
 
-fn replication_info(server: &Server, conn: &mut redis::Connection) -> String {
-    let _ = server;
+fn replication_info(conn: &mut redis::Connection) -> String {
     run(conn, &["INFO", "replication"]).unwrap()
 }
 
@@ -215,9 +214,8 @@ fn killing_the_master_link_keeps_replication_applying_writes() {
         .unwrap();
         let mut operator = login(&replica, "operator");
         run::<()>(&mut operator, &["CLIENT", "NO-EVICT", "on"]).unwrap();
-        let link_up = |conn: &mut redis::Connection| {
-            replication_info(&replica, conn).contains("master_link_status:up")
-        };
+        let link_up =
+            |conn: &mut redis::Connection| replication_info(conn).contains("master_link_status:up");
         assert!(wait_until(Duration::from_secs(10), || link_up(
             &mut operator
         )));
@@ -246,7 +244,7 @@ fn killing_the_master_link_keeps_replication_applying_writes() {
         // Enforcement never touches the link, even when `master` is not exempt: the server
         // announces neither its connect nor its disconnect, so it is not tracked.
         config_set(&mut operator, "maxage.exempt-types", "replica no-evict");
-        let syncs_before = replication_info(&replica, &mut operator);
+        let syncs_before = replication_info(&mut operator);
         sleep(Duration::from_millis(800));
         run::<()>(&mut writer, &["SET", "after", "v"]).unwrap();
         assert!(wait_until(Duration::from_secs(5), || {
@@ -259,7 +257,7 @@ fn killing_the_master_link_keeps_replication_applying_writes() {
         };
         assert_eq!(
             offset_line(&syncs_before),
-            offset_line(&replication_info(&replica, &mut operator)),
+            offset_line(&replication_info(&mut operator)),
             "{flavor:?}"
         );
     }
