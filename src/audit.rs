@@ -14,6 +14,8 @@ pub enum Reason {
     ManualKill,
     /// Enforcement: the client reached the max age it asked for with `MAXAGE.SELF`.
     ClientRequested,
+    /// `MAXAGE.KILL ... GRACEFUL`: chosen by an operator, retired through enforcement.
+    Drain,
 }
 
 impl Reason {
@@ -23,6 +25,7 @@ impl Reason {
             Reason::MaxAgeGraceExpired => "max-age-after-grace",
             Reason::ManualKill => "manual",
             Reason::ClientRequested => "client-requested",
+            Reason::Drain => "graceful-kill",
         }
     }
 }

@@ -24,6 +24,9 @@ pub struct ListedClient {
     pub psub: u64,
     pub ssub: u64,
     pub qbuf: u64,
+    /// Memory of a parsed command not yet run: with Valkey's I/O threads a request can be read
+    /// and parsed (`qbuf=0`) before the main thread executes it.
+    pub argv_mem: u64,
     pub obl: u64,
     pub oll: u64,
     pub cmd: String,
@@ -89,6 +92,7 @@ pub fn parse_client_line(line: &str) -> Option<ListedClient> {
             "psub" => client.psub = value.parse().unwrap_or(0),
             "ssub" => client.ssub = value.parse().unwrap_or(0),
             "qbuf" => client.qbuf = value.parse().unwrap_or(0),
+            "argv-mem" => client.argv_mem = value.parse().unwrap_or(0),
             "obl" => client.obl = value.parse().unwrap_or(0),
             "oll" => client.oll = value.parse().unwrap_or(0),
             "cmd" => client.cmd = value.to_string(),

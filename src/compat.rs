@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use lazy_static::lazy_static;
-use redis_module::{Context, RedisResult, RedisString, RedisValue};
+use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::acl::{self, Needs};
 use crate::config;
@@ -175,6 +175,10 @@ pub fn compat_kill_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult
     let original: Vec<&[u8]> = filters.iter().map(RedisString::as_slice).collect();
     acl::require(ctx, Needs::ClientKill, &original)?;
     let filter = kill::parse_args(ctx, filters, Command::Kill)?;
+    // `CLIENT KILL` keeps the server's own grammar: the drain is `MAXAGE.KILL`'s.
+    if filter.graceful || filter.percent.is_some() {
+        return Err(RedisError::Str("ERR syntax error"));
+    }
     stats::COMPAT_KILLS.fetch_add(1, Ordering::Relaxed);
     kill::kill(ctx, &filter);
     Ok(RedisValue::NoReply)

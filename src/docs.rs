@@ -103,6 +103,14 @@ fn filter_args(kill_only: bool) -> Vec<Arg> {
     ];
     if kill_only {
         filters.push(arg("dryrun", Kind::PureToken, Some("DRYRUN")).summary("count, kill nothing"));
+        filters.push(
+            arg("graceful", Kind::PureToken, Some("GRACEFUL"))
+                .summary("retire through enforcement (pacing, after a reply, grace)"),
+        );
+        filters.push(
+            arg("percent", Kind::Integer, Some("PERCENT"))
+                .summary("only the oldest p % of the selection, rounded up"),
+        );
     }
     filters
 }
@@ -123,7 +131,7 @@ fn command_docs() -> Vec<CommandDoc> {
     vec![
         CommandDoc {
             name: "maxage.kill",
-            summary: "Closes the client connections that match all the given CLIENT KILL filters (plus MAXAGE-MS, LIMIT, DRYRUN), oldest first.",
+            summary: "Closes the client connections that match all the given CLIENT KILL filters (plus MAXAGE-MS, LIMIT, DRYRUN, GRACEFUL, PERCENT), oldest first.",
             complexity: "O(N) where N is the number of client connections",
             arity: -2,
             tips: ALL_NODES,

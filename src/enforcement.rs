@@ -9,10 +9,11 @@ use redis_module::{Context, RedisValue};
 
 use crate::audit::{Reason, RetiredClient, retirement_line};
 use crate::client_list::{ListedClient, parse_client_list};
+use crate::closing::{FULL_RETRY_MS, Look, MAX_CLOSING};
 use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::filter::ClientType;
-use crate::policy::{Decision, Moment, Policy};
+use crate::policy::{Decision, Policy};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
 
@@ -86,22 +87,122 @@ pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
 pub fn on_settings_changed() {
     let now_ms = monotonic_ms();
     let settings = config::snapshot();
-    // Before the module's init (settings from the config file) there is no context yet; init
-    // calls this again once there is.
-    if ffi::module_ctx_ready()
-        && !ffi::watch_event_loop(&ffi::module_ctx(), settings.adaptive_pacing)
-    {
-        ffi::log(
-            &ffi::module_ctx(),
-            LogLevel::Warning,
-            "maxage: cannot watch the event loop; adaptive pacing sees no load",
-        );
-    }
     STATE.with(|policy| {
         policy.apply_settings(settings, now_ms);
         sample_load(policy);
     });
+    // Before the module's init (settings from the config file) there is no context yet; init
+    // calls this again once there is.
+    if ffi::module_ctx_ready() {
+        update_event_loop_watch(&ffi::module_ctx());
+    }
     rearm(now_ms);
+}
+
+/// Watches the event loop while something needs it: adaptive pacing (its load) or a client
+/// waiting for its moment to be closed. Never called from the event-loop hook itself.
+fn update_event_loop_watch(ctx: &Context) {
+    let Some((adaptive, closing)) = STATE.with(|policy| {
+        (
+            policy.settings.adaptive_pacing,
+            !policy.closing().is_empty(),
+        )
+    }) else {
+        return;
+    };
+    let handler: Option<ffi::EventLoopHandler> = (adaptive || closing).then_some(on_event_loop);
+    if !ffi::watch_event_loop(ctx, handler) {
+        ffi::log(
+            ctx,
+            LogLevel::Warning,
+            "maxage: cannot watch the event loop; due clients are closed when grace runs out",
+        );
+    }
+}
+
+/// The event loop's hooks while clients wait for their moment (closing.rs): at the top of a
+/// pass, looks at the clients whose reply went out in the last pass, idle ones and those out
+/// of grace, and closes those with nothing in flight; at the bottom, makes the next pass come
+/// at once when a due client's reply is going out now.
+fn on_event_loop(ctx: &Context, top_of_pass: bool) {
+    let now_ms = monotonic_ms();
+    if !top_of_pass {
+        let cork = STATE
+            .with(|policy| policy.closing().before_sleep())
+            .unwrap_or_default();
+        if !cork.is_empty() {
+            for fd in cork {
+                ffi::hold_output(fd, true);
+            }
+            wake_no_later_than(now_ms);
+        }
+        return;
+    }
+    let Some((grace_ms, top)) = STATE.with(|policy| {
+        let grace_ms = policy.settings.grace_ms;
+        let top = policy
+            .closing()
+            .after_sleep(now_ms, grace_ms, ffi::unread_input_bytes);
+        (grace_ms, top)
+    }) else {
+        return;
+    };
+    for fd in top.uncork {
+        ffi::hold_output(fd, false);
+    }
+    let look_now = top.look_now;
+    if look_now.is_empty() {
+        return;
+    }
+    let listed: HashMap<u64, ListedClient> = list_clients(ctx, Some(&look_now))
+        .into_iter()
+        .map(|client| (client.id, client))
+        .collect();
+    for client_id in look_now {
+        let Some(client) = listed.get(&client_id).filter(|c| !c.has_flag('A')) else {
+            // Gone, or already being closed by someone else (which sends what it holds).
+            STATE.with(|policy| policy.closing().remove(client_id));
+            continue;
+        };
+        // Read last, right before the close: the race left is a request sent in between.
+        let unread = ffi::unread_input_bytes(client.fd);
+        let Some((look, reply_sent, age_ms)) = STATE.with(|policy| {
+            let reply_sent = policy.closing().reply_sent(client_id);
+            let look = policy.closing().look(client, unread, now_ms, grace_ms);
+            let age_ms = policy
+                .registry
+                .get(client_id)
+                .map_or(client.lower_bound_age_ms(), |c| c.age_ms(now_ms));
+            (look, reply_sent, age_ms)
+        }) else {
+            continue;
+        };
+        if let Look::Close(reason) = look {
+            let counter = if reason == Reason::MaxAgeGraceExpired {
+                None
+            } else if reply_sent {
+                Some(&stats::CLOSED_AFTER_REPLY)
+            } else {
+                Some(&stats::CLOSED_WHILE_IDLE)
+            };
+            if let Some(counter) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            retire(ctx, client, age_ms, reason, now_ms);
+        } else {
+            if reply_sent {
+                ffi::hold_output(client.fd, false);
+            }
+            stats::SAFE_MOMENT_POLLS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // The next wake-up stops watching the loop if nobody is left waiting.
+    wake_no_later_than(
+        STATE
+            .with(|policy| policy.closing().next_look_ms(grace_ms))
+            .flatten()
+            .unwrap_or(now_ms),
+    );
 }
 
 /// Feeds the event loop's busy time to adaptive pacing.
@@ -111,7 +212,16 @@ pub fn sample_load(policy: &mut Policy) {
 
 /// Arms the wake-up for the policy's next one, unless it is already armed for no later.
 pub fn rearm(now_ms: u64) {
-    let wake = STATE.with(|policy| policy.next_wake_ms(now_ms)).flatten();
+    let wake = STATE
+        .with(|policy| {
+            let grace_ms = policy.settings.grace_ms;
+            let closing = policy.closing().next_look_ms(grace_ms);
+            match (policy.next_wake_ms(now_ms), closing) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        })
+        .flatten();
     if let Some(wake) = wake {
         wake_no_later_than(wake);
     }
@@ -136,6 +246,7 @@ pub fn on_wakeup(ctx: &Context) {
     let started_us = monotonic_us();
     ARMED.with(|armed| *armed = None);
     tick(ctx);
+    update_event_loop_watch(ctx);
     rearm(monotonic_ms());
     let took_us = monotonic_us() - started_us;
     stats::LONGEST_WAKEUP_US.fetch_max(took_us, Ordering::Relaxed);
@@ -304,15 +415,12 @@ fn tick(ctx: &Context) {
             let Some(client) = listed.get(client_id).filter(|c| !c.has_flag('A')) else {
                 continue;
             };
-            let moment = Moment {
-                unread_input_bytes: ffi::unread_input_bytes(client.fd),
-            };
             let Some((decision, age_ms)) = STATE.with(|policy| {
                 let age_ms = policy
                     .registry
                     .get(*client_id)
                     .map_or(client.lower_bound_age_ms(), |c| c.age_ms(now_ms));
-                (policy.decide(client, moment, now_ms), age_ms)
+                (policy.decide(client, now_ms), age_ms)
             }) else {
                 continue;
             };
@@ -322,10 +430,6 @@ fn tick(ctx: &Context) {
                     look_again.push((*client_id, recheck_at_ms));
                 }
                 Decision::NotYet { due_at_ms } => look_again.push((*client_id, due_at_ms)),
-                Decision::Wait { retry_at_ms } => {
-                    stats::SAFE_MOMENT_POLLS.fetch_add(1, Ordering::Relaxed);
-                    look_again.push((*client_id, retry_at_ms));
-                }
                 Decision::Retire(reason) => {
                     if may_receive_invalidations(client) {
                         let sources = tracking_sources_of(ctx, client.id, now_ms);
@@ -338,6 +442,21 @@ fn tick(ctx: &Context) {
                             look_again.push((*client_id, retry_at_ms));
                             continue;
                         }
+                    }
+                    let observe_this = observe_only
+                        && matches!(reason, Reason::MaxAge | Reason::MaxAgeGraceExpired);
+                    let Some((already_waiting, full)) = STATE.with(|policy| {
+                        let closing = policy.closing();
+                        (closing.contains(*client_id), closing.len() >= MAX_CLOSING)
+                    }) else {
+                        continue;
+                    };
+                    if already_waiting {
+                        continue;
+                    }
+                    if full && !observe_this && ClientType::of(client) != ClientType::Master {
+                        look_again.push((*client_id, now_ms + FULL_RETRY_MS));
+                        continue;
                     }
                     let paced_out = closed >= budget.closes
                         || !STATE
@@ -352,8 +471,20 @@ fn tick(ctx: &Context) {
                         look_again.extend(batch[position..].iter().map(|id| (*id, now_ms)));
                         break 'batches;
                     }
-                    retire(ctx, client, age_ms, reason, now_ms);
-                    if !observe_only {
+                    // Observe mode closes nothing; a replica's link to its master carries no
+                    // requests of ours to spare and goes at once.
+                    if observe_this || ClientType::of(client) == ClientType::Master {
+                        retire(ctx, client, age_ms, reason, now_ms);
+                    } else {
+                        let armed = STATE
+                            .with(|policy| policy.closing().arm(client.clone(), reason, now_ms))
+                            .unwrap_or(false);
+                        if !armed {
+                            look_again.push((*client_id, now_ms + FULL_RETRY_MS));
+                            continue;
+                        }
+                    }
+                    if !observe_this {
                         closed += 1;
                     }
                 }

@@ -202,6 +202,45 @@ pub fn unread_input_bytes(fd: i32) -> usize {
     }
 }
 
+/// Holds a connection's output in the kernel (`TCP_CORK`) or releases it. The module corks a
+/// due client's socket just before the server writes its reply and then either closes it
+/// (the reply and the FIN leave together) or releases it at the top of the next pass, which
+/// comes at once; the kernel itself sends held data after 200 ms, so nothing can be held
+/// longer. Unix sockets have no cork: there the call fails and the close comes a few
+/// microseconds behind the reply instead.
+pub fn hold_output(fd: i32, hold: bool) {
+    if fd < 0 {
+        return;
+    }
+    let value: c_int = c_int::from(hold);
+    // SAFETY: `fd` is a connected client's socket in this process (the server's own); TCP_CORK
+    // only changes when the kernel sends what the server has written. `value` lives across the
+    // call and its size is passed.
+    let status = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            ptr::addr_of!(value).cast(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        )
+    };
+    if status != 0 {
+        let error = std::io::Error::last_os_error().raw_os_error();
+        // Unix sockets have no TCP options, and a client may be gone already (its socket
+        // reset by the peer): neither is a failure of the module's.
+        let expected = [
+            libc::EOPNOTSUPP,
+            libc::ENOPROTOOPT,
+            libc::EINVAL,
+            libc::EBADF,
+        ];
+        if !error.is_some_and(|e| expected.contains(&e)) {
+            count_failure("corking a client socket");
+        }
+    }
+}
+
 /// Sends the FIN of a connection the server has just been told to close, instead of after the
 /// rest of this event-loop pass. A pooled client that is between two requests then sees the
 /// close before it hands the connection out again, rather than after sending a request on it.
@@ -279,12 +318,15 @@ pub fn subscribe_client_changes(ctx: &Context, handler: Option<ClientChangeHandl
 }
 
 // ---------------------------------------------------------------------------------------------
-// Event-loop busy time: the wall time the main thread spends between waking up from
-// `epoll_wait` and going back to it. A request that arrives meanwhile waits for the rest of that
-// stretch, so its share of wall time is the load clients feel. Unlike the thread's CPU time it
-// also counts the time the thread was runnable but preempted (a CPU-starved machine), which CPU
-// time reads as idle. Only watched with adaptive pacing: the server builds a module context for
-// every event it fires, twice per loop iteration.
+// The event loop's two hooks: after `epoll_wait` returns (the top of a pass, before the server
+// reads requests) and before it sleeps again (the bottom, before it writes the pass's replies).
+//
+// They measure busy time: the wall time the main thread spends between waking up and going back
+// to sleep. A request that arrives meanwhile waits for the rest of that stretch, so its share of
+// wall time is the load clients feel (unlike CPU time, it also counts time the thread was
+// runnable but preempted). And they carry the moment a due client is closed (closing.rs).
+// They are only subscribed while needed (adaptive pacing, or a client waiting to be closed):
+// the server builds a module context for every event it fires, twice per loop iteration.
 
 /// When the current busy stretch began (monotonic us), 0 while the loop sleeps.
 static AWAKE_SINCE_US: AtomicU64 = AtomicU64::new(0);
@@ -292,15 +334,20 @@ static AWAKE_SINCE_US: AtomicU64 = AtomicU64::new(0);
 static BUSY_US_TOTAL: AtomicU64 = AtomicU64::new(0);
 static WATCHING_EVENT_LOOP: AtomicBool = AtomicBool::new(false);
 
+/// Called at the top (`true`) or the bottom (`false`) of every event-loop pass while watched.
+pub type EventLoopHandler = fn(ctx: &Context, top_of_pass: bool);
+
+static EVENT_LOOP_HANDLER: HandlerSlot<EventLoopHandler> = HandlerSlot::new();
+
 unsafe extern "C" fn on_event_loop(
-    _ctx: *mut raw::RedisModuleCtx,
+    ctx: *mut raw::RedisModuleCtx,
     _event: raw::RedisModuleEvent,
     subevent: u64,
     _data: *mut c_void,
 ) {
-    // No allocation, no lock and nothing that can panic: this runs twice per loop iteration.
     let now_us = monotonic_us();
-    if subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_AFTER_SLEEP {
+    let top_of_pass = subevent == raw::REDISMODULE_SUBEVENT_EVENTLOOP_AFTER_SLEEP;
+    if top_of_pass {
         AWAKE_SINCE_US.store(now_us, Ordering::Relaxed);
     } else {
         let since_us = AWAKE_SINCE_US.swap(0, Ordering::Relaxed);
@@ -308,11 +355,21 @@ unsafe extern "C" fn on_event_loop(
             BUSY_US_TOTAL.fetch_add(now_us.saturating_sub(since_us), Ordering::Relaxed);
         }
     }
+    if let Some(handler) = EVENT_LOOP_HANDLER.get() {
+        no_unwind("event-loop hook", (), || {
+            handler(&Context::new(ctx), top_of_pass)
+        });
+    }
 }
 
-/// Starts or stops watching the event loop; false if the server refused.
-pub fn watch_event_loop(ctx: &Context, watch: bool) -> bool {
+/// Starts (with the handler for each pass) or stops watching the event loop; false if the
+/// server refused. Must not be called from inside an event-loop hook: the server walks its
+/// listener list while it calls them, and removing the running listener frees it under the
+/// server's feet.
+pub fn watch_event_loop(ctx: &Context, handler: Option<EventLoopHandler>) -> bool {
+    let watch = handler.is_some();
     if WATCHING_EVENT_LOOP.load(Ordering::Relaxed) == watch {
+        EVENT_LOOP_HANDLER.set(handler);
         return true;
     }
     if ctx.ctx.is_null() {
@@ -324,15 +381,17 @@ pub fn watch_event_loop(ctx: &Context, watch: bool) -> bool {
     };
     let callback: raw::RedisModuleEventCallback = if watch { Some(on_event_loop) } else { None };
     // SAFETY: `ctx` belongs to this module (a NULL callback unsubscribes); the callback has the
-    // signature the server calls. Never called from inside an event callback, so the server's
-    // listener list is not changed while it walks it.
+    // signature the server calls. Never called from inside an event callback (see above).
     let subscribed = unsafe {
         raw::RedisModule_SubscribeToServerEvent.unwrap()(ctx.ctx, event, callback)
             == raw::REDISMODULE_OK as c_int
     };
     if subscribed {
         WATCHING_EVENT_LOOP.store(watch, Ordering::Relaxed);
+        EVENT_LOOP_HANDLER.set(handler);
         AWAKE_SINCE_US.store(0, Ordering::Relaxed);
+    } else {
+        count_failure("subscribing to the event loop");
     }
     subscribed
 }

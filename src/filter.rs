@@ -71,6 +71,12 @@ pub struct Pair<T> {
     pub is_not: Option<T>,
 }
 
+impl<T> Pair<T> {
+    pub fn is_unset(&self) -> bool {
+        self.is.is_none() && self.is_not.is_none()
+    }
+}
+
 impl<T> Default for Pair<T> {
     fn default() -> Self {
         Self {
@@ -110,6 +116,29 @@ pub struct ClientFilter {
     pub min_idle_s: Option<u64>,
     pub dry_run: bool,
     pub limit: Option<u64>,
+    /// `GRACEFUL` (`MAXAGE.KILL` only): retire through enforcement instead of at once.
+    pub graceful: bool,
+    /// `PERCENT p` (`MAXAGE.KILL` only): only the oldest p % of the selection, rounded up.
+    pub percent: Option<u64>,
+}
+
+impl ClientFilter {
+    /// Whether the module's registry alone can answer the filter: it selects by id and age
+    /// only, so no `CLIENT LIST` of every client is needed.
+    pub fn needs_only_ids_and_age(&self) -> bool {
+        self.client_type.is_unset()
+            && self.user.is_unset()
+            && self.addr.is_unset()
+            && self.laddr.is_unset()
+            && self.ip.is_unset()
+            && self.name.is_unset()
+            && self.lib_name.is_unset()
+            && self.lib_ver.is_unset()
+            && self.flags.is_unset()
+            && self.capa.is_unset()
+            && self.db.is_unset()
+            && self.min_idle_s.is_none()
+    }
 }
 
 /// What the parser needs to ask the server: whether an ACL user exists, how many databases.
@@ -206,6 +235,10 @@ pub fn parse(
                 filter.dry_run = true;
                 continue;
             }
+            b"GRACEFUL" if command == Command::Kill => {
+                filter.graceful = true;
+                continue;
+            }
             _ => {}
         }
         let Some(value) = args.get(i).copied() else {
@@ -276,6 +309,13 @@ pub fn parse(
             b"MAXAGE-MS" => filter.min_age_ms = Some(positive(value, "maxage-ms")?),
             b"IDLE" => filter.min_idle_s = Some(positive(value, "idle")?),
             b"LIMIT" => filter.limit = Some(positive(value, "limit")?),
+            b"PERCENT" if command == Command::Kill => {
+                let percent = positive(value, "percent")?;
+                if percent > 100 {
+                    return Err("ERR percent should be between 1 and 100".to_string());
+                }
+                filter.percent = Some(percent);
+            }
             _ => return Err(ERR_SYNTAX.to_string()),
         }
     }
@@ -522,6 +562,31 @@ mod tests {
     #[test]
     fn dryrun_is_kill_only() {
         assert!(parse_kill(&["DRYRUN"]).unwrap().dry_run);
+        let drain = parse_kill(&["maxage-ms", "1", "graceful", "percent", "25"]).unwrap();
+        assert!(drain.graceful);
+        assert_eq!(drain.percent, Some(25));
+        for (bad, error) in [
+            (
+                &["PERCENT", "0"][..],
+                "ERR percent should be greater than 0",
+            ),
+            (
+                &["PERCENT", "101"][..],
+                "ERR percent should be between 1 and 100",
+            ),
+            (
+                &["PERCENT", "x"][..],
+                "ERR percent is not an integer or out of range",
+            ),
+            (&["PERCENT"][..], ERR_SYNTAX),
+        ] {
+            assert_eq!(parse_kill(bad).unwrap_err(), error, "{bad:?}");
+        }
+        let graceful: &[&[u8]] = &[b"GRACEFUL"];
+        let percent: &[&[u8]] = &[b"PERCENT", b"5"];
+        for kill_only in [graceful, percent] {
+            assert!(parse(kill_only, Command::List, &mut FakeServer).is_err());
+        }
         assert_eq!(
             parse(&[b"DRYRUN"], Command::List, &mut FakeServer).unwrap_err(),
             ERR_SYNTAX

@@ -126,14 +126,29 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
     if let Some(limit) = filter.limit {
         matched.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }
+    if let Some(percent) = filter.percent {
+        matched.truncate(share_of(matched.len(), percent));
+    }
     matched
 }
 
-/// Kills the selected clients (unless `DRYRUN`) and replies with how many. The reply goes out
+/// `PERCENT p` of `count` clients: rounded up, so any share of a non-empty selection is at
+/// least one client.
+pub fn share_of(count: usize, percent: u64) -> usize {
+    let percent = percent.min(100) as usize;
+    (count * percent).div_ceil(100)
+}
+
+/// Kills the selected clients (unless `DRYRUN`) and replies with how many; with `GRACEFUL`
+/// schedules them for enforcement's close (pacing, the moment after a reply, grace, audit)
+/// and replies with how many were scheduled. The reply goes out
 /// before any close. The caller itself (`SKIPME no`) is closed by the server's own
 /// close-after-reply: its reply is written, then the connection closes, and nothing pipelined
 /// behind the command runs, exactly as with the server's `CLIENT KILL`.
 pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
+    if filter.graceful {
+        return drain(ctx, filter);
+    }
     let matched = select(ctx, filter);
     ffi::reply(ctx, &Reply::Int(matched.len() as i64));
     if filter.dry_run {
@@ -150,6 +165,63 @@ pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
         );
     }
     matched.len()
+}
+
+/// `MAXAGE.KILL ... GRACEFUL`: schedules the selected clients for enforcement's close and
+/// replies with how many (with `DRYRUN`, how many it would schedule). The close of each one is
+/// enforcement's, at the moment after one of its replies and within pacing, so thousands
+/// selected at once do not stall the server; where the filter selects by id and age only, not
+/// even a `CLIENT LIST` is taken.
+fn drain(ctx: &Context, filter: &ClientFilter) -> usize {
+    let now_ms = monotonic_ms();
+    let ids: Vec<u64> = if filter.needs_only_ids_and_age() {
+        let caller_id = ffi::current_client_id(ctx);
+        STATE
+            .with(|policy| select_from_registry(policy, filter, caller_id, now_ms))
+            .unwrap_or_default()
+    } else {
+        select(ctx, filter).iter().map(|m| m.listed.id).collect()
+    };
+    let scheduled = if filter.dry_run {
+        ids.len()
+    } else {
+        STATE.with(|policy| policy.drain(&ids, now_ms)).unwrap_or(0)
+    };
+    ffi::reply(ctx, &Reply::Int(scheduled as i64));
+    crate::enforcement::rearm(now_ms);
+    scheduled
+}
+
+/// The tracked clients an id-and-age filter selects, oldest first (then by id), within
+/// `LIMIT` and `PERCENT`. The master link is never tracked, so never selected.
+fn select_from_registry(
+    policy: &crate::policy::Policy,
+    filter: &ClientFilter,
+    caller_id: u64,
+    now_ms: u64,
+) -> Vec<u64> {
+    let mut selected: Vec<(u64, u64)> = policy
+        .registry
+        .iter()
+        .filter(|client| {
+            let id = client.client_id;
+            filter.ids.as_ref().is_none_or(|ids| ids.contains(&id))
+                && !filter.not_ids.contains(&id)
+                && !(filter.skip_me && id == caller_id)
+                && filter
+                    .min_age_ms
+                    .is_none_or(|min_age_ms| client.age_ms(now_ms) >= min_age_ms)
+        })
+        .map(|client| (client.age_ms(now_ms), client.client_id))
+        .collect();
+    selected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    if let Some(limit) = filter.limit {
+        selected.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+    if let Some(percent) = filter.percent {
+        selected.truncate(share_of(selected.len(), percent));
+    }
+    selected.into_iter().map(|(_, id)| id).collect()
 }
 
 /// MAXAGE.KILL <filter> [<filter> ...]
@@ -205,4 +277,18 @@ fn entry(client: Matched) -> Reply {
                 .map_or(Reply::Null, |reason| Reply::Str(reason.to_string())),
         ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share_of;
+
+    #[test]
+    fn a_percent_share_rounds_up() {
+        assert_eq!(share_of(10, 25), 3);
+        assert_eq!(share_of(8, 25), 2);
+        assert_eq!(share_of(1, 1), 1);
+        assert_eq!(share_of(0, 50), 0);
+        assert_eq!(share_of(7, 100), 7);
+    }
 }

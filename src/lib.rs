@@ -6,6 +6,7 @@
 pub mod acl;
 pub mod audit;
 pub mod client_list;
+pub mod closing;
 pub mod compat;
 pub mod config;
 pub mod docs;
@@ -112,7 +113,7 @@ fn refuse(ctx: &Context, why: &str) -> Status {
     );
     ffi::unregister_client_kill_filter(ctx);
     ffi::subscribe_client_changes(ctx, None);
-    ffi::watch_event_loop(ctx, false);
+    ffi::watch_event_loop(ctx, None);
     ffi::stop_wakeups();
     ffi::release_settings();
     ffi::release_module_ctx();
@@ -250,7 +251,7 @@ fn deinit(ctx: &Context) -> Status {
         }
         enforcement::disarm();
         ffi::stop_wakeups();
-        ffi::watch_event_loop(&ffi::module_ctx(), false);
+        ffi::watch_event_loop(&ffi::module_ctx(), None);
         ffi::subscribe_client_changes(ctx, None);
         state::STATE.with(|policy| {
             *policy = policy::Policy::new(config::snapshot(), 0, ffi::monotonic_ms())

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::audit::{AuditLimiter, Reason};
 use crate::client_list::ListedClient;
+use crate::closing::ClosingSet;
 use crate::config::Settings;
 use crate::filter::ClientType;
 use crate::registry::{Registry, TrackedClient};
@@ -16,14 +17,6 @@ use crate::schedule::{
 
 /// How often a client in the middle of a request is looked at again.
 pub const GRACE_POLL_MS: u64 = 10;
-/// How often a recently active client is looked at while the module waits for it to finish a
-/// request (short: the moment to catch lasts one event-loop pass).
-pub const QUIET_POLL_MS: u64 = 1;
-/// At most this many clients are watched for a quiet moment at once; others wait their turn,
-/// which bounds the cost of watching to one small `CLIENT LIST ID` call per millisecond.
-pub const MAX_WATCHED: usize = 32;
-/// How soon a client that found the watch list full is looked at again.
-pub const WATCH_FULL_RETRY_MS: u64 = 10;
 /// The shortest interval at which an exempt client is looked at again (exemptions can end:
 /// `CLIENT NO-EVICT off`, `CLIENT SETNAME`).
 pub const EXEMPT_RECHECK_MIN_MS: u64 = 1000;
@@ -40,19 +33,6 @@ pub enum Decision {
     NotYet {
         due_at_ms: u64,
     },
-    /// Not now: in the middle of a request, or waiting for the moment right after one; looked at
-    /// again at `retry_at_ms` and closed anyway when grace runs out.
-    Wait {
-        retry_at_ms: u64,
-    },
-}
-
-/// Where a due client stands while the module waits for a safe moment to close it.
-#[derive(Clone, Copy, Debug)]
-struct Watch {
-    since_ms: u64,
-    /// A reply was seen on its way out: the next quiet look is right after a finished request.
-    reply_seen: bool,
 }
 
 /// What the server shows about a due client right now, beyond `CLIENT LIST`.
@@ -93,7 +73,11 @@ pub fn exemption(settings: &Settings, client: &ListedClient) -> Option<&'static 
 /// request in flight.
 pub fn mid_request(client: &ListedClient, moment: Moment) -> bool {
     // The `x` flag, not `multi=`: Valkey 9.1 shows `multi=0` after EXEC.
-    client.has_flag('x') || client.has_flag('b') || client.qbuf > 0 || moment.unread_input_bytes > 0
+    client.has_flag('x')
+        || client.has_flag('b')
+        || client.qbuf > 0
+        || client.argv_mem > 0
+        || moment.unread_input_bytes > 0
 }
 
 /// A reply is on its way out: the client has just run a command.
@@ -122,8 +106,10 @@ pub struct Policy {
     deadlines: DeadlineQueue,
     pacer: Pacer,
     load: LoadGauge,
-    /// Due clients the module is waiting on for a safe moment to close.
-    watched: HashMap<u64, Watch>,
+    /// Due clients waiting for the moment right after a reply to be closed.
+    closing: ClosingSet,
+    /// Clients an operator's `MAXAGE.KILL ... GRACEFUL` scheduled for retirement.
+    drain: HashSet<u64>,
     /// When each client-side-caching redirect target began waiting for its sources.
     tracking_hold_since_ms: HashMap<u64, u64>,
     /// Max ages clients asked for with `MAXAGE.SELF` (client id -> ms), only those that asked.
@@ -151,7 +137,8 @@ impl Policy {
             settings,
             deadlines: DeadlineQueue::default(),
             load: LoadGauge::default(),
-            watched: HashMap::new(),
+            closing: ClosingSet::default(),
+            drain: HashSet::new(),
             backlog_since_ms: None,
             requested_max_age_ms: HashMap::new(),
             tracking_hold_since_ms: HashMap::new(),
@@ -263,7 +250,8 @@ impl Policy {
 
     pub fn on_disconnect(&mut self, client_id: u64) {
         self.registry.remove(client_id);
-        self.watched.remove(&client_id);
+        self.closing.remove(client_id);
+        self.drain.remove(&client_id);
         self.retire_early.remove(&client_id);
         self.requested_max_age_ms.remove(&client_id);
         self.tracking_hold_since_ms.remove(&client_id);
@@ -291,8 +279,15 @@ impl Policy {
 
     pub fn retime_all(&mut self) {
         self.deadlines.clear();
+        // An operator's graceful kill stands whatever the settings say.
+        for client_id in &self.drain {
+            self.deadlines.push(0, *client_id);
+        }
         if !self.settings.enforcing() && self.requested_max_age_ms.is_empty() {
-            self.watched.clear();
+            // Enforcement is off: clients waiting for their moment are spared, except those a
+            // graceful kill chose.
+            let drain = &self.drain;
+            self.closing.retain(|client_id| drain.contains(&client_id));
             return;
         }
         let clients: Vec<TrackedClient> = self.registry.iter().collect();
@@ -398,13 +393,15 @@ impl Policy {
         self.pacer.rate_per_sec()
     }
 
-    /// The decision for a due client, as the server describes it now.
-    ///
-    /// A busy pooled connection is closed right after the server has written a reply and
-    /// before the next request arrives: the application reads its reply and then finds the
-    /// connection closed when the pool hands it out again, so no request fails. A connection
-    /// closed at a random moment instead fails the request that was on its way.
-    pub fn decide(&mut self, client: &ListedClient, moment: Moment, now_ms: u64) -> Decision {
+    /// The decision for a due client, as the server describes it now. The moment of the close
+    /// is not decided here: a client to retire is armed in `closing`, which waits for the
+    /// moment right after one of its replies (see closing.rs).
+    pub fn decide(&mut self, client: &ListedClient, now_ms: u64) -> Decision {
+        if self.drain.contains(&client.id) {
+            // Chosen by an operator's `MAXAGE.KILL ... GRACEFUL`: the filter said who, and an
+            // exemption does not overrule it (as with the immediate kill).
+            return Decision::Retire(Reason::Drain);
+        }
         let recheck_at_ms = now_ms
             + self
                 .settings
@@ -414,23 +411,15 @@ impl Policy {
         let exempt = exemption(&self.settings, client).is_some();
         let mut client_requested = false;
         match self.registry.get(client.id) {
-            None if exempt => {
-                self.watched.remove(&client.id);
-                return Decision::Exempt { recheck_at_ms };
-            }
+            None if exempt => return Decision::Exempt { recheck_at_ms },
             None => {}
             Some(tracked) => {
                 let (effective, requested) = self.effective_deadline(&tracked, client);
                 client_requested = requested;
                 match effective {
-                    None => {
-                        self.watched.remove(&client.id);
-                        return Decision::Exempt { recheck_at_ms };
-                    }
+                    None => return Decision::Exempt { recheck_at_ms },
                     Some(due_at_ms)
-                        if due_at_ms > now_ms
-                            && !self.watched.contains_key(&client.id)
-                            && !self.retire_early.contains(&client.id) =>
+                        if due_at_ms > now_ms && !self.retire_early.contains(&client.id) =>
                     {
                         return Decision::NotYet { due_at_ms };
                     }
@@ -438,54 +427,35 @@ impl Policy {
                 }
             }
         }
-        let on_time = if client_requested {
+        Decision::Retire(if client_requested {
             Reason::ClientRequested
         } else {
             Reason::MaxAge
-        };
-        let busy = mid_request(client, moment);
-        let replying = reply_pending(client);
-        let watch = self.watched.get(&client.id).copied();
-        if !busy && !replying && (parked(client) || watch.is_some_and(|w| w.reply_seen)) {
-            self.watched.remove(&client.id);
-            return Decision::Retire(on_time);
+        })
+    }
+
+    /// `MAXAGE.KILL ... GRACEFUL`: these clients are retired through enforcement (pacing, the
+    /// moment after a reply, grace, audit) from now on, whatever their deadline. Returns how
+    /// many were scheduled (clients already scheduled count once).
+    pub fn drain(&mut self, client_ids: &[u64], now_ms: u64) -> usize {
+        let mut scheduled = 0;
+        for client_id in client_ids {
+            if self.registry.contains(*client_id) && self.drain.insert(*client_id) {
+                self.deadlines.push(now_ms, *client_id);
+                scheduled += 1;
+            }
         }
-        if watch.is_none() && self.watched.len() >= MAX_WATCHED {
-            return Decision::Wait {
-                retry_at_ms: now_ms + WATCH_FULL_RETRY_MS,
-            };
-        }
-        let watch = self.watched.entry(client.id).or_insert(Watch {
-            since_ms: now_ms,
-            reply_seen: false,
-        });
-        let grace_ends = watch.since_ms.saturating_add(self.settings.grace_ms);
-        if now_ms >= grace_ends {
-            self.watched.remove(&client.id);
-            let reason = if (busy || replying) && !client_requested {
-                Reason::MaxAgeGraceExpired
-            } else {
-                on_time
-            };
-            return Decision::Retire(reason);
-        }
-        let reply_seen_before = watch.reply_seen;
-        watch.reply_seen = replying && !busy;
-        let poll_ms = if replying && !busy && !reply_seen_before {
-            // The reply goes out before the next pass: look again right after it.
-            0
-        } else if replying && !busy {
-            // Still replying at the next pass (a replica link's stream, a big reply being
-            // written): looking again at every pass would spin the event loop until grace ends.
-            QUIET_POLL_MS
-        } else if busy && moment.unread_input_bytes == 0 {
-            GRACE_POLL_MS
-        } else {
-            QUIET_POLL_MS
-        };
-        Decision::Wait {
-            retry_at_ms: (now_ms + poll_ms).min(grace_ends),
-        }
+        scheduled
+    }
+
+    /// Clients an operator's graceful kill scheduled that are still connected.
+    pub fn clients_draining(&self) -> usize {
+        self.drain.len()
+    }
+
+    /// The due clients waiting for their moment (see closing.rs).
+    pub fn closing(&mut self) -> &mut ClosingSet {
+        &mut self.closing
     }
 
     /// Client-side caching: `sources` send their tracking invalidations to `target`, which is
@@ -548,7 +518,7 @@ impl Policy {
     }
 
     pub fn clients_in_grace(&self) -> usize {
-        self.watched.len()
+        self.closing.len()
     }
 
     /// Due clients waiting (for a pacing token, or for the next tick). Linear: INFO only.
@@ -724,10 +694,7 @@ mod tests {
         let mut held_until = 0;
         for now in (200..400).step_by(10) {
             let idle = listed(&format!("{IDLE} cmd=get idle=3"));
-            assert_eq!(
-                policy.decide(&idle, Moment::default(), now),
-                Decision::Retire(Reason::MaxAge)
-            );
+            assert_eq!(policy.decide(&idle, now), Decision::Retire(Reason::MaxAge));
             match policy.hold_for_tracking_sources(5, &[6], now) {
                 Some(_) => held_until = now,
                 None => break,
@@ -736,27 +703,8 @@ mod tests {
         assert!((290..300).contains(&held_until), "{held_until}");
     }
 
-    /// A client that is always replying (a replica link's output) is looked at again right
-    /// after the first reply, then once a millisecond, never at every event-loop pass.
-    #[test]
-    fn a_client_that_always_replies_is_not_polled_at_every_pass() {
-        let mut policy = Policy::new(settings(100), 1, 0);
-        policy.on_connect(5, 0);
-        let replying = listed(
-            "id=5 addr=127.0.0.1:1 flags=N db=0 multi=-1 qbuf=0 obl=0 oll=1 cmd=get idle=0 user=default",
-        );
-        let mut polls = Vec::new();
-        for now in [200, 201, 202] {
-            match policy.decide(&replying, Moment::default(), now) {
-                Decision::Wait { retry_at_ms } => polls.push(retry_at_ms - now),
-                other => panic!("{other:?}"),
-            }
-        }
-        assert_eq!(polls, vec![0, QUIET_POLL_MS, QUIET_POLL_MS]);
-    }
-
-    const IDLE: &str =
-        "id=5 addr=127.0.0.1:1 name=web flags=N db=0 multi=-1 qbuf=0 obl=0 oll=0 user=default";
+    const IDLE: &str = "id=5 addr=127.0.0.1:1 name=web flags=N db=0 multi=-1 qbuf=0 argv-mem=0 \
+                        obl=0 oll=0 user=default";
 
     #[test]
     fn exemptions_have_reasons() {
@@ -797,109 +745,6 @@ mod tests {
     };
 
     #[test]
-    fn parked_and_never_used_clients_are_retired_at_once() {
-        let mut policy = Policy::new(settings(100), 1, 0);
-        let never_used = listed(&format!("{IDLE} cmd=NULL idle=0"));
-        assert_eq!(
-            policy.decide(&never_used, QUIET, 100),
-            Decision::Retire(Reason::MaxAge)
-        );
-        let parked = listed(&format!("{IDLE} cmd=get idle=3"));
-        assert_eq!(
-            policy.decide(&parked, QUIET, 100),
-            Decision::Retire(Reason::MaxAge)
-        );
-        assert_eq!(policy.clients_in_grace(), 0);
-    }
-
-    #[test]
-    fn a_busy_connection_is_closed_right_after_a_reply() {
-        let mut policy = Policy::new(settings(100), 1, 0);
-        let between = listed(&format!("{IDLE} cmd=get idle=0"));
-        // Used a moment ago, quiet now: wait for the end of its next request.
-        assert_eq!(
-            policy.decide(&between, QUIET, 100),
-            Decision::Wait { retry_at_ms: 101 }
-        );
-        // Its next request arrived and is unread: not now.
-        let unread = Moment {
-            unread_input_bytes: 30,
-        };
-        assert_eq!(
-            policy.decide(&between, unread, 101),
-            Decision::Wait { retry_at_ms: 102 }
-        );
-        // It has run and its reply is going out: look again right after the write.
-        let replying = listed(&format!("{IDLE} cmd=get idle=0").replace("obl=0", "obl=5"));
-        assert_eq!(
-            policy.decide(&replying, QUIET, 102),
-            Decision::Wait { retry_at_ms: 102 }
-        );
-        // Reply written, nothing new in the socket: this is the moment.
-        assert_eq!(
-            policy.decide(&between, QUIET, 103),
-            Decision::Retire(Reason::MaxAge)
-        );
-        assert_eq!(policy.clients_in_grace(), 0);
-    }
-
-    #[test]
-    fn a_new_request_after_the_reply_resets_the_wait() {
-        let mut policy = Policy::new(settings(100), 1, 0);
-        let replying = listed(&format!("{IDLE} cmd=get idle=0").replace("obl=0", "obl=5"));
-        assert!(matches!(
-            policy.decide(&replying, QUIET, 100),
-            Decision::Wait { .. }
-        ));
-        let unread = Moment {
-            unread_input_bytes: 30,
-        };
-        let between = listed(&format!("{IDLE} cmd=get idle=0"));
-        assert!(matches!(
-            policy.decide(&between, unread, 101),
-            Decision::Wait { .. }
-        ));
-        // The reply it saw is no longer the last thing that happened: keep waiting.
-        assert!(matches!(
-            policy.decide(&between, QUIET, 102),
-            Decision::Wait { .. }
-        ));
-    }
-
-    #[test]
-    fn grace_holds_then_expires() {
-        let mut policy = Policy::new(settings(100), 1, 0);
-        policy.on_connect(5, 0);
-        let busy = listed(&IDLE.replace("flags=N", "flags=x"));
-        assert_eq!(
-            policy.decide(&busy, QUIET, 100),
-            Decision::Wait { retry_at_ms: 110 }
-        );
-        assert_eq!(policy.clients_in_grace(), 1);
-        assert_eq!(
-            policy.decide(&busy, QUIET, 195),
-            Decision::Wait { retry_at_ms: 200 }
-        );
-        assert_eq!(
-            policy.decide(&busy, QUIET, 200),
-            Decision::Retire(Reason::MaxAgeGraceExpired)
-        );
-        assert_eq!(policy.clients_in_grace(), 0);
-        let blocked = listed(&IDLE.replace("flags=N", "flags=b"));
-        assert!(matches!(
-            policy.decide(&blocked, QUIET, 300),
-            Decision::Wait { .. }
-        ));
-        // Served and quiet for a second: closed.
-        let served = listed(&format!("{IDLE} cmd=blpop idle=1"));
-        assert_eq!(
-            policy.decide(&served, QUIET, 305),
-            Decision::Retire(Reason::MaxAge)
-        );
-        assert_eq!(policy.clients_in_grace(), 0);
-    }
-
-    #[test]
     fn tracking_sources_are_retired_before_their_redirect_target() {
         let mut policy = Policy::new(settings(60_000), 1, 0);
         for id in [5, 6, 7] {
@@ -913,7 +758,7 @@ mod tests {
         assert_eq!(policy.take_due(100, 10), vec![6, 7]);
         let source = listed(&format!("{IDLE} cmd=get idle=3").replace("id=5", "id=6"));
         assert_eq!(
-            policy.decide(&source, QUIET, 100),
+            policy.decide(&source, 100),
             Decision::Retire(Reason::MaxAge)
         );
         policy.on_disconnect(6);
@@ -926,34 +771,13 @@ mod tests {
     }
 
     #[test]
-    fn the_watch_list_is_bounded() {
-        let mut policy = Policy::new(settings(100), 1, 0);
-        for id in 0..MAX_WATCHED as u64 {
-            let between =
-                listed(&format!("{IDLE} cmd=get idle=0").replace("id=5", &format!("id={id}")));
-            assert!(matches!(
-                policy.decide(&between, QUIET, 100),
-                Decision::Wait { .. }
-            ));
-        }
-        let one_more = listed(&format!("{IDLE} cmd=get idle=0").replace("id=5", "id=999"));
-        assert_eq!(
-            policy.decide(&one_more, QUIET, 100),
-            Decision::Wait {
-                retry_at_ms: 100 + WATCH_FULL_RETRY_MS
-            }
-        );
-        assert_eq!(policy.clients_in_grace(), MAX_WATCHED);
-    }
-
-    #[test]
     fn every_mid_request_sign_counts() {
         // Valkey 9.1 leaves `multi=0` on a client after EXEC: that alone is not a transaction.
         assert!(!mid_request(
             &listed(&IDLE.replace("multi=-1", "multi=0")),
             QUIET
         ));
-        for busy in ["flags=x", "flags=b", "qbuf=10"] {
+        for busy in ["flags=x", "flags=b", "qbuf=10", "argv-mem=12"] {
             let key = busy.split('=').next().unwrap();
             let line: String = IDLE
                 .split(' ')
@@ -980,11 +804,28 @@ mod tests {
     }
 
     #[test]
+    fn a_graceful_kill_overrules_deadlines_exemptions_and_settings() {
+        let mut policy = Policy::new(settings(0), 1, 0);
+        policy.on_connect(5, 0);
+        policy.on_connect(6, 0);
+        assert_eq!(policy.drain(&[5, 6, 99], 10), 2);
+        assert_eq!(policy.drain(&[5], 10), 0);
+        assert_eq!(policy.clients_draining(), 2);
+        let replica = listed(&IDLE.replace("flags=N", "flags=S"));
+        assert_eq!(policy.decide(&replica, 10), Decision::Retire(Reason::Drain));
+        // Settings changes re-time everyone; the drain stays scheduled.
+        policy.retime_all();
+        assert_eq!(policy.take_due(10, 10), vec![5, 6]);
+        policy.on_disconnect(5);
+        assert_eq!(policy.clients_draining(), 1);
+    }
+
+    #[test]
     fn exempt_clients_are_rechecked_later() {
         let mut policy = Policy::new(settings(100), 1, 0);
         let replica = listed(&IDLE.replace("flags=N", "flags=S"));
         assert_eq!(
-            policy.decide(&replica, QUIET, 100),
+            policy.decide(&replica, 100),
             Decision::Exempt {
                 recheck_at_ms: 100 + EXEMPT_RECHECK_MIN_MS
             }

@@ -14,6 +14,11 @@ pub static EVICTED_BY_MAX_AGE: AtomicU64 = AtomicU64::new(0);
 pub static EVICTED_AFTER_GRACE: AtomicU64 = AtomicU64::new(0);
 pub static EVICTED_BY_COMMAND: AtomicU64 = AtomicU64::new(0);
 pub static EVICTED_CLIENT_REQUESTED: AtomicU64 = AtomicU64::new(0);
+pub static EVICTED_BY_GRACEFUL_KILL: AtomicU64 = AtomicU64::new(0);
+/// How enforcement's closes happened: right after a reply the client had just been sent, or
+/// while the connection was idle (the rest are grace expiries).
+pub static CLOSED_AFTER_REPLY: AtomicU64 = AtomicU64::new(0);
+pub static CLOSED_WHILE_IDLE: AtomicU64 = AtomicU64::new(0);
 pub static OBSERVED_WOULD_EVICT: AtomicU64 = AtomicU64::new(0);
 pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
 pub static SAFE_MOMENT_POLLS: AtomicU64 = AtomicU64::new(0);
@@ -33,6 +38,7 @@ pub fn count_retirement(reason: Reason, observe_only: bool) {
         (false, Reason::MaxAgeGraceExpired) => &EVICTED_AFTER_GRACE,
         (false, Reason::ManualKill) => &EVICTED_BY_COMMAND,
         (false, Reason::ClientRequested) => &EVICTED_CLIENT_REQUESTED,
+        (false, Reason::Drain) => &EVICTED_BY_GRACEFUL_KILL,
     };
     counter.fetch_add(1, Ordering::Relaxed);
 }
@@ -58,7 +64,10 @@ pub fn write_info(info: &mut InfoWriter) {
                     histogram[crate::preview::bucket_of(client.age_ms(now_ms))] += 1;
                     histogram
                 }),
-            policy.clients_in_grace() as u64,
+            (
+                policy.clients_in_grace() as u64,
+                policy.clients_draining() as u64,
+            ),
             policy.clients_due(now_ms) as u64,
             policy.oldest_age_ms(now_ms),
             policy.next_deadline_ms(),
@@ -72,7 +81,7 @@ pub fn write_info(info: &mut InfoWriter) {
         tracked,
         approximate,
         age_histogram,
-        in_grace,
+        (in_grace, draining),
         due,
         oldest,
         next_deadline,
@@ -100,12 +109,15 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_str("age_histogram", &buckets.join(","));
     info.field_u64(
         "evicted_connections",
-        by_max_age + after_grace + by_command + client_requested,
+        by_max_age + after_grace + by_command + client_requested + get(&EVICTED_BY_GRACEFUL_KILL),
     );
     info.field_u64("evicted_max_age", by_max_age);
     info.field_u64("evicted_max_age_after_grace", after_grace);
     info.field_u64("evicted_manual", by_command);
     info.field_u64("evicted_client_requested", client_requested);
+    info.field_u64("evicted_graceful_kill", get(&EVICTED_BY_GRACEFUL_KILL));
+    info.field_u64("closed_after_reply", get(&CLOSED_AFTER_REPLY));
+    info.field_u64("closed_while_idle", get(&CLOSED_WHILE_IDLE));
     info.field_u64("observed_would_evict", get(&OBSERVED_WOULD_EVICT));
     info.field_u64("exempted", get(&EXEMPTIONS));
     info.field_u64("safe_moment_polls", get(&SAFE_MOMENT_POLLS));
@@ -115,6 +127,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("wakeups", get(&WAKEUPS));
     info.field_u64("wakeup_us_total", get(&WAKEUP_US_TOTAL));
     info.field_u64("clients_in_grace", in_grace);
+    info.field_u64("clients_draining", draining);
     info.field_u64("clients_delayed_by_pacing", due);
     info.field_u64("oldest_client_age_ms", oldest.unwrap_or(0));
     let next = next_deadline.map_or(-1, |deadline| deadline.saturating_sub(now_ms) as i64);

@@ -299,7 +299,9 @@ class Gen:
             return [self.value([b"yes", b"no", b"YES"])]
         if base == b"LIMIT":
             return [self.number(0, 10)]
-        if base == b"DRYRUN":
+        if base == b"PERCENT":
+            return [self.number(0, 101)]
+        if base in (b"DRYRUN", b"GRACEFUL"):
             return []
         return [self.junk()]
 
@@ -334,6 +336,8 @@ class Gen:
         b"SKIPME",
         b"LIMIT",
         b"DRYRUN",
+        b"GRACEFUL",
+        b"PERCENT",
     )
 
     def keyword(self, keyword):

@@ -6,6 +6,7 @@ mod harness;
 mod cluster;
 mod commands;
 mod differential;
+mod drain;
 mod ecosystem;
 mod enforcement;
 mod faults;
