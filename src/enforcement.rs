@@ -303,6 +303,10 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
         if !closed {
             return;
         }
+        // (The master link's close already did what its disconnect would.)
+        if ClientType::of(client) != ClientType::Master {
+            STATE.with(|policy| policy.mark_closed(client.id));
+        }
         // Only enforcement picks its moment (right after a reply) and needs the FIN out at
         // once; a one-shot kill of thousands would pay a system call per client for nothing.
         if reason != Reason::ManualKill {
@@ -330,6 +334,37 @@ fn close_master_link(ctx: &Context, client_id: u64) -> bool {
     // partial resync) its disconnect.
     STATE.with(|policy| policy.on_disconnect(client_id));
     killed
+}
+
+/// Closes one tracked client known only by id (a `MAXAGE.KILL` the registry answered): no
+/// `CLIENT LIST` is taken, except of this one client when its audit line is logged (at most
+/// the audit cap's 40 a second). Never the master link, which is not tracked.
+pub fn retire_by_id(ctx: &Context, client_id: u64, age_ms: u64, reason: Reason, now_ms: u64) {
+    if !ffi::close_client(ctx, client_id) {
+        return;
+    }
+    STATE.with(|policy| policy.mark_closed(client_id));
+    stats::count_retirement(reason, false);
+    audit(ctx, now_ms, || {
+        let listed = list_clients(ctx, Some(&[client_id]))
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| ListedClient {
+                id: client_id,
+                ..ListedClient::default()
+            });
+        retirement_line(
+            &RetiredClient {
+                client_id,
+                addr: &listed.addr,
+                user: &listed.user,
+                name: &listed.name,
+                age_ms,
+            },
+            reason,
+            false,
+        )
+    });
 }
 
 /// Counts a retirement and writes its audit line.

@@ -1,11 +1,11 @@
 //! `MAXAGE.KILL` and `MAXAGE.LIST`: the one-shot commands over the `CLIENT KILL` filter grammar.
 
-use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::acl::{self, Needs};
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
-use crate::enforcement::{list_clients, reply_text, retire};
+use crate::enforcement::{list_clients, reply_text, retire, retire_by_id};
 use crate::ffi::{self, Reply, monotonic_ms};
 use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
 use crate::policy::exemption;
@@ -72,13 +72,18 @@ pub fn parse_args(
 
 /// The clients the filter selects, oldest first (then by id), at most `LIMIT` of them.
 pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
-    let ids: Option<Vec<u64>> = filter.ids.as_ref().map(|ids| ids.iter().copied().collect());
+    let caller_id = ffi::current_client_id(ctx);
+    let now_ms = monotonic_ms();
+    // Where the registry answers the filter, only the clients it selects are listed.
+    let ids: Option<Vec<u64>> = if registry_answers(ctx, filter) {
+        STATE.with(|policy| select_from_registry(policy, filter, caller_id, now_ms))
+    } else {
+        filter.ids.as_ref().map(|ids| ids.iter().copied().collect())
+    };
     if ids.as_ref().is_some_and(Vec::is_empty) {
         return Vec::new();
     }
     let listed = list_clients(ctx, ids.as_deref());
-    let caller_id = ffi::current_client_id(ctx);
-    let now_ms = monotonic_ms();
     let mut matched: Vec<Matched> = STATE
         .with(|policy| {
             listed
@@ -87,7 +92,7 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
                     // Already being closed (by an earlier kill or a wake-up in this event-loop
                     // pass): the server frees it before the next pass, and it must not be
                     // closed, counted or logged twice.
-                    if client.has_flag('A') {
+                    if client.has_flag('A') || policy.is_closing(client.id) {
                         return None;
                     }
                     let tracked = policy.registry.get(client.id);
@@ -149,6 +154,9 @@ pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
     if filter.graceful {
         return drain(ctx, filter);
     }
+    if registry_answers(ctx, filter) {
+        return kill_from_registry(ctx, filter);
+    }
     let matched = select(ctx, filter);
     ffi::reply(ctx, &Reply::Int(matched.len() as i64));
     if filter.dry_run {
@@ -174,7 +182,7 @@ pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
 /// even a `CLIENT LIST` is taken.
 fn drain(ctx: &Context, filter: &ClientFilter) -> usize {
     let now_ms = monotonic_ms();
-    let ids: Vec<u64> = if filter.needs_only_ids_and_age() {
+    let ids: Vec<u64> = if registry_answers(ctx, filter) {
         let caller_id = ffi::current_client_id(ctx);
         STATE
             .with(|policy| select_from_registry(policy, filter, caller_id, now_ms))
@@ -192,6 +200,38 @@ fn drain(ctx: &Context, filter: &ClientFilter) -> usize {
     scheduled
 }
 
+/// Whether the module's registry alone can answer this filter: ids and ages only, on a server
+/// that is not a replica (a replica's link to its master is a client the registry does not
+/// track, and `CLIENT KILL MAXAGE` would select it).
+fn registry_answers(ctx: &Context, filter: &ClientFilter) -> bool {
+    filter.needs_only_ids_and_age() && !ctx.get_flags().contains(ContextFlags::SLAVE)
+}
+
+/// `MAXAGE.KILL` of an id-and-age filter: touches only the selected clients, with no
+/// `CLIENT LIST` of everyone (15 ms and 2.6 MB at 10,000 clients). Replies first, then closes.
+fn kill_from_registry(ctx: &Context, filter: &ClientFilter) -> usize {
+    let now_ms = monotonic_ms();
+    let caller_id = ffi::current_client_id(ctx);
+    let selected: Vec<(u64, u64)> = STATE
+        .with(|policy| {
+            select_from_registry(policy, filter, caller_id, now_ms)
+                .into_iter()
+                .map(|id| {
+                    let age_ms = policy.registry.get(id).map_or(0, |c| c.age_ms(now_ms));
+                    (id, age_ms)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ffi::reply(ctx, &Reply::Int(selected.len() as i64));
+    if !filter.dry_run {
+        for (client_id, age_ms) in &selected {
+            retire_by_id(ctx, *client_id, *age_ms, Reason::ManualKill, now_ms);
+        }
+    }
+    selected.len()
+}
+
 /// The tracked clients an id-and-age filter selects, oldest first (then by id), within
 /// `LIMIT` and `PERCENT`. The master link is never tracked, so never selected.
 fn select_from_registry(
@@ -205,9 +245,11 @@ fn select_from_registry(
         .iter()
         .filter(|client| {
             let id = client.client_id;
-            filter.ids.as_ref().is_none_or(|ids| ids.contains(&id))
-                && !filter.not_ids.contains(&id)
-                && !(filter.skip_me && id == caller_id)
+            let spared = policy.is_closing(id)
+                || filter.not_ids.contains(&id)
+                || (filter.skip_me && id == caller_id);
+            !spared
+                && filter.ids.as_ref().is_none_or(|ids| ids.contains(&id))
                 && filter
                     .min_age_ms
                     .is_none_or(|min_age_ms| client.age_ms(now_ms) >= min_age_ms)

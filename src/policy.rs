@@ -110,6 +110,9 @@ pub struct Policy {
     closing: ClosingSet,
     /// Clients an operator's `MAXAGE.KILL ... GRACEFUL` scheduled for retirement.
     drain: HashSet<u64>,
+    /// Clients the module has told the server to close, until the server frees them (at the
+    /// end of the event-loop pass): a kill later in the same pass must not count them again.
+    closed_pending: HashSet<u64>,
     /// When each client-side-caching redirect target began waiting for its sources.
     tracking_hold_since_ms: HashMap<u64, u64>,
     /// Max ages clients asked for with `MAXAGE.SELF` (client id -> ms), only those that asked.
@@ -139,6 +142,7 @@ impl Policy {
             load: LoadGauge::default(),
             closing: ClosingSet::default(),
             drain: HashSet::new(),
+            closed_pending: HashSet::new(),
             backlog_since_ms: None,
             requested_max_age_ms: HashMap::new(),
             tracking_hold_since_ms: HashMap::new(),
@@ -252,6 +256,7 @@ impl Policy {
         self.registry.remove(client_id);
         self.closing.remove(client_id);
         self.drain.remove(&client_id);
+        self.closed_pending.remove(&client_id);
         self.retire_early.remove(&client_id);
         self.requested_max_age_ms.remove(&client_id);
         self.tracking_hold_since_ms.remove(&client_id);
@@ -446,6 +451,16 @@ impl Policy {
             }
         }
         scheduled
+    }
+
+    /// The module has asked the server to close this client (it is freed at the end of the
+    /// event-loop pass, when its disconnect event comes).
+    pub fn mark_closed(&mut self, client_id: u64) {
+        self.closed_pending.insert(client_id);
+    }
+
+    pub fn is_closing(&self, client_id: u64) -> bool {
+        self.closed_pending.contains(&client_id)
     }
 
     /// Clients an operator's graceful kill scheduled that are still connected.

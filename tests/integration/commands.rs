@@ -440,3 +440,70 @@ fn id_by_flag(admin: &mut redis::Connection, flag: char) -> u64 {
 fn in_multi_id(admin: &mut redis::Connection, _socket: &mut TcpStream) -> u64 {
     id_by_flag(admin, 'x')
 }
+
+/// How often the server has run `CLIENT LIST` (the module's calls count too).
+fn client_list_calls(conn: &mut redis::Connection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_client|list:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Filters of ids and ages are answered from the module's registry: the kill touches only the
+/// clients it selects, with no `CLIENT LIST` of everyone (only each logged audit line lists its
+/// one client); other filters need one.
+#[test]
+fn kills_by_id_and_age_take_no_client_list() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["max-age-ms", "0"])
+            .start();
+        let mut admin = server.admin();
+        let mut idle: Vec<TcpStream> = (0..20).map(|_| server.idle_socket()).collect();
+        assert!(wait_until(Duration::from_secs(5), || {
+            info_field(&mut admin, "maxage_tracked_clients") == Some(21)
+        }));
+        sleep(Duration::from_millis(20));
+        let before = client_list_calls(&mut admin);
+        let counted: i64 = run(&mut admin, &["MAXAGE.KILL", "MAXAGE-MS", "1", "DRYRUN"]).unwrap();
+        assert_eq!(counted, 20, "{flavor:?}");
+        assert_eq!(client_list_calls(&mut admin), before, "{flavor:?}");
+        let killed: i64 =
+            run(&mut admin, &["MAXAGE.KILL", "MAXAGE-MS", "1", "LIMIT", "5"]).unwrap();
+        assert_eq!(killed, 5, "{flavor:?}");
+        // Only the audit line of each looks its one client up (`CLIENT LIST ID <id>`).
+        assert!(client_list_calls(&mut admin) <= before + 5, "{flavor:?}");
+        assert!(wait_until(Duration::from_secs(3), || {
+            idle.iter_mut()
+                .map(is_closed)
+                .filter(|closed| *closed)
+                .count()
+                == 5
+        }));
+        assert_eq!(info_field(&mut admin, "maxage_evicted_manual"), Some(5));
+        // A kill later in the same pass does not count the ones being closed again.
+        let again: Vec<redis::Value> = redis::pipe()
+            .cmd("MAXAGE.KILL")
+            .arg("MAXAGE-MS")
+            .arg("1")
+            .arg("LIMIT")
+            .arg("3")
+            .cmd("MAXAGE.KILL")
+            .arg("MAXAGE-MS")
+            .arg("1")
+            .arg("DRYRUN")
+            .query(&mut admin)
+            .unwrap();
+        assert_eq!(
+            again,
+            vec![redis::Value::Int(3), redis::Value::Int(12)],
+            "{flavor:?}"
+        );
+        let typed: i64 = run(&mut admin, &["MAXAGE.KILL", "TYPE", "normal", "DRYRUN"]).unwrap();
+        assert_eq!(typed, 12, "{flavor:?}");
+        assert!(client_list_calls(&mut admin) > before, "{flavor:?}");
+    }
+}

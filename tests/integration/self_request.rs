@@ -5,8 +5,8 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use crate::harness::{
-    BOTH, Server, config_set, create_user, error_of, info_field, is_closed, login, maxage_list_ids,
-    python, raw_command, run, wait_until,
+    BOTH, Server, config_set, create_user, error_of, exclusive, info_field, is_closed, login,
+    maxage_list_ids, python, raw_command, run, wait_until,
 };
 
 /// Ages (ms) at which the audit log says clients were retired for `reason`.
@@ -24,12 +24,13 @@ fn retired_ages(server: &Server, reason: &str) -> Vec<u64> {
 
 /// The README's redis-py example (`examples/redis_py_pool.py`): a pool whose connections ask
 /// for 500 ms, eight threads of INCRs with retries off, with the operator's max age off and at
-/// five minutes. Every connection is retired for its own request, none early, and no request is
-/// executed twice or lost. Requests that race a close still fail now and then (a few per hundred
-/// retirements here: the close waits for the moment after a reply, and a busy client can send
-/// its next request in that moment); a failed request was never executed.
+/// five minutes. Every connection is retired for its own request, none early, right after the
+/// reply that follows its deadline, and no request is executed twice or lost. A request that
+/// races a close (none in the measured runs; at most one per hundred retirements allowed on a
+/// loaded machine) was never executed.
 #[test]
 fn a_redis_py_pool_gets_the_max_age_it_asks_for() {
+    let _alone = exclusive();
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
     for flavor in BOTH {
         for operator_max_age in ["0", "300000"] {
@@ -80,9 +81,14 @@ print(sum(ok), sum(failed), executed)
             );
             assert!(ages.len() >= 16, "{flavor:?}: {} retirements", ages.len());
             assert!(ages[0] >= 500, "{flavor:?}: retired early: {ages:?}");
-            assert!(ages[ages.len() / 2] <= 600, "{flavor:?}: median {ages:?}");
+            // Closed right after the reply that follows the deadline: 500-505 ms for 90 % of
+            // them, and every one within 520 ms unless the shared machine stalls (the same
+            // allowance as the deadline-precision test; measured p99 503-505 ms).
+            let p90 = ages[(ages.len() * 90).div_ceil(100) - 1];
+            assert!(p90 <= 505, "{flavor:?}: p90 {p90} ms: {ages:?}");
+            assert!(ages[ages.len() - 1] <= 520, "{flavor:?}: {ages:?}");
             assert!(
-                failed * 10 <= ages.len() as u64,
+                failed * 100 <= ages.len() as u64,
                 "{flavor:?}: {failed} failed requests for {} retirements",
                 ages.len()
             );
