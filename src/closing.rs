@@ -126,14 +126,6 @@ impl ClosingSet {
             .any(|a| a.client.id == client_id && a.phase == Phase::ReplySent)
     }
 
-    /// The client as listed when it was armed.
-    pub fn listed(&self, client_id: u64) -> Option<&ListedClient> {
-        self.armed
-            .iter()
-            .find(|a| a.client.id == client_id)
-            .map(|a| &a.client)
-    }
-
     /// Top of an event-loop pass. `unread(fd)` is the bytes waiting in a socket. Says which
     /// clients to look at now (replies held and nothing new, idle long enough, or out of grace)
     /// and which corked sockets to release because a new request came in behind the reply.

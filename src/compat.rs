@@ -153,10 +153,6 @@ pub fn set_native_support(support: NativeKillSupport) {
     NATIVE.with(|native| *native = support);
 }
 
-pub fn native_support() -> NativeKillSupport {
-    NATIVE.with(|native| native.clone()).unwrap_or_default()
-}
-
 /// The command filter: `CLIENT KILL <filters>` the server cannot answer goes to the module.
 pub fn rewrite_client_kill(filters: &[&[u8]]) -> Option<&'static str> {
     if !config::client_kill_compat() {

@@ -3,26 +3,26 @@
 //! This file only declares the module (name, commands, configs) and wires the parts together;
 //! each other file has the one responsibility its name says.
 
-pub mod acl;
-pub mod audit;
+mod acl;
+mod audit;
 pub mod client_list;
-pub mod closing;
-pub mod compat;
-pub mod config;
-pub mod docs;
-pub mod enforcement;
-pub mod ffi;
+mod closing;
+mod compat;
+mod config;
+mod docs;
+mod enforcement;
+mod ffi;
 pub mod filter;
 pub mod glob;
-pub mod kill;
-pub mod policy;
-pub mod preview;
-pub mod registry;
-pub mod rules;
-pub mod schedule;
-pub mod self_request;
-pub mod state;
-pub mod stats;
+mod kill;
+mod policy;
+mod preview;
+mod registry;
+mod rules;
+mod schedule;
+mod self_request;
+mod state;
+mod stats;
 
 use redis_module::{
     Context, RedisError, RedisResult, RedisString, RedisValue, Status, redis_module,

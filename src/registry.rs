@@ -23,7 +23,7 @@ struct Slot {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrackedClient {
     pub client_id: u64,
-    /// Monotonic milliseconds (see `clock`), not wall-clock time.
+    /// Monotonic milliseconds (`ffi::monotonic_ms`), not wall-clock time.
     pub connected_at_ms: u64,
     /// True when the connect time was seeded from `CLIENT LIST age=` (whole seconds).
     pub approximate: bool,
@@ -120,10 +120,6 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.slots.len() - self.dead_slots
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Tracked clients in id order, which is connect order for clients seen connecting.

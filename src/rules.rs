@@ -101,10 +101,6 @@ impl Rules {
         Ok(Self(rules))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &Rule> {
         self.0.iter()
     }

@@ -63,12 +63,9 @@ impl DeadlineQueue {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.heap.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
     }
 
     pub fn clear(&mut self) {
