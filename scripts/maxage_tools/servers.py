@@ -3,6 +3,10 @@
     with Server("redis", module_args=["max-age-ms", "1000"]) as server:
         ...server.port, server.alive(), server.log(), server.cpu_seconds()...
 
+    tls = make_tls_files(directory)      # a throwaway CA and a server cert for 127.0.0.1
+    with Server("redis", tls=tls) as server:
+        ...server.port is the TLS port; the plain port is off (port 0)...
+
 Only loopback, never port 6379. The server gets PR_SET_PDEATHSIG so it dies with the process
 that started it, and stop() only ever signals the process it started.
 """
@@ -13,9 +17,11 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PR_SET_PDEATHSIG = 1
@@ -89,26 +95,81 @@ def _config_quote(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def ping(port, timeout=2.0):
-    """True when a fresh connection to the port answers PING with +PONG within timeout."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS server: its certificate and key, and the CA that signed it (which
+    clients trust)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
+def make_tls_files(directory, days=2):
+    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost, made with
+    openssl in `directory`. Raises ServerError when openssl is missing or fails."""
+    if not shutil.which("openssl"):
+        raise ServerError("openssl is not installed (apt-get install openssl)")
+    os.makedirs(directory, exist_ok=True)
+
+    def path(name):
+        return os.path.join(directory, name)
+
+    with open(path("server.ext"), "w") as ext:
+        ext.write(
+            "basicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature, keyEncipherment\n"
+            "extendedKeyUsage = serverAuth\n"
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        )
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", path("ca.key"),
+         "-out", path("ca.crt"), "-days", str(days), "-subj", "/CN=redis-maxage test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", path("server.key"),
+         "-out", path("server.csr"), "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", path("server.csr"), "-CA", path("ca.crt"),
+         "-CAkey", path("ca.key"), "-CAcreateserial", "-out", path("server.crt"),
+         "-days", str(days), "-extfile", path("server.ext")],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(["openssl", *step], check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServerError(f"openssl {step[0]} failed: {done.stderr.strip()[-2000:]}")
+    return TlsFiles(path("server.crt"), path("server.key"), path("ca.crt"))
+
+
+def ping(port, timeout=2.0, tls_ca=None):
+    """True when a fresh connection to the port answers PING with +PONG within timeout
+    (over TLS, trusting the CA file tls_ca, when it is given)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            sock.sendall(b"PING\r\n")
-            data = b""
-            deadline = time.monotonic() + timeout
-            while b"\r\n" not in data and time.monotonic() < deadline:
-                chunk = sock.recv(64)
-                if not chunk:
-                    return False
-                data += chunk
-            return data.startswith(b"+PONG")
-    except OSError:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            raw.settimeout(timeout)
+            if tls_ca:
+                context = ssl.create_default_context(cafile=tls_ca)
+                sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            else:
+                sock = raw
+            with sock:
+                sock.sendall(b"PING\r\n")
+                data = b""
+                deadline = time.monotonic() + timeout
+                while b"\r\n" not in data and time.monotonic() < deadline:
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        return False
+                    data += chunk
+                return data.startswith(b"+PONG")
+    except OSError:  # ssl.SSLError is an OSError
         return False
 
 
 class Server:
-    """One server process with its own temp dir (config, log, stderr), on a free port."""
+    """One server process with its own temp dir (config, log, stderr), on a free port.
+
+    tls (a TlsFiles): the server listens with TLS on that port and not at all in plain TCP
+    (`port 0`, `tls-port <port>`, client certificates not required)."""
 
     def __init__(
         self,
@@ -118,6 +179,7 @@ class Server:
         load_module=True,
         start_timeout=None,
         prefix="maxage-srv-",
+        tls=None,
     ):
         self.flavor = flavor
         self.binary = find_server(flavor)
@@ -125,6 +187,7 @@ class Server:
         self.module_args = [str(a) for a in module_args]
         self.extra_config = list(extra_config)
         self.load_module = load_module
+        self.tls = tls
         self.start_timeout = start_timeout or float(os.environ.get("MAXAGE_START_TIMEOUT_S", "10"))
         self.dir = tempfile.mkdtemp(prefix=prefix)
         self.port = None
@@ -134,8 +197,19 @@ class Server:
     # The config file ------------------------------------------------------------------------
 
     def _config_lines(self, port):
+        if self.tls is None:
+            listen = [f"port {port}"]
+        else:
+            listen = [
+                "port 0",
+                f"tls-port {port}",
+                f"tls-cert-file {_config_quote(self.tls.cert_file)}",
+                f"tls-key-file {_config_quote(self.tls.key_file)}",
+                f"tls-ca-cert-file {_config_quote(self.tls.ca_file)}",
+                "tls-auth-clients no",
+            ]
         lines = [
-            f"port {port}",
+            *listen,
             "bind 127.0.0.1",
             'save ""',
             "appendonly no",
@@ -207,7 +281,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            if ping(self.port, timeout=1.0):
+            if ping(self.port, timeout=1.0, tls_ca=self.tls and self.tls.ca_file):
                 return True
             time.sleep(0.01)
         return False
