@@ -19,7 +19,37 @@
 
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
-use crate::policy::{Moment, mid_request, parked, reply_pending};
+
+/// What the server shows about a due client right now, beyond `CLIENT LIST`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moment {
+    /// Bytes of the next request already in the socket, not yet read by the server.
+    pub unread_input_bytes: usize,
+}
+
+/// In the middle of a request: inside MULTI, blocked (BLPOP, WAIT, ...), with part of a command
+/// read, or with the next request already waiting in its socket. Closing it now would fail a
+/// request in flight.
+pub fn mid_request(client: &ListedClient, moment: Moment) -> bool {
+    // The `x` flag, not `multi=`: Valkey 9.1 shows `multi=0` after EXEC.
+    client.has_flag('x')
+        || client.has_flag('b')
+        || client.qbuf > 0
+        || client.argv_mem > 0
+        || moment.unread_input_bytes > 0
+}
+
+/// A reply is on its way out: the client has just run a command.
+pub fn reply_pending(client: &ListedClient) -> bool {
+    client.obl > 0 || client.oll > 0
+}
+
+/// Nothing suggests another request is coming soon: it never sent a command, or it has sent
+/// none for a second (a connection parked in a pool). Closing such a client is safe now: a
+/// pool notices the closed connection when it next hands it out.
+pub fn parked(client: &ListedClient) -> bool {
+    client.cmd == "NULL" || client.idle_s >= 1
+}
 
 /// At most this many clients wait for their moment at once; others wait their turn, which
 /// bounds the per-pass cost to one socket query per armed client.
@@ -355,6 +385,54 @@ mod tests {
             Look::Close(Reason::ClientRequested)
         );
         assert!(set.is_empty());
+    }
+
+    const QUIET_LINE: &str = "id=5 addr=127.0.0.1:1 name=web flags=N db=0 multi=-1 qbuf=0 \
+                              argv-mem=0 obl=0 oll=0 user=default";
+
+    fn parsed(line: &str) -> ListedClient {
+        parse_client_line(line).unwrap()
+    }
+
+    const QUIET: Moment = Moment {
+        unread_input_bytes: 0,
+    };
+
+    #[test]
+    fn every_mid_request_sign_counts() {
+        // Valkey 9.1 leaves `multi=0` on a client after EXEC: that alone is not a transaction.
+        assert!(!mid_request(
+            &parsed(&QUIET_LINE.replace("multi=-1", "multi=0")),
+            QUIET
+        ));
+        for busy in ["flags=x", "flags=b", "qbuf=10", "argv-mem=12"] {
+            let key = busy.split('=').next().unwrap();
+            let line: String = QUIET_LINE
+                .split(' ')
+                .map(|f| {
+                    if f.starts_with(&format!("{key}=")) {
+                        busy
+                    } else {
+                        f
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(mid_request(&parsed(&line), QUIET), "{line}");
+        }
+        assert!(mid_request(
+            &parsed(QUIET_LINE),
+            Moment {
+                unread_input_bytes: 1
+            }
+        ));
+        assert!(!mid_request(&parsed(QUIET_LINE), QUIET));
+        assert!(reply_pending(&parsed(
+            &QUIET_LINE.replace("obl=0", "obl=5")
+        )));
+        assert!(reply_pending(&parsed(
+            &QUIET_LINE.replace("oll=0", "oll=1")
+        )));
     }
 
     #[test]

@@ -5,10 +5,11 @@ use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, 
 use crate::acl::{self, Needs};
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
-use crate::enforcement::{list_clients, reply_text, retire, retire_by_id};
 use crate::ffi::{self, Reply, monotonic_ms};
 use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
 use crate::policy::exemption;
+use crate::retire::{retire, retire_by_id};
+use crate::server_view::{list_clients, reply_text};
 use crate::state::STATE;
 
 /// Answers the parser's questions with `RM_Call`, only when a filter needs them.

@@ -15,12 +15,15 @@ mod ffi;
 pub mod filter;
 pub mod glob;
 mod kill;
+mod pass;
 mod policy;
 mod preview;
 mod registry;
+mod retire;
 mod rules;
 mod schedule;
 mod self_request;
+mod server_view;
 mod state;
 mod stats;
 
@@ -129,31 +132,7 @@ const COMMANDS: [&std::ffi::CStr; 4] = [
 ];
 
 fn load(ctx: &Context, args: &[RedisString]) -> Status {
-    // Detect, never assume: each of these is needed and each is missing on some servers.
-    // SAFETY (each read): the function-pointer statics were filled in by RedisModule_Init.
-    let required = [
-        (
-            "DeauthenticateAndCloseClient",
-            unsafe { redis_module::raw::RedisModule_DeauthenticateAndCloseClient }.is_some(),
-        ),
-        (
-            "SubscribeToServerEvent",
-            unsafe { redis_module::raw::RedisModule_SubscribeToServerEvent }.is_some(),
-        ),
-        (
-            "SetCommandInfo",
-            unsafe { redis_module::raw::RedisModule_SetCommandInfo }.is_some(),
-        ),
-        (
-            "GetDetachedThreadSafeContext",
-            unsafe { redis_module::raw::RedisModule_GetDetachedThreadSafeContext }.is_some(),
-        ),
-        (
-            "EventLoopAdd",
-            unsafe { redis_module::raw::RedisModule_EventLoopAdd }.is_some(),
-        ),
-    ];
-    if let Some((missing, _)) = required.iter().find(|(_, present)| !present) {
+    if let Some(missing) = ffi::missing_api() {
         return refuse(
             ctx,
             &format!("the server lacks the module API {missing} (Redis 7.0 or newer is needed)"),
@@ -168,7 +147,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
     if let Err(why) = ffi::register_settings(ctx, &defaults, enforcement::on_settings_changed) {
         return refuse(ctx, &why);
     }
-    if let Err(why) = docs::register(ctx) {
+    if let Err(why) = ffi::set_command_docs(ctx, &docs::command_docs()) {
         return refuse(ctx, &why);
     }
     // Commands that can close or list anyone's connection belong with CLIENT KILL/LIST.
@@ -234,7 +213,7 @@ fn deinit(ctx: &Context) -> Status {
         // A client whose last command was one of ours keeps pointing at that command after
         // the server unregisters it; the next CLIENT LIST then reads freed memory (seen to
         // crash Valkey 9.1 in the module's own seeding at the next load). Refuse instead.
-        let pinned: Vec<u64> = enforcement::list_clients(ctx, None)
+        let pinned: Vec<u64> = server_view::list_clients(ctx, None)
             .into_iter()
             .filter(|client| client.cmd.starts_with("maxage."))
             .map(|client| client.id)

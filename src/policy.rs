@@ -35,13 +35,6 @@ pub enum Decision {
     },
 }
 
-/// What the server shows about a due client right now, beyond `CLIENT LIST`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Moment {
-    /// Bytes of the next request already in the socket, not yet read by the server.
-    pub unread_input_bytes: usize,
-}
-
 /// Why a client is exempt, if it is.
 pub fn exemption(settings: &Settings, client: &ListedClient) -> Option<&'static str> {
     let types = &settings.exempt_types;
@@ -66,30 +59,6 @@ pub fn exemption(settings: &Settings, client: &ListedClient) -> Option<&'static 
         return Some("name");
     }
     None
-}
-
-/// In the middle of a request: inside MULTI, blocked (BLPOP, WAIT, ...), with part of a command
-/// read, or with the next request already waiting in its socket. Closing it now would fail a
-/// request in flight.
-pub fn mid_request(client: &ListedClient, moment: Moment) -> bool {
-    // The `x` flag, not `multi=`: Valkey 9.1 shows `multi=0` after EXEC.
-    client.has_flag('x')
-        || client.has_flag('b')
-        || client.qbuf > 0
-        || client.argv_mem > 0
-        || moment.unread_input_bytes > 0
-}
-
-/// A reply is on its way out: the client has just run a command.
-pub fn reply_pending(client: &ListedClient) -> bool {
-    client.obl > 0 || client.oll > 0
-}
-
-/// Nothing suggests another request is coming soon: it never sent a command, or it has sent
-/// none for a second (a connection parked in a pool). Closing such a client is safe now: a
-/// pool notices the closed connection when it next hands it out.
-pub fn parked(client: &ListedClient) -> bool {
-    client.cmd == "NULL" || client.idle_s >= 1
 }
 
 fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -663,44 +632,6 @@ mod tests {
         assert_eq!(fixed.start_pass(), FULL_PASS);
     }
 
-    /// Lowering the max age makes every old client overdue at once, by far more than the
-    /// slack: pacing must still spread them, the slack counting from when pacing held each.
-    #[test]
-    fn clients_overdue_before_pacing_held_them_are_still_paced() {
-        let mut config = settings(3_600_000);
-        config.max_evictions_per_sec = 100;
-        config.max_overdue_ms = 2_000;
-        let mut policy = Policy::new(config.clone(), 1, 0);
-        for id in 1..=1000 {
-            policy.on_connect(id, 0);
-        }
-        config.max_age_ms = 1_000;
-        let now = 86_400_000;
-        policy.apply_settings(config, now);
-        let mut retired_in_first_second = 0;
-        for tick in 0..1000 {
-            let due = policy.take_due(now + tick, 64);
-            for (position, _) in due.iter().enumerate() {
-                if policy.try_take_token(now + tick, Some(1_000)) {
-                    retired_in_first_second += 1;
-                } else {
-                    due[position..]
-                        .iter()
-                        .for_each(|id| policy.requeue(*id, now + tick));
-                    break;
-                }
-            }
-        }
-        assert!(
-            (100..=106).contains(&retired_in_first_second),
-            "{retired_in_first_second}"
-        );
-        // ...and the slack still bounds the wait, counted from when pacing began.
-        assert!(policy.try_take_token(now + 2_000, Some(1_000)));
-    }
-
-    /// A redirect target whose source is never retired (exempt) still goes when its grace
-    /// runs out, although each look finds it ready to close.
     #[test]
     fn a_redirect_target_waits_for_its_sources_at_most_the_grace() {
         let mut policy = Policy::new(settings(100), 1, 0);
@@ -755,9 +686,22 @@ mod tests {
         );
     }
 
-    const QUIET: Moment = Moment {
-        unread_input_bytes: 0,
-    };
+    #[test]
+    fn a_graceful_kill_overrules_deadlines_exemptions_and_settings() {
+        let mut policy = Policy::new(settings(0), 1, 0);
+        policy.on_connect(5, 0);
+        policy.on_connect(6, 0);
+        assert_eq!(policy.drain(&[5, 6, 99], 10), 2);
+        assert_eq!(policy.drain(&[5], 10), 0);
+        assert_eq!(policy.clients_draining(), 2);
+        let replica = listed(&IDLE.replace("flags=N", "flags=S"));
+        assert_eq!(policy.decide(&replica, 10), Decision::Retire(Reason::Drain));
+        // Settings changes re-time everyone; the drain stays scheduled.
+        policy.retime_all();
+        assert_eq!(policy.take_due(10, 10), vec![5, 6]);
+        policy.on_disconnect(5);
+        assert_eq!(policy.clients_draining(), 1);
+    }
 
     #[test]
     fn tracking_sources_are_retired_before_their_redirect_target() {
@@ -783,56 +727,6 @@ mod tests {
         policy.on_connect(8, 0);
         assert!(policy.hold_for_tracking_sources(5, &[8], 120).is_some());
         assert_eq!(policy.hold_for_tracking_sources(5, &[8], 100 + 100), None);
-    }
-
-    #[test]
-    fn every_mid_request_sign_counts() {
-        // Valkey 9.1 leaves `multi=0` on a client after EXEC: that alone is not a transaction.
-        assert!(!mid_request(
-            &listed(&IDLE.replace("multi=-1", "multi=0")),
-            QUIET
-        ));
-        for busy in ["flags=x", "flags=b", "qbuf=10", "argv-mem=12"] {
-            let key = busy.split('=').next().unwrap();
-            let line: String = IDLE
-                .split(' ')
-                .map(|f| {
-                    if f.starts_with(&format!("{key}=")) {
-                        busy
-                    } else {
-                        f
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" ");
-            assert!(mid_request(&listed(&line), QUIET), "{line}");
-        }
-        assert!(mid_request(
-            &listed(IDLE),
-            Moment {
-                unread_input_bytes: 1
-            }
-        ));
-        assert!(!mid_request(&listed(IDLE), QUIET));
-        assert!(reply_pending(&listed(&IDLE.replace("obl=0", "obl=5"))));
-        assert!(reply_pending(&listed(&IDLE.replace("oll=0", "oll=1"))));
-    }
-
-    #[test]
-    fn a_graceful_kill_overrules_deadlines_exemptions_and_settings() {
-        let mut policy = Policy::new(settings(0), 1, 0);
-        policy.on_connect(5, 0);
-        policy.on_connect(6, 0);
-        assert_eq!(policy.drain(&[5, 6, 99], 10), 2);
-        assert_eq!(policy.drain(&[5], 10), 0);
-        assert_eq!(policy.clients_draining(), 2);
-        let replica = listed(&IDLE.replace("flags=N", "flags=S"));
-        assert_eq!(policy.decide(&replica, 10), Decision::Retire(Reason::Drain));
-        // Settings changes re-time everyone; the drain stays scheduled.
-        policy.retime_all();
-        assert_eq!(policy.take_due(10, 10), vec![5, 6]);
-        policy.on_disconnect(5);
-        assert_eq!(policy.clients_draining(), 1);
     }
 
     #[test]

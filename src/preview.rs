@@ -6,13 +6,13 @@ use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::client_list::ListedClient;
 use crate::config::Settings;
-use crate::enforcement::list_clients;
 use crate::ffi::{self, Reply, monotonic_ms};
 use crate::filter::parse_strict_i64;
 use crate::policy::exemption;
 use crate::registry::TrackedClient;
 use crate::rules::Rules;
 use crate::schedule::deadline_ms;
+use crate::server_view::list_clients;
 use crate::state::STATE;
 
 /// Upper bounds of the age histogram's buckets, in milliseconds (the last bucket is open).

@@ -8,10 +8,11 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::enforcement::{list_clients, rearm};
+use crate::enforcement::rearm;
 use crate::ffi::{self, Reply, monotonic_ms};
 use crate::filter::parse_strict_i64;
 use crate::policy::exemption;
+use crate::server_view::list_clients;
 use crate::state::STATE;
 
 const ERR_RANGE: &str = "ERR max age is not an integer from 0 to 315360000000";

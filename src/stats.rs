@@ -6,7 +6,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::audit::Reason;
-use crate::enforcement;
 use crate::ffi::{InfoWriter, monotonic_ms};
 use crate::state::STATE;
 
@@ -53,7 +52,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.section(c"");
     let snapshot = STATE.with(|policy| {
         // Nothing else reads the load while no client is due; INFO shows it as of now.
-        enforcement::sample_load(policy);
+        crate::server_view::sample_load(policy);
         (
             policy.registry.len() as u64,
             policy.registry.iter().filter(|c| c.approximate).count() as u64,

@@ -1,0 +1,294 @@
+//! One enforcement pass as pure logic: take the due clients in deadline order, ask the server
+//! about them in small batches, decide (exempt, not yet, retire), wait for client-side-caching
+//! sources, take pacing tokens, arm the clients to retire for their moment (closing.rs) and put
+//! back everyone to look at again. The server is reached only through `PassServer`, so the
+//! wake-up is a few lines of glue and pacing, requeueing and the closing set's bound are
+//! unit-tested with fixed times and made-up clients.
+
+use std::collections::HashMap;
+
+use crate::audit::Reason;
+use crate::client_list::ListedClient;
+use crate::closing::{FULL_RETRY_MS, MAX_CLOSING};
+use crate::filter::ClientType;
+use crate::policy::{Decision, Policy};
+use crate::schedule::PassBudget;
+
+/// At most this many due clients are looked up with one `CLIENT LIST ID ...` call, and never
+/// more than twice what the pass may still close (a lookup costs a few microseconds a client).
+pub const LOOKUP_BATCH: usize = 16;
+
+/// What a pass needs from the server.
+pub trait PassServer {
+    /// The server's view of these clients (those gone are missing).
+    fn list(&mut self, client_ids: &[u64]) -> Vec<ListedClient>;
+    /// The tracking clients that send their invalidations to `target`.
+    fn tracking_sources(&mut self, target: u64) -> Vec<u64>;
+    /// Microseconds since the pass began (the budget bounds it).
+    fn elapsed_us(&mut self) -> u64;
+}
+
+/// A client to retire at once rather than at its moment: observe mode (nothing is closed, the
+/// audit line says it would be) and a replica's link to its master (no requests of ours on it).
+#[derive(Debug)]
+pub struct RetireNow {
+    pub client: ListedClient,
+    pub age_ms: u64,
+    pub reason: Reason,
+}
+
+#[derive(Debug, Default)]
+pub struct PassOutcome {
+    pub retire_now: Vec<RetireNow>,
+    /// Clients armed for their moment in this pass.
+    pub armed: usize,
+    pub exempted: u64,
+    pub pacing_delays: u64,
+}
+
+impl Policy {
+    pub fn run_pass(
+        &mut self,
+        now_ms: u64,
+        budget: PassBudget,
+        server: &mut impl PassServer,
+    ) -> PassOutcome {
+        let observe_only = self.settings.observe_only;
+        let mut outcome = PassOutcome::default();
+        let mut closed = 0;
+        // Every due client was dealt with in this pass (none left waiting for a token or time).
+        let mut drained = false;
+        // Clients to look at again go back into the queue only after this pass, so that none
+        // is looked at twice within it.
+        let mut look_again: Vec<(u64, u64)> = Vec::new();
+        'batches: while closed < budget.closes && server.elapsed_us() < budget.micros {
+            let batch = self.take_due(now_ms, LOOKUP_BATCH.min(2 * (budget.closes - closed)));
+            if batch.is_empty() {
+                drained = true;
+                break;
+            }
+            let listed: HashMap<u64, ListedClient> = server
+                .list(&batch)
+                .into_iter()
+                .map(|client| (client.id, client))
+                .collect();
+            for (position, client_id) in batch.iter().enumerate() {
+                // Gone, or already being closed (a MAXAGE.KILL earlier in this event-loop pass).
+                let Some(client) = listed
+                    .get(client_id)
+                    .filter(|c| !c.has_flag('A') && !self.is_closing(c.id))
+                else {
+                    continue;
+                };
+                let reason = match self.decide(client, now_ms) {
+                    Decision::Exempt { recheck_at_ms } => {
+                        outcome.exempted += 1;
+                        look_again.push((*client_id, recheck_at_ms));
+                        continue;
+                    }
+                    Decision::NotYet { due_at_ms } => {
+                        look_again.push((*client_id, due_at_ms));
+                        continue;
+                    }
+                    Decision::Retire(reason) => reason,
+                };
+                if may_receive_invalidations(client) {
+                    let sources = server.tracking_sources(client.id);
+                    if let Some(retry_at_ms) =
+                        self.hold_for_tracking_sources(client.id, &sources, now_ms)
+                    {
+                        look_again.push((*client_id, retry_at_ms));
+                        continue;
+                    }
+                }
+                if self.closing().contains(*client_id) {
+                    continue;
+                }
+                let observe_this =
+                    observe_only && matches!(reason, Reason::MaxAge | Reason::MaxAgeGraceExpired);
+                let at_once = observe_this || ClientType::of(client) == ClientType::Master;
+                if !at_once && self.closing().len() >= MAX_CLOSING {
+                    look_again.push((*client_id, now_ms + FULL_RETRY_MS));
+                    continue;
+                }
+                let deadline_ms = self.class_deadline_of(client);
+                if closed >= budget.closes || !self.try_take_token(now_ms, deadline_ms) {
+                    self.hold_back(now_ms);
+                    outcome.pacing_delays += 1;
+                    look_again.extend(batch[position..].iter().map(|id| (*id, now_ms)));
+                    break 'batches;
+                }
+                if at_once {
+                    let age_ms = self
+                        .registry
+                        .get(*client_id)
+                        .map_or(client.lower_bound_age_ms(), |c| c.age_ms(now_ms));
+                    outcome.retire_now.push(RetireNow {
+                        client: client.clone(),
+                        age_ms,
+                        reason,
+                    });
+                } else {
+                    self.closing().arm(client.clone(), reason, now_ms);
+                    outcome.armed += 1;
+                }
+                if !observe_this {
+                    closed += 1;
+                }
+            }
+        }
+        self.end_pass(drained);
+        for (client_id, at_ms) in look_again {
+            self.requeue(client_id, at_ms);
+        }
+        outcome
+    }
+}
+
+/// Whether invalidation messages of another client's tracking can go to this one: a RESP2
+/// client must be subscribed (to `__redis__:invalidate`) to receive them; any RESP3 client can.
+pub fn may_receive_invalidations(client: &ListedClient) -> bool {
+    client.resp == 3 || (client.has_flag('P') && client.sub > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client_list::parse_client_line;
+    use crate::config::Settings;
+    use crate::schedule::FULL_PASS;
+
+    /// A server of idle RESP2 clients, all still connected unless `gone`.
+    #[derive(Default)]
+    struct FakeServer {
+        gone: Vec<u64>,
+        replicas: Vec<u64>,
+        lists: usize,
+    }
+
+    impl PassServer for FakeServer {
+        fn list(&mut self, client_ids: &[u64]) -> Vec<ListedClient> {
+            self.lists += 1;
+            client_ids
+                .iter()
+                .filter(|id| !self.gone.contains(id))
+                .map(|id| {
+                    let flags = if self.replicas.contains(id) { "S" } else { "N" };
+                    parse_client_line(&format!(
+                        "id={id} addr=127.0.0.1:1 fd=9 flags={flags} db=0 qbuf=0 obl=0 oll=0 \
+                         cmd=get idle=0 user=default resp=2"
+                    ))
+                    .unwrap()
+                })
+                .collect()
+        }
+        fn tracking_sources(&mut self, _target: u64) -> Vec<u64> {
+            Vec::new()
+        }
+        fn elapsed_us(&mut self) -> u64 {
+            0
+        }
+    }
+
+    fn settings(max_age_ms: u64, rate: u64) -> Settings {
+        Settings {
+            max_overdue_ms: u64::MAX,
+            max_age_ms,
+            jitter_pct: 0,
+            max_evictions_per_sec: rate,
+            grace_ms: 100,
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn a_pass_arms_the_due_clients_up_to_its_budget_and_requeues_the_rest() {
+        let mut policy = Policy::new(settings(100, 0), 1, 0);
+        for id in 1..=20 {
+            policy.on_connect(id, 0);
+        }
+        let mut server = FakeServer {
+            gone: vec![3],
+            replicas: vec![4],
+            ..FakeServer::default()
+        };
+        let outcome = policy.run_pass(100, FULL_PASS, &mut server);
+        // 8 closes a pass (FULL_PASS); the one gone and the exempt replica do not count.
+        assert_eq!(outcome.armed, FULL_PASS.closes);
+        assert_eq!(outcome.exempted, 1);
+        assert_eq!(policy.clients_in_grace(), FULL_PASS.closes);
+        assert!(server.lists <= 2, "{} lookups", server.lists);
+        // The rest are still due, and the next pass goes on with them.
+        assert_eq!(policy.run_pass(101, FULL_PASS, &mut server).armed, 8);
+    }
+
+    #[test]
+    fn a_full_closing_set_puts_clients_back_for_later() {
+        let mut policy = Policy::new(settings(100, 0), 1, 0);
+        for id in 1..=(MAX_CLOSING as u64 + 5) {
+            policy.on_connect(id, 0);
+        }
+        let mut server = FakeServer::default();
+        let mut now = 100;
+        while policy.clients_in_grace() < MAX_CLOSING {
+            policy.run_pass(now, FULL_PASS, &mut server);
+            now += 1;
+        }
+        assert_eq!(policy.run_pass(now, FULL_PASS, &mut server).armed, 0);
+        assert_eq!(
+            policy.clients_due(now),
+            0,
+            "put back for {FULL_RETRY_MS} ms"
+        );
+        assert_eq!(policy.clients_due(now + FULL_RETRY_MS), 5);
+    }
+
+    /// Lowering the max age makes every old client overdue at once, by far more than the
+    /// slack: pacing must still spread them, the slack counting from when pacing held each.
+    #[test]
+    fn clients_overdue_before_pacing_held_them_are_still_paced() {
+        let mut config = settings(3_600_000, 100);
+        config.max_overdue_ms = 2_000;
+        let mut policy = Policy::new(config.clone(), 1, 0);
+        for id in 1..=1000 {
+            policy.on_connect(id, 0);
+        }
+        config.max_age_ms = 1_000;
+        let now = 86_400_000;
+        policy.apply_settings(config, now);
+        let mut server = FakeServer::default();
+        let mut armed_in_first_second = 0;
+        for tick in 0..1000 {
+            armed_in_first_second += policy.run_pass(now + tick, FULL_PASS, &mut server).armed;
+            // Each armed client is closed at its moment, making room for the next.
+            for id in 1..=1000 {
+                policy.closing().remove(id);
+            }
+        }
+        assert!(
+            (100..=106).contains(&armed_in_first_second),
+            "{armed_in_first_second}"
+        );
+        // ...and the slack still bounds the wait, counted from when pacing began.
+        assert!(policy.try_take_token(now + 2_000, Some(1_000)));
+    }
+
+    #[test]
+    fn observe_mode_retires_nothing_and_arms_nobody() {
+        let mut config = settings(100, 0);
+        config.observe_only = true;
+        let mut policy = Policy::new(config, 1, 0);
+        for id in 1..=3 {
+            policy.on_connect(id, 0);
+        }
+        let outcome = policy.run_pass(100, FULL_PASS, &mut FakeServer::default());
+        assert_eq!(outcome.armed, 0);
+        assert_eq!(outcome.retire_now.len(), 3);
+        assert!(
+            outcome
+                .retire_now
+                .iter()
+                .all(|r| r.reason == Reason::MaxAge && r.age_ms == 100)
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! The retire path: closing a client (the master link the server's own way), the FIN, the
+//! counters and the audit line with its per-second cap. Enforcement and `MAXAGE.KILL` both end
+//! here, once per client.
+
+use redis_module::{Context, RedisValue};
+
+use crate::audit::{Reason, RetiredClient, retirement_line};
+use crate::client_list::ListedClient;
+use crate::ffi::{self, LogLevel};
+use crate::filter::ClientType;
+use crate::server_view::list_clients;
+use crate::state::STATE;
+use crate::stats;
+
+/// Closes one client (or, in observe mode for enforcement, only says it would), counts it and
+/// writes the audit line.
+pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason, now_ms: u64) {
+    // Observe mode is about the operator's limits; a client's own request is carried out.
+    let observe_only = matches!(reason, Reason::MaxAge | Reason::MaxAgeGraceExpired)
+        && STATE
+            .with(|policy| policy.settings.observe_only)
+            .unwrap_or(false);
+    if !observe_only {
+        let closed = if ClientType::of(client) == ClientType::Master {
+            close_master_link(ctx, client.id)
+        } else {
+            ffi::close_client(ctx, client.id)
+        };
+        if !closed {
+            return;
+        }
+        // (The master link's close already did what its disconnect would.)
+        if ClientType::of(client) != ClientType::Master {
+            STATE.with(|policy| policy.mark_closed(client.id));
+        }
+        // Only enforcement picks its moment (right after a reply) and needs the FIN out at
+        // once; a one-shot kill of thousands would pay a system call per client for nothing.
+        if reason != Reason::ManualKill {
+            ffi::send_fin_now(client.fd);
+        }
+    }
+    record_retirement(ctx, client, age_ms, reason, observe_only, now_ms);
+}
+
+/// Closes a replica's link to its master the way the server's own `CLIENT KILL` does. The
+/// module API's close resets the client's user to `default` first, and the replica keeps that
+/// client for a partial resync: with a restricted `default` user every replicated write would
+/// then be refused by ACL, silently. `CLIENT KILL ID` leaves the user alone (the master link is
+/// never the caller, whose own id would crash Redis 7.0 here).
+fn close_master_link(ctx: &Context, client_id: u64) -> bool {
+    if client_id == ffi::current_client_id(ctx) {
+        return false;
+    }
+    let id = client_id.to_string();
+    let killed = matches!(
+        ctx.call("CLIENT", &["KILL", "ID", id.as_str()][..]),
+        Ok(RedisValue::Integer(1))
+    );
+    // The server announces neither the master link's connect nor (when it caches it for a
+    // partial resync) its disconnect.
+    STATE.with(|policy| policy.on_disconnect(client_id));
+    killed
+}
+
+/// Closes one tracked client known only by id (a `MAXAGE.KILL` the registry answered): no
+/// `CLIENT LIST` is taken, except of this one client when its audit line is logged (at most
+/// the audit cap's 40 a second). Never the master link, which is not tracked.
+pub fn retire_by_id(ctx: &Context, client_id: u64, age_ms: u64, reason: Reason, now_ms: u64) {
+    if !ffi::close_client(ctx, client_id) {
+        return;
+    }
+    STATE.with(|policy| policy.mark_closed(client_id));
+    stats::count_retirement(reason, false);
+    audit(ctx, now_ms, || {
+        let listed = list_clients(ctx, Some(&[client_id]))
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| ListedClient {
+                id: client_id,
+                ..ListedClient::default()
+            });
+        retirement_line(
+            &RetiredClient {
+                client_id,
+                addr: &listed.addr,
+                user: &listed.user,
+                name: &listed.name,
+                age_ms,
+            },
+            reason,
+            false,
+        )
+    });
+}
+
+/// Counts a retirement and writes its audit line.
+pub fn record_retirement(
+    ctx: &Context,
+    client: &ListedClient,
+    age_ms: u64,
+    reason: Reason,
+    observe_only: bool,
+    now_ms: u64,
+) {
+    stats::count_retirement(reason, observe_only);
+    audit(ctx, now_ms, || {
+        retirement_line(
+            &RetiredClient {
+                client_id: client.id,
+                addr: &client.addr,
+                user: &client.user,
+                name: &client.name,
+                age_ms,
+            },
+            reason,
+            observe_only,
+        )
+    });
+}
+
+/// Logs an audit line through the per-second cap (the line is only built when it is logged),
+/// and any summary the cap owes.
+fn audit(ctx: &Context, now_ms: u64, line: impl FnOnce() -> String) {
+    let Some((summary, log_line)) = STATE.with(|policy| policy.audit.admit(now_ms)) else {
+        return;
+    };
+    if let Some(summary) = summary {
+        ffi::log(ctx, LogLevel::Notice, &summary);
+    }
+    if log_line {
+        ffi::log(ctx, LogLevel::Notice, &line());
+    }
+}
+
+/// Logs the summary the audit cap owes for a finished second, if any.
+pub fn flush_audit(ctx: &Context, now_ms: u64) {
+    if let Some(summary) = STATE.with(|policy| policy.audit.flush(now_ms)).flatten() {
+        ffi::log(ctx, LogLevel::Notice, &summary);
+    }
+}

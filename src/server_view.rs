@@ -1,0 +1,89 @@
+//! The server's view of its clients: the one place that asks the server about them (`CLIENT
+//! LIST`, whole or for given ids), who redirects client-side-caching invalidations to whom, and
+//! the event loop's load for adaptive pacing. Kill, list, preview, enforcement and INFO read
+//! clients through here.
+
+use std::collections::HashMap;
+
+use lazy_static::lazy_static;
+use redis_module::{Context, RedisValue};
+
+use crate::client_list::{ListedClient, parse_client_list};
+use crate::ffi::{self, LogLevel, monotonic_us};
+use crate::policy::Policy;
+use crate::state::MainThreadCell;
+
+lazy_static! {
+    /// Tracking redirects seen in the last full `CLIENT LIST`: target id -> the clients whose
+    /// invalidations go to it, and when that list was taken.
+    static ref REDIRECTS: MainThreadCell<(u64, HashMap<u64, Vec<u64>>)> =
+        MainThreadCell::new((0, HashMap::new()));
+}
+
+/// How long a full `CLIENT LIST` answers "who redirects to this client" (it costs about 15 ms
+/// with 10,000 clients, so it is taken at most once a second, and only for likely targets).
+const REDIRECTS_MAX_AGE_MS: u64 = 1000;
+
+/// The tracking clients that redirect their invalidations to `target`.
+pub fn tracking_sources_of(ctx: &Context, target: u64, now_ms: u64) -> Vec<u64> {
+    // Only a full `CLIENT LIST` shows redirects (15 ms at 10,000 clients); the server's count
+    // of tracking clients, which costs next to nothing, says whether there can be any.
+    if ffi::tracking_clients(ctx) == 0 {
+        return Vec::new();
+    }
+    let stale = REDIRECTS
+        .with(|(taken_at_ms, _)| now_ms.saturating_sub(*taken_at_ms) >= REDIRECTS_MAX_AGE_MS)
+        .unwrap_or(true);
+    if stale {
+        let mut redirects: HashMap<u64, Vec<u64>> = HashMap::new();
+        for client in list_clients(ctx, None) {
+            if client.has_flag('t') && client.redir > 0 {
+                redirects
+                    .entry(client.redir as u64)
+                    .or_default()
+                    .push(client.id);
+            }
+        }
+        REDIRECTS.with(|cached| *cached = (now_ms, redirects));
+    }
+    REDIRECTS
+        .with(|(_, redirects)| redirects.get(&target).cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// Feeds the event loop's busy time to adaptive pacing.
+pub fn sample_load(policy: &mut Policy) {
+    policy.observe_load(|| (monotonic_us(), ffi::event_loop_busy_us()));
+}
+
+/// `CLIENT LIST`, or `CLIENT LIST ID ...` for just the given clients.
+pub fn list_clients(ctx: &Context, ids: Option<&[u64]>) -> Vec<ListedClient> {
+    let id_strings: Vec<String> = ids.unwrap_or_default().iter().map(u64::to_string).collect();
+    let mut args: Vec<&str> = vec!["LIST"];
+    if ids.is_some() {
+        args.push("ID");
+        args.extend(id_strings.iter().map(String::as_str));
+    }
+    match ctx.call("CLIENT", args.as_slice()) {
+        Ok(reply) => parse_client_list(&reply_text(reply)),
+        Err(error) => {
+            ffi::log(
+                ctx,
+                LogLevel::Warning,
+                &format!("maxage: CLIENT LIST failed: {error}"),
+            );
+            Vec::new()
+        }
+    }
+}
+
+pub fn reply_text(reply: RedisValue) -> String {
+    match reply {
+        RedisValue::SimpleString(s) | RedisValue::BulkString(s) => s,
+        RedisValue::StringBuffer(bytes) | RedisValue::VerbatimString((_, bytes)) => {
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        RedisValue::BulkRedisString(s) => s.to_string_lossy(),
+        _ => String::new(),
+    }
+}
