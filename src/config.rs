@@ -15,7 +15,7 @@ use crate::glob::glob_matches;
 use crate::rules::Rules;
 
 /// Ten years: far beyond any sane lifetime, far below overflow when added to a timestamp.
-pub const MAX_AGE_MS_MAX: i64 = 315_360_000_000;
+pub const MAX_AGE_MS_MAX: i64 = crate::rules::MAX_RULE_AGE_MS as i64;
 
 /// What a setting holds and accepts.
 #[derive(Clone, Copy, Debug)]

@@ -48,9 +48,9 @@ impl Rule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rules(Vec<Rule>);
 
-/// A rule's max age has the bounds of `maxage.max-age-ms` (ten years): deadlines computed from
-/// it never come near overflow.
-pub const MAX_RULE_AGE_MS: u64 = crate::config::MAX_AGE_MS_MAX as u64;
+/// The longest max age anything may set, a rule or `maxage.max-age-ms` (ten years): deadlines
+/// computed from it never come near overflow.
+pub const MAX_RULE_AGE_MS: u64 = 315_360_000_000;
 
 /// The label of the class of clients no rule matches.
 pub const DEFAULT_CLASS: &str = "default";

