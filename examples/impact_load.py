@@ -32,6 +32,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from maxage_tools.stats import percentile
 
 KEYSPACE = 10_000
 VALUE = b"v" * 100
@@ -60,11 +64,9 @@ class Tally:
             self.errors[f"{type(error).__module__}.{type(error).__qualname__}: {error}"] += 1
 
 
-def percentile_ms(sorted_latencies, fraction):
-    if not sorted_latencies:
-        return 0.0
-    rank = max(1, min(len(sorted_latencies), -(-len(sorted_latencies) * fraction // 1)))
-    return round(sorted_latencies[int(rank) - 1] * 1000, 3)
+def percentile_ms(latencies, fraction):
+    value = percentile(latencies, fraction)
+    return 0.0 if value is None else round(value * 1000, 3)
 
 
 def report(args, library, settings, elapsed, tallies):
@@ -179,26 +181,13 @@ def run_redis_py(args):
     )
 
 
-async def run_redis_py_asyncio(args):
-    import redis
-    import redis.asyncio
-    import redis.asyncio.retry
-
-    options = redis_py_options(args, redis.asyncio.retry)
-    if args.tls_ca:
-        options["connection_class"] = redis.asyncio.SSLConnection
-    pool_class = redis.asyncio.ConnectionPool
-    if args.workers > args.connections:
-        pool_class = redis.asyncio.BlockingConnectionPool
-        options["timeout"] = TIMEOUT_S
-    pool = pool_class(**options)
-    check_no_retry(pool)
-    client = redis.asyncio.Redis(connection_pool=pool)
-    await client.ping()
+async def run_async_workers(args, client_of, tallies):
+    """The load for asyncio clients (redis-py asyncio, glide): one task per tally, each on the
+    client `client_of(index)`, until the row's seconds are up. Returns the elapsed seconds."""
     deadline = time.monotonic() + args.seconds
-    tallies = [Tally() for _ in range(args.workers)]
 
     async def work(index, tally):
+        client = client_of(index)
         rng = random.Random(index)
         while time.monotonic() < deadline:
             op, key = next_op(rng, args.prefix, index)
@@ -219,6 +208,27 @@ async def run_redis_py_asyncio(args):
     started = time.monotonic()
     await asyncio.gather(*(work(i, t) for i, t in enumerate(tallies)))
     elapsed = time.monotonic() - started
+    return elapsed
+
+
+async def run_redis_py_asyncio(args):
+    import redis
+    import redis.asyncio
+    import redis.asyncio.retry
+
+    options = redis_py_options(args, redis.asyncio.retry)
+    if args.tls_ca:
+        options["connection_class"] = redis.asyncio.SSLConnection
+    pool_class = redis.asyncio.ConnectionPool
+    if args.workers > args.connections:
+        pool_class = redis.asyncio.BlockingConnectionPool
+        options["timeout"] = TIMEOUT_S
+    pool = pool_class(**options)
+    check_no_retry(pool)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    await client.ping()
+    tallies = [Tally() for _ in range(args.workers)]
+    elapsed = await run_async_workers(args, lambda index: client, tallies)
     await client.aclose()
     await pool.disconnect()
     return report(
@@ -248,31 +258,8 @@ async def run_glide(args, ca_pem):
         advanced_config=glide.AdvancedGlideClientConfiguration(**advanced),
     )
     clients = [await glide.GlideClient.create(config) for _ in range(args.connections)]
-    deadline = time.monotonic() + args.seconds
     tallies = [Tally() for _ in range(args.workers)]
-
-    async def work(index, tally):
-        client = clients[index % len(clients)]
-        rng = random.Random(index)
-        while time.monotonic() < deadline:
-            op, key = next_op(rng, args.prefix, index)
-            started = time.perf_counter()
-            try:
-                if op == "set":
-                    await client.set(key, VALUE)
-                elif op == "get":
-                    await client.get(key)
-                else:
-                    await client.incr(key)
-            except Exception as error:  # noqa: BLE001 -- every failure is counted
-                tally.record(op, started, error)
-                await asyncio.sleep(PAUSE_AFTER_FAILURE_S)
-            else:
-                tally.record(op, started, None)
-
-    started = time.monotonic()
-    await asyncio.gather(*(work(i, t) for i, t in enumerate(tallies)))
-    elapsed = time.monotonic() - started
+    elapsed = await run_async_workers(args, lambda index: clients[index % len(clients)], tallies)
     for client in clients:
         await client.close()
     return report(
