@@ -4,16 +4,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    BOTH, Server, client_id, error_of, exclusive, info_field, is_closed, python, run, wait_until,
+    BOTH, Server, audit_ages, client_id, error_of, exclusive, info_field, is_closed, python, run,
+    wait_until,
 };
-
-fn retired_for(server: &Server, reason: &str) -> usize {
-    server
-        .log()
-        .lines()
-        .filter(|line| line.contains(&format!("reason={reason}")))
-        .count()
-}
 
 /// With enforcement off, a graceful kill of a quarter of 40 idle clients schedules 10 (rounded
 /// up from the oldest), closes exactly those through enforcement (audit reason
@@ -65,10 +58,12 @@ fn a_graceful_kill_retires_the_share_it_selects() {
             Some(10)
         );
         assert_eq!(info_field(&mut admin, "maxage_clients_draining"), Some(0));
-        assert!(wait_until(Duration::from_secs(5), || retired_for(
+        assert!(wait_until(Duration::from_secs(5), || audit_ages(
             &server,
             "graceful-kill"
-        ) == 10));
+        )
+        .len()
+            == 10));
         // The caller is spared by SKIPME yes (NO-EVICT, an exemption, does not overrule an
         // operator's explicit choice, as with the immediate kill).
         assert!(!error_of(&mut admin, &["MAXAGE.KILL", "GRACEFUL", "PERCENT", "0"]).is_empty());

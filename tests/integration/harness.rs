@@ -914,3 +914,16 @@ pub fn registry_matches_client_list(admin: &mut redis::Connection) -> bool {
     let listed = (listed_ids(admin).len() - masters.lines().count()) as i64;
     info_field(admin, "maxage_tracked_clients") == Some(listed)
 }
+
+/// Ages (ms) at which the audit log says clients were retired for `reason`.
+pub fn audit_ages(server: &Server, reason: &str) -> Vec<u64> {
+    let mut ages: Vec<u64> = server
+        .log()
+        .lines()
+        .filter(|line| line.contains(&format!("reason={reason}")))
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("age_ms=")))
+        .filter_map(|age| age.parse().ok())
+        .collect();
+    ages.sort_unstable();
+    ages
+}

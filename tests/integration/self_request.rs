@@ -5,22 +5,9 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use crate::harness::{
-    BOTH, Server, config_set, create_user, error_of, exclusive, info_field, is_closed, login,
-    maxage_list_ids, python, raw_command, run, wait_until,
+    BOTH, Server, audit_ages, config_set, create_user, error_of, exclusive, info_field, is_closed,
+    login, maxage_list_ids, python, raw_command, run, wait_until,
 };
-
-/// Ages (ms) at which the audit log says clients were retired for `reason`.
-fn retired_ages(server: &Server, reason: &str) -> Vec<u64> {
-    let mut ages: Vec<u64> = server
-        .log()
-        .lines()
-        .filter(|line| line.contains(&format!("reason={reason}")))
-        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("age_ms=")))
-        .filter_map(|age| age.parse().ok())
-        .collect();
-    ages.sort_unstable();
-    ages
-}
 
 /// The README's redis-py example (`examples/redis_py_pool.py`): a pool whose connections ask
 /// for 500 ms, eight threads of INCRs with retries off, with the operator's max age off and at
@@ -72,7 +59,7 @@ print(sum(ok), sum(failed), executed)
                 .map(|n| n.parse().unwrap())
                 .collect();
             let (ok, failed, executed) = (numbers[0], numbers[1], numbers[2]);
-            let ages = retired_ages(&server, "client-requested");
+            let ages = audit_ages(&server, "client-requested");
             eprintln!(
                 "{flavor:?} max-age-ms {operator_max_age}: {ok} ok, {failed} failed, {executed} executed; {} retired, ages ms min {:?} p50 {:?} p99 {:?} max {:?}",
                 ages.len(),
@@ -207,7 +194,7 @@ fn application_users_may_set_their_own_max_age_only() {
             run::<String>(&mut app, &["PING"]).is_err(),
             "{flavor:?}: not retired"
         );
-        let ages = retired_ages(&server, "client-requested");
+        let ages = audit_ages(&server, "client-requested");
         assert_eq!(ages.len(), 1, "{flavor:?}");
         assert!(ages[0] >= 300, "{flavor:?}: {ages:?}");
     }
@@ -242,7 +229,7 @@ fn the_node_redis_and_ioredis_examples_get_their_max_age() {
         );
         assert!(ready_node_redis >= 3 && ready_ioredis >= 3, "{numbers:?}");
         assert_eq!(ok, executed, "{flavor:?}: executed twice or lost");
-        let ages = retired_ages(&server, "client-requested");
+        let ages = audit_ages(&server, "client-requested");
         assert!(ages.len() >= 4, "{flavor:?}: {ages:?}");
         assert!(ages[0] >= 300, "{flavor:?}: {ages:?}");
     }
@@ -275,7 +262,7 @@ fn the_rust_example_gets_its_max_age() {
             }
             sleep(Duration::from_millis(5));
         }
-        let retired = retired_ages(&server, "client-requested");
+        let retired = audit_ages(&server, "client-requested");
         assert!(
             reconnects >= 2,
             "{flavor:?}: {reconnects} reconnects, {retired:?}"
