@@ -70,26 +70,14 @@ pub fn retire_by_id(ctx: &Context, client_id: u64, age_ms: u64, reason: Reason, 
         return;
     }
     STATE.with(|policy| policy.mark_closed(client_id));
-    stats::count_retirement(reason, false);
-    audit(ctx, now_ms, || {
-        let listed = list_clients(ctx, Some(&[client_id]))
+    record_with(ctx, age_ms, reason, false, now_ms, || {
+        list_clients(ctx, Some(&[client_id]))
             .into_iter()
             .next()
             .unwrap_or_else(|| ListedClient {
                 id: client_id,
                 ..ListedClient::default()
-            });
-        retirement_line(
-            &RetiredClient {
-                client_id,
-                addr: &listed.addr,
-                user: &listed.user,
-                name: &listed.name,
-                age_ms,
-            },
-            reason,
-            false,
-        )
+            })
     });
 }
 
@@ -102,8 +90,22 @@ pub fn record_retirement(
     observe_only: bool,
     now_ms: u64,
 ) {
+    record_with(ctx, age_ms, reason, observe_only, now_ms, || client.clone());
+}
+
+/// Counts a retirement and writes its audit line; `client` is only asked for (a lookup, or a
+/// copy) when the audit cap lets the line be logged.
+fn record_with(
+    ctx: &Context,
+    age_ms: u64,
+    reason: Reason,
+    observe_only: bool,
+    now_ms: u64,
+    client: impl FnOnce() -> ListedClient,
+) {
     stats::count_retirement(reason, observe_only);
     audit(ctx, now_ms, || {
+        let client = client();
         retirement_line(
             &RetiredClient {
                 client_id: client.id,
