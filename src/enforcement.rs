@@ -14,7 +14,7 @@ use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::filter::ClientType;
 use crate::pass::{PassServer, RetireNow};
-use crate::retire::{flush_audit, retire};
+use crate::retire::{audit_summary_due_at_ms, flush_audit, retire};
 use crate::server_view::{list_clients, sample_load, tracking_sources_of};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
@@ -61,7 +61,7 @@ pub fn on_settings_changed() {
 fn update_event_loop_watch(ctx: &Context) {
     let Some((adaptive, closing)) = STATE.with(|policy| {
         (
-            policy.settings.adaptive_pacing,
+            policy.settings().adaptive_pacing,
             !policy.closing().is_empty(),
         )
     }) else {
@@ -96,7 +96,7 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
         return;
     }
     let Some((grace_ms, top)) = STATE.with(|policy| {
-        let grace_ms = policy.settings.grace_ms;
+        let grace_ms = policy.settings().grace_ms;
         let top = policy
             .closing()
             .after_sleep(now_ms, grace_ms, ffi::unread_input_bytes);
@@ -127,7 +127,7 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
             let reply_sent = policy.closing().reply_sent(client_id);
             let look = policy.closing().look(client, unread, now_ms, grace_ms);
             let age_ms = policy
-                .registry
+                .registry()
                 .get(client_id)
                 .map_or(client.lower_bound_age_ms(), |c| c.age_ms(now_ms));
             (look, reply_sent, age_ms)
@@ -166,12 +166,16 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
 pub fn rearm(now_ms: u64) {
     let wake = STATE
         .with(|policy| {
-            let grace_ms = policy.settings.grace_ms;
+            let grace_ms = policy.settings().grace_ms;
             let closing = policy.closing().next_look_ms(grace_ms);
-            match (policy.next_wake_ms(now_ms), closing) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
+            [
+                policy.next_wake_ms(now_ms),
+                closing,
+                audit_summary_due_at_ms(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
         })
         .flatten();
     if let Some(wake) = wake {
@@ -263,7 +267,7 @@ pub fn seed_existing_clients(ctx: &Context) -> usize {
                 if ClientType::of(client) == ClientType::Master {
                     continue;
                 }
-                if !policy.registry.contains(client.id) {
+                if !policy.registry().contains(client.id) {
                     let connected_at_ms = now_ms.saturating_sub(client.lower_bound_age_ms());
                     policy.track(client.id, connected_at_ms, true);
                 }

@@ -139,6 +139,23 @@ impl ClientFilter {
             && self.db.is_unset()
             && self.min_idle_s.is_none()
     }
+
+    /// Keeps what `LIMIT` and then `PERCENT` allow of a selection sorted oldest first.
+    pub fn keep_allowed<T>(&self, selection: &mut Vec<T>) {
+        if let Some(limit) = self.limit {
+            selection.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        }
+        if let Some(percent) = self.percent {
+            selection.truncate(share_of(selection.len(), percent));
+        }
+    }
+}
+
+/// `PERCENT p` of `count` clients: rounded up, so any share of a non-empty selection is at
+/// least one client.
+fn share_of(count: usize, percent: u64) -> usize {
+    let percent = percent.min(100) as usize;
+    (count * percent).div_ceil(100)
 }
 
 /// What the parser needs to ask the server: whether an ACL user exists, how many databases.
@@ -399,6 +416,27 @@ fn ip_matches(addr: &str, ip: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_percent_share_rounds_up() {
+        assert_eq!(share_of(10, 25), 3);
+        assert_eq!(share_of(8, 25), 2);
+        assert_eq!(share_of(1, 1), 1);
+        assert_eq!(share_of(0, 50), 0);
+        assert_eq!(share_of(7, 100), 7);
+    }
+
+    #[test]
+    fn limit_applies_before_percent() {
+        let filter = ClientFilter {
+            limit: Some(8),
+            percent: Some(25),
+            ..ClientFilter::default()
+        };
+        let mut selection: Vec<u32> = (0..100).collect();
+        filter.keep_allowed(&mut selection);
+        assert_eq!(selection, vec![0, 1]);
+    }
 
     struct FakeServer;
     impl ServerFacts for FakeServer {

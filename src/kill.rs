@@ -96,7 +96,7 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
                     if client.has_flag('A') || policy.is_closing(client.id) {
                         return None;
                     }
-                    let tracked = policy.registry.get(client.id);
+                    let tracked = policy.registry().get(client.id);
                     let age_ms = tracked.map_or(client.lower_bound_age_ms(), |t| t.age_ms(now_ms));
                     let candidate = filter::Candidate {
                         listed: &client,
@@ -106,9 +106,9 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
                     if !filter.matches(&candidate) {
                         return None;
                     }
-                    let exempt_reason = exemption(&policy.settings, &client);
+                    let exempt_reason = exemption(policy.settings(), &client);
                     let rule = match tracked {
-                        Some(t) if policy.settings.enforcing() => {
+                        Some(t) if policy.settings().enforcing() => {
                             policy.class_deadline(&t, &client).0
                         }
                         _ => crate::rules::DEFAULT_CLASS,
@@ -129,20 +129,8 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
         })
         .unwrap_or_default();
     matched.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.listed.id.cmp(&b.listed.id)));
-    if let Some(limit) = filter.limit {
-        matched.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    }
-    if let Some(percent) = filter.percent {
-        matched.truncate(share_of(matched.len(), percent));
-    }
+    filter.keep_allowed(&mut matched);
     matched
-}
-
-/// `PERCENT p` of `count` clients: rounded up, so any share of a non-empty selection is at
-/// least one client.
-pub fn share_of(count: usize, percent: u64) -> usize {
-    let percent = percent.min(100) as usize;
-    (count * percent).div_ceil(100)
 }
 
 /// Kills the selected clients (unless `DRYRUN`) and replies with how many; with `GRACEFUL`
@@ -218,7 +206,7 @@ fn kill_from_registry(ctx: &Context, filter: &ClientFilter) -> usize {
             select_from_registry(policy, filter, caller_id, now_ms)
                 .into_iter()
                 .map(|id| {
-                    let age_ms = policy.registry.get(id).map_or(0, |c| c.age_ms(now_ms));
+                    let age_ms = policy.registry().get(id).map_or(0, |c| c.age_ms(now_ms));
                     (id, age_ms)
                 })
                 .collect()
@@ -242,7 +230,7 @@ fn select_from_registry(
     now_ms: u64,
 ) -> Vec<u64> {
     let mut selected: Vec<(u64, u64)> = policy
-        .registry
+        .registry()
         .iter()
         .filter(|client| {
             let id = client.client_id;
@@ -258,12 +246,7 @@ fn select_from_registry(
         .map(|client| (client.age_ms(now_ms), client.client_id))
         .collect();
     selected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    if let Some(limit) = filter.limit {
-        selected.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    }
-    if let Some(percent) = filter.percent {
-        selected.truncate(share_of(selected.len(), percent));
-    }
+    filter.keep_allowed(&mut selected);
     selected.into_iter().map(|(_, id)| id).collect()
 }
 
@@ -320,18 +303,4 @@ fn entry(client: Matched) -> Reply {
                 .map_or(Reply::Null, |reason| Reply::Str(reason.to_string())),
         ),
     ])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::share_of;
-
-    #[test]
-    fn a_percent_share_rounds_up() {
-        assert_eq!(share_of(10, 25), 3);
-        assert_eq!(share_of(8, 25), 2);
-        assert_eq!(share_of(1, 1), 1);
-        assert_eq!(share_of(0, 50), 0);
-        assert_eq!(share_of(7, 100), 7);
-    }
 }

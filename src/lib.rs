@@ -235,6 +235,7 @@ fn deinit(ctx: &Context) -> Status {
         state::STATE.with(|policy| {
             *policy = policy::Policy::new(config::snapshot(), 0, ffi::monotonic_ms())
         });
+        state::AUDIT.with(|audit| *audit = audit::AuditLimiter::default());
         ffi::release_settings();
         ffi::release_module_ctx();
         Status::Ok

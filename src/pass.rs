@@ -53,7 +53,7 @@ impl Policy {
         budget: PassBudget,
         server: &mut impl PassServer,
     ) -> PassOutcome {
-        let observe_only = self.settings.observe_only;
+        let observe_only = self.settings().observe_only;
         let mut outcome = PassOutcome::default();
         let mut closed = 0;
         // Every due client was dealt with in this pass (none left waiting for a token or time).
@@ -120,7 +120,7 @@ impl Policy {
                 }
                 if at_once {
                     let age_ms = self
-                        .registry
+                        .registry()
                         .get(*client_id)
                         .map_or(client.lower_bound_age_ms(), |c| c.age_ms(now_ms));
                     outcome.retire_now.push(RetireNow {

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::audit::{AuditLimiter, Reason};
+use crate::audit::Reason;
 use crate::client_list::ListedClient;
 use crate::closing::ClosingSet;
 use crate::config::Settings;
@@ -70,8 +70,8 @@ fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 
 #[derive(Debug)]
 pub struct Policy {
-    pub registry: Registry,
-    pub settings: Settings,
+    registry: Registry,
+    settings: Settings,
     deadlines: DeadlineQueue,
     pacer: Pacer,
     load: LoadGauge,
@@ -94,7 +94,6 @@ pub struct Policy {
     /// Clients to retire now whatever their own deadline: the tracking clients whose
     /// invalidations go to a client that is being retired.
     retire_early: HashSet<u64>,
-    pub audit: AuditLimiter,
     seed: u64,
     /// The last pass met a client past `max-overdue-ms`: the slack outranks the load, so
     /// passes are full-size until one meets none.
@@ -102,6 +101,14 @@ pub struct Policy {
 }
 
 impl Policy {
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     pub fn new(settings: Settings, seed: u64, now_ms: u64) -> Self {
         Self {
             registry: Registry::new(),
@@ -116,7 +123,6 @@ impl Policy {
             requested_max_age_ms: HashMap::new(),
             tracking_hold_since_ms: HashMap::new(),
             retire_early: HashSet::new(),
-            audit: AuditLimiter::default(),
             seed,
             behind_slack: false,
         }
@@ -477,10 +483,10 @@ impl Policy {
         Some((now_ms + GRACE_POLL_MS).min(grace_ends))
     }
 
-    /// When the timer should next fire: the earliest deadline (or, when that is due but pacing
-    /// has no token, the next token), or a pending audit summary, whichever is first.
+    /// When the timer should next fire for the deadlines: the earliest one, or, when that is
+    /// due but pacing has no token, the next token.
     pub fn next_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
-        let deadline = self.deadlines.next_deadline().map(|(deadline, _)| {
+        self.deadlines.next_deadline().map(|(deadline, _)| {
             if deadline <= now_ms && self.behind_slack {
                 // Clients past the slack need no token: carry on at the next loop pass.
                 now_ms
@@ -489,12 +495,7 @@ impl Policy {
             } else {
                 deadline
             }
-        });
-        let summary = self.audit.summary_due_at_ms();
-        match (deadline, summary) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        })
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {

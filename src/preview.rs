@@ -135,7 +135,7 @@ pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let now_ms = monotonic_ms();
     let classes = STATE
         .with(|policy| {
-            let mut settings = policy.settings.clone();
+            let mut settings = policy.settings().clone();
             if let Some(max_age_ms) = max_age_ms {
                 settings.max_age_ms = max_age_ms;
             }
@@ -149,7 +149,7 @@ pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 .into_iter()
                 .filter_map(|client| {
                     policy
-                        .registry
+                        .registry()
                         .get(client.id)
                         .map(|tracked| (client, tracked))
                 })

@@ -9,7 +9,7 @@ use crate::client_list::ListedClient;
 use crate::ffi::{self, LogLevel};
 use crate::filter::ClientType;
 use crate::server_view::list_clients;
-use crate::state::STATE;
+use crate::state::{AUDIT, STATE};
 use crate::stats;
 
 /// Closes one client (or, in observe mode for enforcement, only says it would), counts it and
@@ -18,7 +18,7 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
     // Observe mode is about the operator's limits; a client's own request is carried out.
     let observe_only = matches!(reason, Reason::MaxAge | Reason::MaxAgeGraceExpired)
         && STATE
-            .with(|policy| policy.settings.observe_only)
+            .with(|policy| policy.settings().observe_only)
             .unwrap_or(false);
     if !observe_only {
         let closed = if ClientType::of(client) == ClientType::Master {
@@ -123,7 +123,7 @@ fn record_with(
 /// Logs an audit line through the per-second cap (the line is only built when it is logged),
 /// and any summary the cap owes.
 fn audit(ctx: &Context, now_ms: u64, line: impl FnOnce() -> String) {
-    let Some((summary, log_line)) = STATE.with(|policy| policy.audit.admit(now_ms)) else {
+    let Some((summary, log_line)) = AUDIT.with(|audit| audit.admit(now_ms)) else {
         return;
     };
     if let Some(summary) = summary {
@@ -134,9 +134,14 @@ fn audit(ctx: &Context, now_ms: u64, line: impl FnOnce() -> String) {
     }
 }
 
+/// When the audit cap owes a summary line, if it does.
+pub fn audit_summary_due_at_ms() -> Option<u64> {
+    AUDIT.with(|audit| audit.summary_due_at_ms()).flatten()
+}
+
 /// Logs the summary the audit cap owes for a finished second, if any.
 pub fn flush_audit(ctx: &Context, now_ms: u64) {
-    if let Some(summary) = STATE.with(|policy| policy.audit.flush(now_ms)).flatten() {
+    if let Some(summary) = AUDIT.with(|audit| audit.flush(now_ms)).flatten() {
         ffi::log(ctx, LogLevel::Notice, &summary);
     }
 }

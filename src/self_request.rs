@@ -45,14 +45,14 @@ fn report(ctx: &Context, client_id: u64) -> RedisResult {
     let now_ms = monotonic_ms();
     let fields = STATE
         .with(|policy| {
-            let tracked = policy.registry.get(client_id)?;
-            let exempt = exemption(&policy.settings, &listed);
+            let tracked = policy.registry().get(client_id)?;
+            let exempt = exemption(policy.settings(), &listed);
             let (deadline, requested_binds) = policy.effective_deadline(&tracked, &listed);
             let requested = policy.requested_max_age_ms(client_id);
             let (label, class_max_age_ms) = policy
-                .settings
+                .settings()
                 .rules
-                .class_of(&listed, policy.settings.max_age_ms);
+                .class_of(&listed, policy.settings().max_age_ms);
             let set_by = if requested_binds {
                 "client-requested".to_string()
             } else if let Some(reason) = exempt {

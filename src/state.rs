@@ -4,6 +4,7 @@ use std::cell::RefCell;
 
 use lazy_static::lazy_static;
 
+use crate::audit::AuditLimiter;
 use crate::config;
 use crate::ffi::{monotonic_ms, monotonic_us};
 use crate::policy::Policy;
@@ -44,4 +45,8 @@ lazy_static! {
         mix64(monotonic_us() ^ u64::from(std::process::id())),
         monotonic_ms(),
     ));
+
+    /// The per-second cap on audit lines, apart from the policy: it decides what is logged,
+    /// never who is retired.
+    pub static ref AUDIT: MainThreadCell<AuditLimiter> = MainThreadCell::new(AuditLimiter::default());
 }

@@ -54,10 +54,10 @@ pub fn write_info(info: &mut InfoWriter) {
         // Nothing else reads the load while no client is due; INFO shows it as of now.
         crate::server_view::sample_load(policy);
         (
-            policy.registry.len() as u64,
-            policy.registry.iter().filter(|c| c.approximate).count() as u64,
+            policy.registry().len() as u64,
+            policy.registry().iter().filter(|c| c.approximate).count() as u64,
             policy
-                .registry
+                .registry()
                 .iter()
                 .fold([0u64; 6], |mut histogram, client| {
                     histogram[crate::preview::bucket_of(client.age_ms(now_ms))] += 1;
@@ -71,7 +71,7 @@ pub fn write_info(info: &mut InfoWriter) {
             policy.oldest_age_ms(now_ms),
             policy.next_deadline_ms(),
             policy.heap_bytes() as u64,
-            policy.settings.clone(),
+            policy.settings().clone(),
             (policy.event_loop_busy_share() * 100.0).round() as u64,
             policy.current_rate_per_sec(),
         )
