@@ -143,9 +143,19 @@ pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
     if filter.graceful {
         return drain(ctx, filter);
     }
-    if registry_answers(ctx, filter) {
-        return kill_from_registry(ctx, filter);
-    }
+    let killed = if registry_answers(ctx, filter) {
+        kill_from_registry(ctx, filter)
+    } else {
+        kill_listed(ctx, filter)
+    };
+    // The audit cap may owe a summary line at the end of this second, and with enforcement
+    // off nothing else would wake up for it.
+    crate::enforcement::rearm(monotonic_ms());
+    killed
+}
+
+/// `MAXAGE.KILL` of a filter that needs the server's view of every client.
+fn kill_listed(ctx: &Context, filter: &ClientFilter) -> usize {
     let matched = select(ctx, filter);
     ffi::reply(ctx, &Reply::Int(matched.len() as i64));
     if filter.dry_run {

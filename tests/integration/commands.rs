@@ -507,3 +507,32 @@ fn kills_by_id_and_age_take_no_client_list() {
         assert!(client_list_calls(&mut admin) > before, "{flavor:?}");
     }
 }
+
+/// The audit log's per-second cap: a kill of 100 logs 40 lines, then one summary of the rest
+/// once the second is over, even with enforcement off (no deadline to wake up for).
+#[test]
+fn a_mass_kill_logs_forty_lines_and_a_summary() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["max-age-ms", "0"])
+            .start();
+        let mut admin = server.admin();
+        let mut idle: Vec<TcpStream> = (0..100).map(|_| server.idle_socket()).collect();
+        assert!(wait_until(Duration::from_secs(5), || {
+            info_field(&mut admin, "maxage_tracked_clients") == Some(101)
+        }));
+        sleep(Duration::from_millis(5));
+        let killed: i64 = run(&mut admin, &["MAXAGE.KILL", "MAXAGE-MS", "1"]).unwrap();
+        assert_eq!(killed, 100, "{flavor:?}");
+        assert!(wait_until(Duration::from_secs(3), || idle
+            .iter_mut()
+            .all(is_closed)));
+        assert!(
+            wait_until(Duration::from_secs(5), || server.log().contains(
+                "60 more retirements in the last second were not logged one by one (40 were)"
+            )),
+            "{flavor:?}: no summary line"
+        );
+        assert_eq!(audit_ages(&server, "manual").len(), 40, "{flavor:?}");
+    }
+}
