@@ -51,6 +51,17 @@ pub fn parked(client: &ListedClient) -> bool {
     client.cmd == "NULL" || client.idle_s >= 1
 }
 
+/// Idle already (parked in a pool, never used, or subscribed: a subscriber's traffic is the
+/// server's pushes, not requests) and, as the server and its socket show it now, with nothing
+/// in flight: its moment is now.
+pub fn quiet_now(client: &ListedClient, moment: Moment) -> bool {
+    counts_as_idle(client) && !mid_request(client, moment) && !reply_pending(client)
+}
+
+fn counts_as_idle(client: &ListedClient) -> bool {
+    parked(client) || client.has_flag('P')
+}
+
 /// At most this many clients wait for their moment at once; others wait their turn, which
 /// bounds the per-pass cost to one socket query per armed client.
 pub const MAX_CLOSING: usize = 32;
@@ -112,9 +123,7 @@ impl ClosingSet {
         if self.armed.len() >= MAX_CLOSING || self.contains(client.id) {
             return false;
         }
-        // A connection parked in a pool for a second already, never used, or subscribed (its
-        // traffic is the server's pushes, not requests) counts as idle already.
-        let since_ms = if parked(&client) || client.has_flag('P') {
+        let since_ms = if counts_as_idle(&client) {
             now_ms.saturating_sub(IDLE_CLOSE_MS)
         } else {
             now_ms

@@ -232,6 +232,15 @@ fn tick(ctx: &Context) {
     {
         retire(ctx, &client, age_ms, reason, now_ms);
     }
+    for RetireNow {
+        client,
+        age_ms,
+        reason,
+    } in outcome.close_quiet
+    {
+        stats::CLOSED_WHILE_IDLE.fetch_add(1, Ordering::Relaxed);
+        retire(ctx, &client, age_ms, reason, now_ms);
+    }
 }
 
 /// The server as a pass sees it. Its calls never touch the module's state, so the pass can run
@@ -250,6 +259,9 @@ impl PassServer for LiveServer<'_> {
     }
     fn elapsed_us(&mut self) -> u64 {
         monotonic_us().saturating_sub(self.started_us)
+    }
+    fn unread_input_bytes(&mut self, fd: i32) -> usize {
+        ffi::unread_input_bytes(fd)
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
-use crate::closing::{FULL_RETRY_MS, MAX_CLOSING};
+use crate::closing::{FULL_RETRY_MS, MAX_CLOSING, Moment, quiet_now};
 use crate::filter::ClientType;
 use crate::policy::{Decision, Policy};
 use crate::schedule::PassBudget;
@@ -26,6 +26,8 @@ pub trait PassServer {
     fn tracking_sources(&mut self, target: u64) -> Vec<u64>;
     /// Microseconds since the pass began (the budget bounds it).
     fn elapsed_us(&mut self) -> u64;
+    /// Bytes of a next request waiting in a client's socket, not yet read by the server.
+    fn unread_input_bytes(&mut self, fd: i32) -> usize;
 }
 
 /// A client to retire at once rather than at its moment: observe mode (nothing is closed, the
@@ -40,6 +42,10 @@ pub struct RetireNow {
 #[derive(Debug, Default)]
 pub struct PassOutcome {
     pub retire_now: Vec<RetireNow>,
+    /// Idle clients with nothing in flight: their moment is now, so they are closed in this
+    /// pass rather than armed and looked up again at the top of the next loop pass (half the
+    /// lookups when thousands of parked connections fall due at once).
+    pub close_quiet: Vec<RetireNow>,
     /// Clients armed for their moment in this pass.
     pub armed: usize,
     pub exempted: u64,
@@ -118,16 +124,25 @@ impl Policy {
                     look_again.extend(batch[position..].iter().map(|id| (*id, now_ms)));
                     break 'batches;
                 }
-                if at_once {
+                let quiet = !at_once && {
+                    let unread_input_bytes = server.unread_input_bytes(client.fd);
+                    quiet_now(client, Moment { unread_input_bytes })
+                };
+                if at_once || quiet {
                     let age_ms = self
                         .registry()
                         .get(*client_id)
                         .map_or(client.lower_bound_age_ms(), |c| c.age_ms(now_ms));
-                    outcome.retire_now.push(RetireNow {
+                    let retirement = RetireNow {
                         client: client.clone(),
                         age_ms,
                         reason,
-                    });
+                    };
+                    if at_once {
+                        outcome.retire_now.push(retirement);
+                    } else {
+                        outcome.close_quiet.push(retirement);
+                    }
                 } else {
                     self.closing().arm(client.clone(), reason, now_ms);
                     outcome.armed += 1;
@@ -163,6 +178,10 @@ mod tests {
     struct FakeServer {
         gone: Vec<u64>,
         replicas: Vec<u64>,
+        /// Never sent a command (`cmd=NULL`): parked.
+        parked: Vec<u64>,
+        /// With bytes of a request waiting in their socket.
+        unread: Vec<u64>,
         lists: usize,
     }
 
@@ -174,9 +193,14 @@ mod tests {
                 .filter(|id| !self.gone.contains(id))
                 .map(|id| {
                     let flags = if self.replicas.contains(id) { "S" } else { "N" };
+                    let cmd = if self.parked.contains(id) {
+                        "NULL"
+                    } else {
+                        "get"
+                    };
                     parse_client_line(&format!(
-                        "id={id} addr=127.0.0.1:1 fd=9 flags={flags} db=0 qbuf=0 obl=0 oll=0 \
-                         cmd=get idle=0 user=default resp=2"
+                        "id={id} addr=127.0.0.1:1 fd={id} flags={flags} db=0 qbuf=0 obl=0 oll=0 \
+                         cmd={cmd} idle=0 user=default resp=2"
                     ))
                     .unwrap()
                 })
@@ -187,6 +211,13 @@ mod tests {
         }
         fn elapsed_us(&mut self) -> u64 {
             0
+        }
+        fn unread_input_bytes(&mut self, fd: i32) -> usize {
+            if self.unread.contains(&(fd as u64)) {
+                30
+            } else {
+                0
+            }
         }
     }
 
@@ -220,6 +251,27 @@ mod tests {
         assert!(server.lists <= 2, "{} lookups", server.lists);
         // The rest are still due, and the next pass goes on with them.
         assert_eq!(policy.run_pass(101, FULL_PASS, &mut server).armed, 8);
+    }
+
+    #[test]
+    fn parked_clients_with_nothing_in_flight_are_closed_in_the_pass() {
+        let mut policy = Policy::new(settings(100, 0), 1, 0);
+        for id in 1..=4 {
+            policy.on_connect(id, 0);
+        }
+        // 1 and 2 parked, 2 with a request just arrived; 3 and 4 ran a command a moment ago.
+        let mut server = FakeServer {
+            parked: vec![1, 2],
+            unread: vec![2],
+            ..FakeServer::default()
+        };
+        let outcome = policy.run_pass(100, FULL_PASS, &mut server);
+        let closed: Vec<u64> = outcome.close_quiet.iter().map(|r| r.client.id).collect();
+        assert_eq!(closed, vec![1]);
+        assert_eq!(outcome.close_quiet[0].reason, Reason::MaxAge);
+        assert_eq!(outcome.armed, 3);
+        assert!(!policy.closing().contains(1) && policy.closing().contains(2));
+        assert_eq!(server.lists, 1);
     }
 
     #[test]
