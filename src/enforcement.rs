@@ -14,7 +14,9 @@ use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::filter::ClientType;
 use crate::pass::{PassServer, RetireNow};
-use crate::retire::{audit_summary_due_at_ms, flush_audit, retire};
+use crate::retire::{
+    audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
+};
 use crate::server_view::{list_clients, sample_load, tracking_sources_of};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
@@ -172,6 +174,7 @@ pub fn rearm(now_ms: u64) {
                 policy.next_wake_ms(now_ms),
                 closing,
                 audit_summary_due_at_ms(),
+                kills_queued().then_some(now_ms),
             ]
             .into_iter()
             .flatten()
@@ -201,6 +204,7 @@ pub fn disarm() {
 pub fn on_wakeup(ctx: &Context) {
     let started_us = monotonic_us();
     ARMED.with(|armed| *armed = None);
+    close_queued_kills(ctx, monotonic_ms());
     tick(ctx);
     update_event_loop_watch(ctx);
     rearm(monotonic_ms());

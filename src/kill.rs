@@ -3,12 +3,11 @@
 use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::acl::{self, Needs};
-use crate::audit::Reason;
 use crate::client_list::ListedClient;
 use crate::ffi::{self, Reply, monotonic_ms};
 use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
 use crate::policy::exemption;
-use crate::retire::{retire, retire_by_id};
+use crate::retire::{KillTarget, kill_spread};
 use crate::server_view::{list_clients, reply_text};
 use crate::state::STATE;
 
@@ -148,8 +147,8 @@ pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
     } else {
         kill_listed(ctx, filter)
     };
-    // The audit cap may owe a summary line at the end of this second, and with enforcement
-    // off nothing else would wake up for it.
+    // The rest of the closes come in the next passes, and the audit cap may owe a summary
+    // line at the end of this second: with enforcement off nothing else would wake up.
     crate::enforcement::rearm(monotonic_ms());
     killed
 }
@@ -161,17 +160,16 @@ fn kill_listed(ctx: &Context, filter: &ClientFilter) -> usize {
     if filter.dry_run {
         return matched.len();
     }
-    let now_ms = monotonic_ms();
-    for client in &matched {
-        retire(
-            ctx,
-            &client.listed,
-            client.age_ms,
-            Reason::ManualKill,
-            now_ms,
-        );
-    }
-    matched.len()
+    let killed = matched.len();
+    let targets = matched
+        .into_iter()
+        .map(|client| KillTarget::Listed {
+            client: Box::new(client.listed),
+            age_ms: client.age_ms,
+        })
+        .collect();
+    kill_spread(ctx, targets, monotonic_ms());
+    killed
 }
 
 /// `MAXAGE.KILL ... GRACEFUL`: schedules the selected clients for enforcement's close and
@@ -223,12 +221,15 @@ fn kill_from_registry(ctx: &Context, filter: &ClientFilter) -> usize {
         })
         .unwrap_or_default();
     ffi::reply(ctx, &Reply::Int(selected.len() as i64));
+    let killed = selected.len();
     if !filter.dry_run {
-        for (client_id, age_ms) in &selected {
-            retire_by_id(ctx, *client_id, *age_ms, Reason::ManualKill, now_ms);
-        }
+        let targets = selected
+            .into_iter()
+            .map(|(client_id, age_ms)| KillTarget::ById { client_id, age_ms })
+            .collect();
+        kill_spread(ctx, targets, now_ms);
     }
-    selected.len()
+    killed
 }
 
 /// The tracked clients an id-and-age filter selects, oldest first (then by id), within

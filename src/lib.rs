@@ -228,6 +228,7 @@ fn deinit(ctx: &Context) -> Status {
             );
             return Status::Err;
         }
+        retire::close_all_queued_kills(ctx, ffi::monotonic_ms());
         enforcement::disarm();
         ffi::stop_wakeups();
         ffi::watch_event_loop(&ffi::module_ctx(), None);

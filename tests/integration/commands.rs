@@ -536,3 +536,57 @@ fn a_mass_kill_logs_forty_lines_and_a_summary() {
         assert_eq!(audit_ages(&server, "manual").len(), 40, "{flavor:?}");
     }
 }
+
+/// A kill of more clients than one event-loop pass closes (`KILL_PASS`, 100) is spread over
+/// the next passes: the reply counts them all, a kill right behind it (same pipeline, so in
+/// the same pass) finds none of them again, every one is closed and counted once, by the
+/// registry path and the `CLIENT LIST` path alike, and a `MODULE UNLOAD` before the last pass
+/// still closes the rest.
+#[test]
+fn a_kill_of_hundreds_is_spread_over_passes_and_counted_once() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["max-age-ms", "0"])
+            .start();
+        let mut admin = server.admin();
+        let mut expected_manual = 0;
+        for (round, filters) in [
+            vec!["MAXAGE-MS", "1"],
+            vec!["TYPE", "normal", "MAXAGE-MS", "1"],
+            vec!["MAXAGE-MS", "1"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut idle: Vec<TcpStream> = (0..350).map(|_| server.idle_socket()).collect();
+            assert!(wait_until(Duration::from_secs(5), || {
+                info_field(&mut admin, "maxage_tracked_clients") == Some(351)
+            }));
+            sleep(Duration::from_millis(5));
+            let mut pipeline = redis::pipe();
+            pipeline.cmd("MAXAGE.KILL").arg(&filters);
+            pipeline.cmd("MAXAGE.KILL").arg(&filters).arg("DRYRUN");
+            let unload = round == 2;
+            if unload {
+                pipeline.cmd("MODULE").arg("UNLOAD").arg("maxage");
+            }
+            let replies: Vec<redis::Value> = pipeline.query(&mut admin).unwrap();
+            assert_eq!(replies[0], redis::Value::Int(350), "{flavor:?} {filters:?}");
+            assert_eq!(replies[1], redis::Value::Int(0), "{flavor:?} {filters:?}");
+            assert!(
+                wait_until(Duration::from_secs(5), || idle.iter_mut().all(is_closed)),
+                "{flavor:?} {filters:?}: not all closed"
+            );
+            if unload {
+                assert_eq!(replies[2], redis::Value::Okay, "{flavor:?}");
+                break;
+            }
+            expected_manual += 350;
+            assert_eq!(
+                info_field(&mut admin, "maxage_evicted_manual"),
+                Some(expected_manual),
+                "{flavor:?} {filters:?}"
+            );
+        }
+    }
+}
