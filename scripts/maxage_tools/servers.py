@@ -180,10 +180,14 @@ class Server:
         start_timeout=None,
         prefix="maxage-srv-",
         tls=None,
+        module=None,
+        cpus=None,
     ):
         self.flavor = flavor
         self.binary = find_server(flavor)
-        self.module = module_path()
+        self.module = module or module_path()
+        # The CPUs the server may run on (a benchmark gives it one to itself), else any.
+        self.cpus = cpus
         self.module_args = [str(a) for a in module_args]
         self.extra_config = list(extra_config)
         self.load_module = load_module
@@ -263,7 +267,7 @@ class Server:
                     stdin=subprocess.DEVNULL,
                     stdout=output,
                     stderr=output,
-                    preexec_fn=_die_with_parent,  # noqa: PLW1509
+                    preexec_fn=self._before_exec,  # noqa: PLW1509
                     cwd=self.dir,
                 )
             self.port = port
@@ -275,6 +279,11 @@ class Server:
                 break
         self.remove_dir()
         raise ServerError(f"{self.flavor} server did not start:\n{last_log[-4000:]}")
+
+    def _before_exec(self):
+        _die_with_parent()
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
 
     def _wait_ready(self):
         deadline = time.monotonic() + self.start_timeout
