@@ -462,10 +462,7 @@ fn kills_by_id_and_age_take_no_client_list() {
             .module_args(&["max-age-ms", "0"])
             .start();
         let mut admin = server.admin();
-        let mut idle: Vec<TcpStream> = (0..20).map(|_| server.idle_socket()).collect();
-        assert!(wait_until(Duration::from_secs(5), || {
-            info_field(&mut admin, "maxage_tracked_clients") == Some(21)
-        }));
+        let mut idle = server.idle_sockets_tracked(&mut admin, 20, 1);
         sleep(Duration::from_millis(20));
         let before = client_list_calls(&mut admin);
         let counted: i64 = run(&mut admin, &["MAXAGE.KILL", "MAXAGE-MS", "1", "DRYRUN"]).unwrap();
@@ -517,10 +514,7 @@ fn a_mass_kill_logs_forty_lines_and_a_summary() {
             .module_args(&["max-age-ms", "0"])
             .start();
         let mut admin = server.admin();
-        let mut idle: Vec<TcpStream> = (0..100).map(|_| server.idle_socket()).collect();
-        assert!(wait_until(Duration::from_secs(5), || {
-            info_field(&mut admin, "maxage_tracked_clients") == Some(101)
-        }));
+        let mut idle = server.idle_sockets_tracked(&mut admin, 100, 1);
         sleep(Duration::from_millis(5));
         let killed: i64 = run(&mut admin, &["MAXAGE.KILL", "MAXAGE-MS", "1"]).unwrap();
         assert_eq!(killed, 100, "{flavor:?}");
@@ -558,10 +552,7 @@ fn a_kill_of_hundreds_is_spread_over_passes_and_counted_once() {
         .into_iter()
         .enumerate()
         {
-            let mut idle: Vec<TcpStream> = (0..350).map(|_| server.idle_socket()).collect();
-            assert!(wait_until(Duration::from_secs(5), || {
-                info_field(&mut admin, "maxage_tracked_clients") == Some(351)
-            }));
+            let mut idle = server.idle_sockets_tracked(&mut admin, 350, 1);
             sleep(Duration::from_millis(5));
             let mut pipeline = redis::pipe();
             pipeline.cmd("MAXAGE.KILL").arg(&filters);

@@ -661,6 +661,26 @@ impl Server {
         TcpStream::connect(("127.0.0.1", self.port)).expect("connect")
     }
 
+    /// Opens `n` idle connections and waits until the module tracks them (with `admin`, the
+    /// server's other clients: `tracked_before` of them).
+    pub fn idle_sockets_tracked(
+        &self,
+        admin: &mut redis::Connection,
+        n: usize,
+        tracked_before: usize,
+    ) -> Vec<TcpStream> {
+        let sockets: Vec<TcpStream> = (0..n).map(|_| self.idle_socket()).collect();
+        let expected = (n + tracked_before) as i64;
+        assert!(
+            wait_until(Duration::from_secs(5), || info_field(
+                admin,
+                "maxage_tracked_clients"
+            ) == Some(expected)),
+            "the module never tracked {expected} clients"
+        );
+        sockets
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
