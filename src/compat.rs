@@ -5,13 +5,14 @@
 //! is left untouched, so servers with native support behave exactly as before.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::acl::{self, Needs};
 use crate::config;
+use crate::ffi;
 use crate::filter::{Command, parse_strict_i64};
 use crate::kill;
 use crate::state::MainThreadCell;
@@ -151,6 +152,37 @@ pub fn probe_native_support(ctx: &Context) -> NativeKillSupport {
 
 pub fn set_native_support(support: NativeKillSupport) {
     NATIVE.with(|native| *native = support);
+}
+
+/// Whether the server has what a handed-over kill needs (its ACL check API); set at load.
+static FILTER_POSSIBLE: AtomicBool = AtomicBool::new(false);
+
+/// Registers the filter at load if the setting asks for it; false if the server refused it.
+pub fn start_filter(ctx: &Context, possible: bool) -> bool {
+    FILTER_POSSIBLE.store(possible, Ordering::Relaxed);
+    apply_setting(ctx)
+}
+
+/// Removes the filter (unload, or a refused load: the server drops a module's filters only on
+/// MODULE UNLOAD, so otherwise the next command would call into the unmapped library).
+pub fn stop_filter(ctx: &Context) {
+    FILTER_POSSIBLE.store(false, Ordering::Relaxed);
+    ffi::unregister_client_kill_filter(ctx);
+}
+
+/// Follows `maxage.client-kill-compat`: the server calls a command filter for every command
+/// it receives, so the filter is registered only while the setting is on (bench row 1
+/// measures the difference). False if the server refused to register it.
+pub fn apply_setting(ctx: &Context) -> bool {
+    let wanted = FILTER_POSSIBLE.load(Ordering::Relaxed) && config::client_kill_compat();
+    if wanted == ffi::client_kill_filter_registered() {
+        return true;
+    }
+    if !wanted {
+        ffi::unregister_client_kill_filter(ctx);
+        return true;
+    }
+    ffi::register_client_kill_filter(ctx, rewrite_client_kill)
 }
 
 /// The command filter: `CLIENT KILL <filters>` the server cannot answer goes to the module.

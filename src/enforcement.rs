@@ -10,6 +10,7 @@ use redis_module::Context;
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
 use crate::closing::Look;
+use crate::compat;
 use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::filter::ClientType;
@@ -53,7 +54,15 @@ pub fn on_settings_changed() {
     // Before the module's init (settings from the config file) there is no context yet; init
     // calls this again once there is.
     if ffi::module_ctx_ready() {
-        update_event_loop_watch(&ffi::module_ctx());
+        let ctx = ffi::module_ctx();
+        update_event_loop_watch(&ctx);
+        if !compat::apply_setting(&ctx) {
+            ffi::log(
+                &ctx,
+                LogLevel::Warning,
+                "maxage: the server refused the CLIENT KILL compatibility filter; CLIENT KILL keeps its own grammar",
+            );
+        }
     }
     rearm(now_ms);
 }

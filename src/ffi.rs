@@ -748,9 +748,12 @@ unsafe extern "C" fn on_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     })
 }
 
-/// Registers the `CLIENT KILL` filter; it skips the module's own `RM_Call`s (NOSELF).
+/// Registers the `CLIENT KILL` filter once; it skips the module's own `RM_Call`s (NOSELF).
 pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) -> bool {
     FILTER_HANDLER.set(Some(handler));
+    if client_kill_filter_registered() {
+        return true;
+    }
     // SAFETY: `ctx` is the OnLoad context and `on_command` has the signature the server calls.
     let filter = unsafe {
         raw::RedisModule_RegisterCommandFilter.unwrap()(
@@ -763,9 +766,11 @@ pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) ->
     !filter.is_null()
 }
 
-/// Removes the filter again (a load that fails after registering it: the server unregisters a
-/// module's filters only on MODULE UNLOAD, so otherwise the next command would call into the
-/// unmapped library).
+pub fn client_kill_filter_registered() -> bool {
+    !FILTER.load(Ordering::Acquire).is_null()
+}
+
+/// Removes the filter if it is registered.
 pub fn unregister_client_kill_filter(ctx: &Context) {
     FILTER_HANDLER.set(None);
     let filter = FILTER.swap(ptr::null_mut(), Ordering::AcqRel);

@@ -114,7 +114,7 @@ fn refuse(ctx: &Context, why: &str) -> Status {
         LogLevel::Warning,
         &format!("maxage: refusing to load: {why}"),
     );
-    ffi::unregister_client_kill_filter(ctx);
+    compat::stop_filter(ctx);
     ffi::subscribe_client_changes(ctx, None);
     ffi::watch_event_loop(ctx, None);
     ffi::stop_wakeups();
@@ -166,23 +166,25 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
         .filter(|keyword| !native.keywords.contains(*keyword))
         .collect();
     compat::set_native_support(native);
-    if !ffi::acl_api_present() {
+    let compat_possible = ffi::acl_api_present();
+    if !compat_possible {
         ffi::log(
             ctx,
             LogLevel::Warning,
             "maxage: CLIENT KILL compatibility is off: the server lacks the ACL check API",
         );
-    } else if !ffi::register_client_kill_filter(ctx, compat::rewrite_client_kill) {
-        return refuse(ctx, "cannot register the CLIENT KILL compatibility filter");
     } else if !handed_over.is_empty() {
         ffi::log(
             ctx,
             LogLevel::Notice,
             &format!(
-                "maxage: this server's CLIENT KILL lacks {} (and more); the module answers those calls",
+                "maxage: this server's CLIENT KILL lacks {} (and more); the module answers those calls while maxage.client-kill-compat is yes",
                 handed_over.join(", ")
             ),
         );
+    }
+    if !compat::start_filter(ctx, compat_possible) {
+        return refuse(ctx, "cannot register the CLIENT KILL compatibility filter");
     }
     if let Err(why) = ffi::start_wakeups(enforcement::on_wakeup) {
         return refuse(ctx, &why);
@@ -230,6 +232,7 @@ fn deinit(ctx: &Context) -> Status {
         }
         retire::close_all_queued_kills(ctx, ffi::monotonic_ms());
         enforcement::disarm();
+        compat::stop_filter(ctx);
         ffi::stop_wakeups();
         ffi::watch_event_loop(&ffi::module_ctx(), None);
         ffi::subscribe_client_changes(ctx, None);

@@ -175,6 +175,43 @@ fn old_style_and_native_forms_are_untouched_and_compat_can_be_turned_off() {
     }
 }
 
+/// Loaded with compat off, the module registers no command filter at all (the server would
+/// otherwise call it for every command); turning the setting on at runtime registers it, and
+/// off again removes it.
+#[test]
+fn compat_filter_follows_the_setting_from_load_on() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["client-kill-compat", "no"])
+            .start();
+        let mut admin = server.admin();
+        let module_only = ["CLIENT", "KILL", "MAXAGE-MS", "60000", "DRYRUN"];
+        assert_eq!(
+            error_of(&mut admin, &module_only),
+            "ERR syntax error",
+            "{flavor:?}"
+        );
+        for (setting, answered_by_module) in [("yes", true), ("no", false), ("yes", true)] {
+            run::<()>(
+                &mut admin,
+                &["CONFIG", "SET", "maxage.client-kill-compat", setting],
+            )
+            .unwrap();
+            let outcome = run::<i64>(&mut admin, &module_only);
+            assert_eq!(
+                outcome.is_ok(),
+                answered_by_module,
+                "{flavor:?} {setting}: {outcome:?}"
+            );
+        }
+        assert_eq!(
+            info_field(&mut admin, "maxage_compat_client_kill_calls"),
+            Some(2),
+            "{flavor:?}"
+        );
+    }
+}
+
 /// A `CLIENT KILL` the module answers (a filter the server lacks: MAXAGE on Redis 7.0-7.2,
 /// IDLE on Redis 7.4 and Valkey 8) needs both the original command and the module's; one the
 /// server answers itself (MAXAGE on Redis 7.4+, Valkey 8+) needs only the original.
