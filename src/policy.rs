@@ -315,6 +315,12 @@ impl Policy {
         taken
     }
 
+    /// How many due clients a pass may look up now: as many as pacing lets it close (at least
+    /// one, so that a pass without a token still notes the delay and the overdue slack).
+    pub fn closes_paced_now(&mut self, now_ms: u64) -> usize {
+        self.pacer.available(now_ms).max(1)
+    }
+
     /// Due clients are being held back (no token, or the pass is full): the slack clock of
     /// the backlog starts now, unless it is already running.
     pub fn hold_back(&mut self, now_ms: u64) {

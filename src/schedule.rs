@@ -146,6 +146,15 @@ impl Pacer {
             .min(self.burst_milli_tokens());
     }
 
+    /// How many tokens there are now (`usize::MAX` when unlimited).
+    pub fn available(&mut self, now_ms: u64) -> usize {
+        if self.rate_per_sec == 0 {
+            return usize::MAX;
+        }
+        self.refill(now_ms);
+        usize::try_from(self.milli_tokens / 1000).unwrap_or(usize::MAX)
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now_ms: u64) -> bool {
         if self.rate_per_sec == 0 {
