@@ -416,6 +416,13 @@ def proc_cpu_seconds(pid):
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def main_thread_cpu_wait_s(pid):
+    """How long the process's main thread has been runnable but not running (schedstat
+    run_delay): preemption, which makes a stall without the server doing anything."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as stat:
+        return int(stat.read().split()[1]) / 1e9
+
+
 def proc_runtime_seconds(pid):
     """Time on CPU of every thread of a process from /proc/<pid>/task/*/schedstat, in ns: the
     same quantity as utime + stime without the 10 ms tick granularity."""
@@ -486,6 +493,16 @@ def _hold_clients(port, pipe):
                 poller.unregister(fd)
                 open_sockets.pop(fd).close()
             pipe.send(0)
+        elif op == "close_paced":
+            # The clients leave by themselves, `rate` a second (0: all at once).
+            rate = arg
+            started = time.perf_counter()
+            for index, fd in enumerate(list(open_sockets)):
+                if rate:
+                    time.sleep(max(0.0, started + index / rate - time.perf_counter()))
+                poller.unregister(fd)
+                open_sockets.pop(fd).close()
+            pipe.send(time.perf_counter() - started)
         elif op == "stop":
             break
 
@@ -524,6 +541,14 @@ class Holder:
 
     def close_all(self):
         self._pipe.send(("close_all", None))
+        return self._pipe.recv()
+
+    def start_close_paced(self, rate):
+        """Starts closing every connection from this side, `rate` a second (0: at once);
+        wait_closed_paced() returns how long it took (s)."""
+        self._pipe.send(("close_paced", rate))
+
+    def wait_closed_paced(self):
         return self._pipe.recv()
 
     def stop(self):
@@ -806,15 +831,29 @@ def throughput_figures(plan, sides, rows):
 
     for server in sides.values():
         server.control.set("key:__rand_int__", "xxx")  # what redis-benchmark's GET reads
+    # Row 1 also runs the module server with maxage.client-kill-compat off (the module then
+    # has no command filter): the module's only per-command cost, measured on its own.
+    compat_off = "module, client-kill-compat no"
+    order_of = {case[1]: list(sides) + ([compat_off] if case[0] == 1 else []) for case in cases}
     requests_of = {case[1]: case[3] for case in cases}
-    rps = {case[1]: {side: [] for side in sides} for case in cases}
-    cpu = {case[1]: {side: [] for side in sides} for case in cases}
-    log(f"rows 1/2: {plan.throughput_rounds} rounds x {len(cases)} tests x 3 servers")
-    order = list(sides)
+    rps = {case[1]: {side: [] for side in order_of[case[1]]} for case in cases}
+    cpu = {case[1]: {side: [] for side in order_of[case[1]]} for case in cases}
+    log(f"rows 1/2: {plan.throughput_rounds} rounds x {len(cases)} tests x 3-4 sides")
+
+    def run_side(side, test, requests, pipeline, keepalive):
+        if side != compat_off:
+            return redis_benchmark(sides[side], test, requests, pipeline, keepalive)
+        module = sides["module"]
+        module.control.config_set("maxage.client-kill-compat", "no")
+        try:
+            return redis_benchmark(module, test, requests, pipeline, keepalive)
+        finally:
+            module.control.config_set("maxage.client-kill-compat", "yes")
+
     for round_number in range(plan.throughput_rounds):
         for _, label, test, requests, pipeline, keepalive, _ in cases:
-            for side in rotated(order, round_number):
-                result = redis_benchmark(sides[side], test, requests, pipeline, keepalive)
+            for side in rotated(order_of[label], round_number):
+                result = run_side(side, test, requests, pipeline, keepalive)
                 rps[label][side].append(result[0])
                 cpu[label][side].append(result[1])
 
@@ -837,6 +876,18 @@ def throughput_figures(plan, sides, rows):
             )
         )
         figures.append(paired_figure(row, f"{label} server CPU per request", "us", cpu[label]))
+        if compat_off in rps[label]:
+            figures.append(
+                paired_figure(
+                    row,
+                    f"{label} throughput, module with vs without its CLIENT KILL filter",
+                    "req/s",
+                    rps[label],
+                    base=compat_off,
+                    resolution=resolution,
+                    note="same module server, maxage.client-kill-compat yes vs no",
+                )
+            )
     return figures
 
 
@@ -977,8 +1028,15 @@ def bench_stall(plan, env):
     n = plan.stall_clients
     # Every window is as long as the paced retirement takes, plus slack, so all compare alike.
     window_s = n / 1000 + 1.5
-    windows = ["paced", "unlimited", "nothing due", "aa1", "aa2"]
+    # "clients leave": the same clients close their connections themselves at the same rate,
+    # with nothing due: the teardown (server freeing the clients, the kernel closing both ends)
+    # without the module doing anything, so the module's own addition can be read off.
+    windows = [
+        "paced", "unlimited", "nothing due", "clients leave, paced", "clients leave, at once",
+        "aa1", "aa2",
+    ]  # fmt: skip
     worst = {window: [] for window in windows}
+    cpu_wait = {window: [] for window in windows}
     retire_s = {"paced": [], "unlimited": []}
     wakeups = {"paced": [], "unlimited": []}
     log(
@@ -988,10 +1046,18 @@ def bench_stall(plan, env):
     for round_number in range(plan.stall_rounds):
         for window in rotated(windows, round_number):
             if window in stock:
-                worst[window].append(probe_window(stock[window], window_s))
+                worst[window].append(probe_window(stock[window], window_s, None, cpu_wait[window]))
+                continue
+            if window.startswith("clients leave"):
+                rate = 1000 if window.endswith("paced") else 0
+                worst[window].append(
+                    clients_leave_window(
+                        enforcing, holders["module"], rate, n, window_s, cpu_wait[window]
+                    )
+                )
                 continue
             window_worst, retired_in_s, wakeup_use = enforcement_window(
-                enforcing, holders["module"], window, n, window_s, env
+                enforcing, holders["module"], window, n, window_s, env, cpu_wait[window]
             )
             worst[window].append(window_worst)
             if retired_in_s is not None:
@@ -1003,12 +1069,19 @@ def bench_stall(plan, env):
 
     figures = []
     for window, pacing in (("paced", "1000/s (default)"), ("unlimited", "0 (unlimited)")):
+        leave = f"clients leave, {'paced' if window == 'paced' else 'at once'}"
+        by_clients = (
+            "the clients closing themselves at the same rate"
+            if window == "paced"
+            else "the clients all closing themselves at once"
+        )
+        samples = {key: worst[key] for key in (window, "nothing due", leave, "aa1", "aa2")}
         figures.append(
             paired_figure(
                 4,
                 f"{n:,} fall due, pacing {pacing}: added worst PING latency vs nothing due",
                 "ms",
-                {key: worst[key] for key in (window, "nothing due", "aa1", "aa2")},
+                samples,
                 module=window,
                 base="nothing due",
                 aa=("aa2", "aa1"),
@@ -1018,6 +1091,50 @@ def bench_stall(plan, env):
                 note=f"worst of all rounds: {max(worst[window]):.2f} ms; A/A: two stock servers",
             )
         )
+        figures.append(
+            paired_figure(
+                4,
+                f"{n:,} closed by {by_clients} (nothing due): added worst PING vs nothing due",
+                "ms",
+                samples,
+                module=leave,
+                base="nothing due",
+                aa=("aa2", "aa1"),
+                compare="diff",
+                note="the teardown alone: the server freeing the clients and the kernel "
+                "closing both ends of each loopback connection, with the module doing nothing",
+            )
+        )
+        figures.append(
+            paired_figure(
+                4,
+                f"{n:,} fall due, pacing {pacing}: worst PING vs {by_clients}",
+                "ms",
+                samples,
+                module=window,
+                base=leave,
+                aa=("aa2", "aa1"),
+                compare="diff",
+                note="what the module adds over the same teardown done by the clients",
+            )
+        )
+        for side in (window, leave):
+            figures.append(
+                paired_figure(
+                    4,
+                    f"{n:,} {'fall due' if side == window else 'leave by themselves'}, "
+                    f"pacing {pacing}: server main thread waiting for a CPU, vs nothing due",
+                    "ms",
+                    {key: cpu_wait[key] for key in (side, "nothing due", "aa1", "aa2")},
+                    module=side,
+                    base="nothing due",
+                    aa=("aa2", "aa1"),
+                    compare="diff",
+                    note="schedstat run_delay of the main thread over the window: time it was "
+                    "preempted (by ksoftirqd, the clients), which stalls PINGs with the "
+                    "server doing nothing",
+                )
+            )
         figures.append(
             Figure(
                 row=4,
@@ -1045,7 +1162,7 @@ def bench_stall(plan, env):
     return figures
 
 
-def enforcement_window(server, holder, window, n, window_s, env):
+def enforcement_window(server, holder, window, n, window_s, env, cpu_waits):
     """One probe window on the enforcing server, with n idle clients all older than DUE_AGE_MS.
     0.3 s in, max-age is lowered so that all of them fall due ("paced", "unlimited"), or changed
     so that none does ("nothing due": the same CONFIG SET, which re-times every client, without
@@ -1065,7 +1182,7 @@ def enforcement_window(server, holder, window, n, window_s, env):
         changed_at = time.perf_counter()
         control.config_set("maxage.max-age-ms", new_max_age)
 
-    worst = probe_window(server, window_s, change_max_age)
+    worst = probe_window(server, window_s, change_max_age, cpu_waits)
     if window == "nothing due":
         return worst, None, None
     wakeups_after = wakeup_counters(server)
@@ -1077,14 +1194,30 @@ def enforcement_window(server, holder, window, n, window_s, env):
     return worst, None if last_closed is None else last_closed - changed_at, use
 
 
-def probe_window(server, window_s, action=None):
-    """Worst PING latency (ms) over a window, with `action` run 0.3 s into it."""
+def clients_leave_window(server, holder, rate, n, window_s, cpu_waits):
+    """One probe window on the enforcing server with nothing due, in which the n idle clients
+    close their own connections 0.3 s in, `rate` a second (0: all at once). Returns the worst
+    PING latency (ms)."""
+    server.control.config_set("maxage.max-age-ms", LONG_MAX_AGE_MS)
+    fill_all([holder], n)
+    time.sleep(DUE_AGE_MS * 1.5 / 1000)
+    worst = probe_window(server, window_s, lambda: holder.start_close_paced(rate), cpu_waits)
+    holder.wait_closed_paced()
+    return worst
+
+
+def probe_window(server, window_s, action=None, cpu_waits=None):
+    """Worst PING latency (ms) over a window, with `action` run 0.3 s into it. With `cpu_waits`
+    (a list), also appends how long the server's main thread waited for a CPU in the window."""
     probe = Probe(server)
+    waited_before = main_thread_cpu_wait_s(server.pid)
     started = time.perf_counter()
     time.sleep(0.3)
     if action:
         action()
     time.sleep(max(0.0, started + window_s - time.perf_counter()))
+    if cpu_waits is not None:
+        cpu_waits.append((main_thread_cpu_wait_s(server.pid) - waited_before) * 1000)
     return worst_latency_ms(probe.stop())
 
 
