@@ -186,10 +186,9 @@ pub fn apply_setting(ctx: &Context) -> bool {
 }
 
 /// The command filter: `CLIENT KILL <filters>` the server cannot answer goes to the module.
+/// Registered only while `maxage.client-kill-compat` is yes (`apply_setting` runs on every
+/// stored setting, rollbacks of a failed CONFIG SET included), so it does not check it again.
 pub fn rewrite_client_kill(filters: &[&[u8]]) -> Option<&'static str> {
-    if !config::client_kill_compat() {
-        return None;
-    }
     NATIVE
         .with(|native| needs_module(filters, native))
         .unwrap_or(false)

@@ -754,7 +754,8 @@ pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) ->
     if client_kill_filter_registered() {
         return true;
     }
-    // SAFETY: `ctx` is the OnLoad context and `on_command` has the signature the server calls.
+    // SAFETY: `ctx` is the OnLoad context or the module's detached one (a CONFIG SET), both
+    // carrying the module the filter belongs to; `on_command` has the signature the server calls.
     let filter = unsafe {
         raw::RedisModule_RegisterCommandFilter.unwrap()(
             ctx.ctx,

@@ -186,11 +186,13 @@ mod tests {
         /// With bytes of a request waiting in their socket.
         unread: Vec<u64>,
         lists: usize,
+        looked_up: usize,
     }
 
     impl PassServer for FakeServer {
         fn list(&mut self, client_ids: &[u64]) -> Vec<ListedClient> {
             self.lists += 1;
+            self.looked_up += client_ids.len();
             client_ids
                 .iter()
                 .filter(|id| !self.gone.contains(id))
@@ -263,7 +265,7 @@ mod tests {
         for id in 1..=40 {
             policy.on_connect(id, 0);
         }
-        let mut server = CountingServer::default();
+        let mut server = FakeServer::default();
         assert_eq!(policy.run_pass(100, FULL_PASS, &mut server).armed, 1);
         assert_eq!(server.looked_up, 2);
         // No token yet: a lookup of two notes the delay.
@@ -271,29 +273,6 @@ mod tests {
         assert_eq!((outcome.armed, outcome.pacing_delays), (0, 1));
         assert_eq!(server.looked_up, 4);
         assert_eq!(policy.run_pass(150, FULL_PASS, &mut server).armed, 1);
-    }
-
-    /// A FakeServer that counts the clients looked up.
-    #[derive(Default)]
-    struct CountingServer {
-        inner: FakeServer,
-        looked_up: usize,
-    }
-
-    impl PassServer for CountingServer {
-        fn list(&mut self, client_ids: &[u64]) -> Vec<ListedClient> {
-            self.looked_up += client_ids.len();
-            self.inner.list(client_ids)
-        }
-        fn tracking_sources(&mut self, target: u64) -> Vec<u64> {
-            self.inner.tracking_sources(target)
-        }
-        fn elapsed_us(&mut self) -> u64 {
-            0
-        }
-        fn unread_input_bytes(&mut self, fd: i32) -> usize {
-            self.inner.unread_input_bytes(fd)
-        }
     }
 
     #[test]

@@ -448,10 +448,13 @@ def _hold_clients(port, pipe):
     open_sockets = {}
     closed_at = []
 
-    def note_closed(fd, when):
-        closed_at.append(when)
+    def drop(fd):
         poller.unregister(fd)
         open_sockets.pop(fd).close()
+
+    def note_closed(fd, when):
+        closed_at.append(when)
+        drop(fd)
 
     def reap(timeout):
         """Notes closed sockets; returns whether a request is waiting."""
@@ -490,8 +493,7 @@ def _hold_clients(port, pipe):
             pipe.send((len(closed_at), min(closed_at, default=None), max(closed_at, default=None)))
         elif op == "close_all":
             for fd in list(open_sockets):
-                poller.unregister(fd)
-                open_sockets.pop(fd).close()
+                drop(fd)
             pipe.send(0)
         elif op == "close_paced":
             # The clients leave by themselves, `rate` a second (0: all at once).
@@ -500,8 +502,7 @@ def _hold_clients(port, pipe):
             for index, fd in enumerate(list(open_sockets)):
                 if rate:
                     time.sleep(max(0.0, started + index / rate - time.perf_counter()))
-                poller.unregister(fd)
-                open_sockets.pop(fd).close()
+                drop(fd)
             pipe.send(time.perf_counter() - started)
         elif op == "stop":
             break
@@ -1067,6 +1068,13 @@ def bench_stall(plan, env):
     enforcing.control.config_set("maxage.max-age-ms", LONG_MAX_AGE_MS)
     empty_all(holders.values())
 
+    def stall_figure(figure, samples, module, base="nothing due", **rest):
+        """A row-4 difference between two windows, against the two stock servers' A/A."""
+        return paired_figure(
+            4, figure, "ms", samples, module=module, base=base, aa=("aa2", "aa1"), compare="diff",
+            **rest,
+        )  # fmt: skip
+
     figures = []
     for window, pacing in (("paced", "1000/s (default)"), ("unlimited", "0 (unlimited)")):
         leave = f"clients leave, {'paced' if window == 'paced' else 'at once'}"
@@ -1077,59 +1085,40 @@ def bench_stall(plan, env):
         )
         samples = {key: worst[key] for key in (window, "nothing due", leave, "aa1", "aa2")}
         figures.append(
-            paired_figure(
-                4,
+            stall_figure(
                 f"{n:,} fall due, pacing {pacing}: added worst PING latency vs nothing due",
-                "ms",
                 samples,
-                module=window,
-                base="nothing due",
-                aa=("aa2", "aa1"),
-                compare="diff",
+                window,
                 goal_op="<=",
                 goal=1.0,
                 note=f"worst of all rounds: {max(worst[window]):.2f} ms; A/A: two stock servers",
             )
         )
         figures.append(
-            paired_figure(
-                4,
+            stall_figure(
                 f"{n:,} closed by {by_clients} (nothing due): added worst PING vs nothing due",
-                "ms",
                 samples,
-                module=leave,
-                base="nothing due",
-                aa=("aa2", "aa1"),
-                compare="diff",
+                leave,
                 note="the teardown alone: the server freeing the clients and the kernel "
                 "closing both ends of each loopback connection, with the module doing nothing",
             )
         )
         figures.append(
-            paired_figure(
-                4,
+            stall_figure(
                 f"{n:,} fall due, pacing {pacing}: worst PING vs {by_clients}",
-                "ms",
                 samples,
-                module=window,
+                window,
                 base=leave,
-                aa=("aa2", "aa1"),
-                compare="diff",
                 note="what the module adds over the same teardown done by the clients",
             )
         )
         for side in (window, leave):
             figures.append(
-                paired_figure(
-                    4,
+                stall_figure(
                     f"{n:,} {'fall due' if side == window else 'leave by themselves'}, "
                     f"pacing {pacing}: server main thread waiting for a CPU, vs nothing due",
-                    "ms",
                     {key: cpu_wait[key] for key in (side, "nothing due", "aa1", "aa2")},
-                    module=side,
-                    base="nothing due",
-                    aa=("aa2", "aa1"),
-                    compare="diff",
+                    side,
                     note="schedstat run_delay of the main thread over the window: time it was "
                     "preempted (by ksoftirqd, the clients), which stalls PINGs with the "
                     "server doing nothing",
