@@ -24,11 +24,17 @@ lazy_static! {
 /// with 10,000 clients, so it is taken at most once a second, and only for likely targets).
 const REDIRECTS_MAX_AGE_MS: u64 = 1000;
 
-/// The tracking clients that redirect their invalidations to `target`.
-pub fn tracking_sources_of(ctx: &Context, target: u64, now_ms: u64) -> Vec<u64> {
+/// The tracking clients that redirect their invalidations to `target`, given the server's
+/// count of clients with tracking on (`ffi::tracking_clients`).
+pub fn tracking_sources_of(
+    ctx: &Context,
+    target: u64,
+    now_ms: u64,
+    tracking_clients: u64,
+) -> Vec<u64> {
     // Only a full `CLIENT LIST` shows redirects (15 ms at 10,000 clients); the server's count
-    // of tracking clients, which costs next to nothing, says whether there can be any.
-    if ffi::tracking_clients(ctx) == 0 {
+    // of tracking clients says whether there can be any.
+    if tracking_clients == 0 {
         return Vec::new();
     }
     let stale = REDIRECTS
