@@ -54,8 +54,8 @@ def log(message):
 def dso_group(dso):
     if dso == MODULE_DSO:
         return "module"
-    if dso.startswith("[kernel") or dso in ("[vdso]", "[unknown]"):
-        return "kernel" if dso.startswith("[kernel") else "other"
+    if dso.startswith("[kernel"):
+        return "kernel"
     # Debian's redis-server is a link to redis-check-rdb, the name perf reports.
     if dso.startswith(("redis-server", "valkey-server", "redis-check-rdb")):
         return "server"
@@ -65,14 +65,14 @@ def dso_group(dso):
 
 
 class Samples:
-    """One window's samples: counts by object, by kernel system call, and by module function."""
+    """One window's samples: counts by object, by kernel system call and by function."""
 
     def __init__(self):
         self.total = 0
         self.by_group = collections.Counter()
         self.by_syscall = collections.Counter()
-        self.module_functions = collections.Counter()
         self.other_objects = collections.Counter()
+        # "group: function", so that one group's functions can be picked out (hottest()).
         self.functions = collections.Counter()
 
     def add(self, frames):
@@ -82,8 +82,6 @@ class Samples:
         group = dso_group(os.path.basename(leaf_dso))
         self.by_group[group] += 1
         self.functions[f"{group}: {short_symbol(leaf_symbol)}"] += 1
-        if group == "module":
-            self.module_functions[short_symbol(leaf_symbol)] += 1
         if group == "kernel":
             self.by_syscall[kernel_context(frames)] += 1
         if group == "other":
@@ -93,9 +91,18 @@ class Samples:
         self.total += other.total
         self.by_group.update(other.by_group)
         self.by_syscall.update(other.by_syscall)
-        self.module_functions.update(other.module_functions)
         self.other_objects.update(other.other_objects)
         self.functions.update(other.functions)
+
+    def hottest(self, group, count):
+        """The group's `count` functions with the most samples, as (samples, function)."""
+        prefix = f"{group}: "
+        picked = [
+            (samples, function.removeprefix(prefix))
+            for function, samples in self.functions.most_common()
+            if function.startswith(prefix)
+        ]
+        return picked[:count]
 
 
 def kernel_context(frames):
@@ -117,7 +124,7 @@ def short_symbol(symbol):
 
 
 def parse_perf_script(text):
-    """Samples from `perf script -F sym,dso` output of a -g recording: a blank line after each
+    """Samples from `perf script -F ip,sym,dso` output of a -g recording: a blank line after each
     sample, one frame a line ("addr symbol (dso)")."""
     samples = Samples()
     frames = []
@@ -139,7 +146,8 @@ class Recording:
     """perf record -g on one thread for window_s seconds."""
 
     def __init__(self, tid, window_s, workdir):
-        self.path = tempfile.mktemp(suffix=".perf", dir=workdir)
+        descriptor, self.path = tempfile.mkstemp(suffix=".perf", dir=workdir)
+        os.close(descriptor)  # perf writes the file itself
         self.process = subprocess.Popen(
             [
                 "perf", "record", "-q", "-g", "-F", str(FREQUENCY_HZ), "-t", str(tid),
@@ -227,7 +235,7 @@ def per_client_us(count, n):
     return count * 1e6 / FREQUENCY_HZ / n if n else 0.0
 
 
-def report(windows, idle, idle_wakeups, n, rounds, window_s):
+def report(windows, idle, idle_wakeups, n, rounds, window_s, idle_s):
     groups = ("module", "server", "libc", "kernel", "other")
     lines = [
         (
@@ -267,26 +275,30 @@ def report(windows, idle, idle_wakeups, n, rounds, window_s):
         )
     others = ", ".join(f"{name} {count}" for name, count in retires.other_objects.most_common(4))
     lines += ["", f"other objects while retiring: {others or 'none'}"]
-    lines += ["", "the module's hottest functions while retiring (samples):"]
-    for function, count in retires.module_functions.most_common(8):
-        lines.append(f"  {count:>6}  {function}")
+    for group in ("module", "server"):
+        lines += ["", f"the {group}'s hottest functions while retiring (samples):"]
+        lines += [f"  {count:>6}  {function}" for count, function in retires.hottest(group, 8)]
     module_idle, stock_idle, aa_idle = (
         idle[f"idle, {side}"] for side in ("module", "stock", "stock-aa")
     )
     lines += [
         "",
         (
-            f"idle: {module_idle.by_group['module']} samples in the module's code, "
+            f"idle ({rounds} x {idle_s:.1f} s a server): "
+            f"{module_idle.by_group['module']} samples in the module's code, "
             f"{idle_wakeups} module wake-ups; samples: module server {module_idle.total}, "
             f"stock servers {stock_idle.total} and {aa_idle.total} (A/A)"
         ),
         "  functions with the most samples more on the module server (module / stock / stock-aa):",
     ]
-    extra = module_idle.functions.copy()
-    extra.subtract(stock_idle.functions)
-    extra.subtract(aa_idle.functions)
-    extra.update(module_idle.functions)  # module minus the stock servers' mean, times two
-    for function, _ in extra.most_common(6):
+    # Twice the module server's count minus both stock servers': its excess over their mean.
+    excess = collections.Counter(
+        {
+            function: 2 * samples - stock_idle.functions[function] - aa_idle.functions[function]
+            for function, samples in module_idle.functions.items()
+        }
+    )
+    for function, _ in excess.most_common(6):
         lines.append(
             f"  {module_idle.functions[function]:>6}{stock_idle.functions[function]:>6}"
             f"{aa_idle.functions[function]:>6}  {function}"
@@ -312,9 +324,11 @@ def main():
     servers.raise_open_file_limit()
     n, rounds = (500, 1) if args.quick else (5000, 3)
     window_s = n / 1000 + 1.0
-    env = bench.Bench(bench.QUICK if args.quick else bench.FULL, None, False)
+    idle_s = 2 * window_s
     with tempfile.TemporaryDirectory(prefix="maxage-profile-") as workdir:
-        env.module = shutil.copy(bench.module_path(), os.path.join(workdir, MODULE_DSO))
+        # A private copy named as perf reports it: a rebuild meanwhile changes nothing here.
+        module = shutil.copy(bench.module_path(), os.path.join(workdir, MODULE_DSO))
+        env = bench.Bench(bench.QUICK if args.quick else bench.FULL, module, False)
         try:
             server = env.start_redis(
                 "profile-module",
@@ -326,7 +340,6 @@ def main():
             holders = {side: env.holder(s) for side, s in idle_sides.items()}
             bench.grow_fd_tables(holders.values(), n)
             bench.fill_all(holders.values(), n)
-            idle_s = 2 * window_s
             for side in idle_sides.values():
                 side.drop_control()
             log(f"idle: {rounds} window(s) of {idle_s:.1f} s on all 3 servers at once")
@@ -354,7 +367,7 @@ def main():
                     windows[window].merge(samples)
         finally:
             env.release()
-    print(report(windows, idle, idle_wakeups, n, rounds, window_s))
+    print(report(windows, idle, idle_wakeups, n, rounds, window_s, idle_s))
     print(
         "idle, all 3 servers over the same windows (CPU of every thread, main-thread sleeps): "
         + ", ".join(
