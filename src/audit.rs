@@ -18,7 +18,23 @@ pub enum Reason {
     Drain,
 }
 
+/// Who a retirement is for: the operator (settings, rules, `MAXAGE.KILL`) or the client itself
+/// (`MAXAGE.SELF`). Each has its own closing slots and audit cap, so that what an application
+/// asks for itself can neither delay nor hide what the operator does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Operator,
+    Client,
+}
+
 impl Reason {
+    pub fn origin(self) -> Origin {
+        match self {
+            Reason::ClientRequested => Origin::Client,
+            _ => Origin::Operator,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::MaxAge => "max-age",
@@ -72,44 +88,77 @@ pub fn retirement_line(client: &RetiredClient, reason: Reason, observe_only: boo
     )
 }
 
-/// Decides, per retirement, whether it gets its own line; counts the rest per one-second window.
+/// Decides, per retirement, whether it gets its own line; counts the rest per one-second window,
+/// with one cap for the operator's retirements and another for clients' own requests.
 #[derive(Debug, Default)]
 pub struct AuditLimiter {
+    operator: AuditWindow,
+    client: AuditWindow,
+}
+
+impl AuditLimiter {
+    fn window(&mut self, origin: Origin) -> &mut AuditWindow {
+        match origin {
+            Origin::Operator => &mut self.operator,
+            Origin::Client => &mut self.client,
+        }
+    }
+
+    /// Returns `(summaries of finished windows that suppressed anything, whether to log this one)`.
+    pub fn admit(&mut self, now_ms: u64, origin: Origin) -> (Vec<String>, bool) {
+        let summaries = self.flush(now_ms);
+        (summaries, self.window(origin).admit())
+    }
+
+    /// The summaries of finished windows, if they suppressed anything (call from the timer too).
+    pub fn flush(&mut self, now_ms: u64) -> Vec<String> {
+        [
+            self.operator.roll(now_ms, ""),
+            self.client.roll(now_ms, "client-requested "),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// When a pending summary is due, so the caller can wake up for it.
+    pub fn summary_due_at_ms(&self) -> Option<u64> {
+        [&self.operator, &self.client]
+            .into_iter()
+            .filter_map(AuditWindow::summary_due_at_ms)
+            .min()
+    }
+}
+
+#[derive(Debug, Default)]
+struct AuditWindow {
     window_start_ms: u64,
     logged_in_window: u64,
     suppressed_in_window: u64,
 }
 
-impl AuditLimiter {
-    /// Returns `(summary of the previous window if it suppressed anything, whether to log this one)`.
-    pub fn admit(&mut self, now_ms: u64) -> (Option<String>, bool) {
-        let summary = self.roll_window(now_ms);
+impl AuditWindow {
+    fn admit(&mut self) -> bool {
         if self.logged_in_window < MAX_LINES_PER_SECOND {
             self.logged_in_window += 1;
-            (summary, true)
+            true
         } else {
             self.suppressed_in_window += 1;
-            (summary, false)
+            false
         }
     }
 
-    /// The summary of a finished window, if it suppressed anything (call from the timer too).
-    pub fn flush(&mut self, now_ms: u64) -> Option<String> {
-        self.roll_window(now_ms)
-    }
-
-    /// When a pending summary is due, so the caller can wake up for it.
-    pub fn summary_due_at_ms(&self) -> Option<u64> {
+    fn summary_due_at_ms(&self) -> Option<u64> {
         (self.suppressed_in_window > 0).then_some(self.window_start_ms + 1000)
     }
 
-    fn roll_window(&mut self, now_ms: u64) -> Option<String> {
+    fn roll(&mut self, now_ms: u64, kind: &str) -> Option<String> {
         if now_ms < self.window_start_ms + 1000 {
             return None;
         }
         let summary = (self.suppressed_in_window > 0).then(|| {
             format!(
-                "maxage: {} more retirements in the last second were not logged one by one ({} were)",
+                "maxage: {} more {kind}retirements in the last second were not logged one by one ({} were)",
                 self.suppressed_in_window, self.logged_in_window
             )
         });
@@ -167,15 +216,32 @@ mod tests {
     #[test]
     fn floods_become_one_summary_per_second() {
         let mut limiter = AuditLimiter::default();
-        let admitted = (0..1000).filter(|_| limiter.admit(5000).1).count() as u64;
+        let admitted = (0..1000)
+            .filter(|_| limiter.admit(5000, Origin::Operator).1)
+            .count() as u64;
         assert_eq!(admitted, MAX_LINES_PER_SECOND);
         assert_eq!(limiter.summary_due_at_ms(), Some(6000));
-        assert_eq!(limiter.flush(5999), None);
-        let summary = limiter.flush(6000).unwrap();
-        assert!(summary.contains("960 more retirements"), "{summary}");
+        assert!(limiter.flush(5999).is_empty());
+        let summary = limiter.flush(6000);
+        assert!(summary[0].contains("960 more retirements"), "{summary:?}");
         assert_eq!(limiter.summary_due_at_ms(), None);
-        assert_eq!(limiter.flush(9000), None);
-        let (summary, logged) = limiter.admit(9001);
-        assert!(summary.is_none() && logged);
+        assert!(limiter.flush(9000).is_empty());
+        let (summary, logged) = limiter.admit(9001, Origin::Operator);
+        assert!(summary.is_empty() && logged);
+    }
+
+    #[test]
+    fn clients_own_requests_cannot_use_up_the_operators_lines() {
+        let mut limiter = AuditLimiter::default();
+        for _ in 0..1000 {
+            limiter.admit(5000, Origin::Client);
+        }
+        assert!(limiter.admit(5000, Origin::Operator).1);
+        let summary = limiter.flush(6000);
+        assert_eq!(summary.len(), 1);
+        assert!(
+            summary[0].contains("960 more client-requested retirements"),
+            "{summary:?}"
+        );
     }
 }

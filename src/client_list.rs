@@ -4,6 +4,29 @@
 //! `CLIENT KILL` filter can test (name, idle, user, laddr, lib-name, ...) comes from one
 //! `CLIENT LIST` call per command. Fields a server version lacks (lib-name on 7.0) parse as empty.
 
+/// The most bytes of a client-chosen text (`CLIENT SETNAME`, `CLIENT SETINFO`) the module keeps.
+/// The server takes names of any length (hundreds of MB); the module copies a listed client into
+/// its closing set, its retire queue and audit lines, so it keeps only the start. A longer text
+/// is cut at a character boundary and ends in a NUL byte, which no name the server accepts
+/// contains: an exact filter (`NAME`, `LIB-NAME`, `LIB-VER`) never matches it, and a pattern
+/// (`maxage.exempt-names`, a rule) sees its first `MAX_CLIENT_TEXT_BYTES` and the marker, so one
+/// with a fixed ending does not match.
+pub const MAX_CLIENT_TEXT_BYTES: usize = 512;
+
+fn bounded_text(value: &str) -> String {
+    if value.len() <= MAX_CLIENT_TEXT_BYTES {
+        return value.to_string();
+    }
+    let mut end = MAX_CLIENT_TEXT_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = String::with_capacity(end + 1);
+    cut.push_str(&value[..end]);
+    cut.push('\0');
+    cut
+}
+
 /// One line of `CLIENT LIST`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListedClient {
@@ -20,6 +43,8 @@ pub struct ListedClient {
     /// `r` when the client sent `CLIENT CAPA redirect` (Valkey 8+; always empty on Redis 7.0).
     pub capa: String,
     pub db: i64,
+    /// Commands queued in an open transaction (-1 outside one; Valkey 9.1 shows 0 after EXEC).
+    pub multi: i64,
     pub sub: u64,
     pub psub: u64,
     pub ssub: u64,
@@ -66,6 +91,7 @@ pub fn parse_client_list(text: &str) -> Vec<ListedClient> {
 pub fn parse_client_line(line: &str) -> Option<ListedClient> {
     let mut client = ListedClient {
         fd: -1,
+        multi: -1,
         redir: -1,
         ..ListedClient::default()
     };
@@ -82,12 +108,13 @@ pub fn parse_client_line(line: &str) -> Option<ListedClient> {
             "addr" => client.addr = value.to_string(),
             "laddr" => client.laddr = value.to_string(),
             "fd" => client.fd = value.parse().unwrap_or(-1),
-            "name" => client.name = value.to_string(),
+            "name" => client.name = bounded_text(value),
             "age" => client.age_s = value.parse().unwrap_or(0),
             "idle" => client.idle_s = value.parse().unwrap_or(0),
             "flags" => client.flags = value.to_string(),
             "capa" => client.capa = value.to_string(),
             "db" => client.db = value.parse().unwrap_or(0),
+            "multi" => client.multi = value.parse().unwrap_or(-1),
             "sub" => client.sub = value.parse().unwrap_or(0),
             "psub" => client.psub = value.parse().unwrap_or(0),
             "ssub" => client.ssub = value.parse().unwrap_or(0),
@@ -98,8 +125,8 @@ pub fn parse_client_line(line: &str) -> Option<ListedClient> {
             "cmd" => client.cmd = value.to_string(),
             "user" => client.user = value.to_string(),
             "resp" => client.resp = value.parse().unwrap_or(2),
-            "lib-name" => client.lib_name = value.to_string(),
-            "lib-ver" => client.lib_ver = value.to_string(),
+            "lib-name" => client.lib_name = bounded_text(value),
+            "lib-ver" => client.lib_ver = bounded_text(value),
             "redir" => client.redir = value.parse().unwrap_or(-1),
             _ => {}
         }
@@ -142,6 +169,21 @@ mod tests {
         assert_eq!(client.resp, 3);
         assert_eq!(client.lib_name, "redis-py");
         assert_eq!(client.lib_ver, "5.0.1");
+    }
+
+    #[test]
+    fn client_chosen_texts_are_kept_short_and_marked() {
+        let long = "n".repeat(10 * MAX_CLIENT_TEXT_BYTES);
+        let line = format!("id=3 name={long} lib-name={long} lib-ver=1.0 multi=2 flags=x");
+        let client = parse_client_line(&line).unwrap();
+        assert_eq!(client.name.len(), MAX_CLIENT_TEXT_BYTES + 1);
+        assert!(client.name.ends_with('\0') && client.lib_name.ends_with('\0'));
+        assert_eq!(client.lib_ver, "1.0");
+        assert_eq!(client.multi, 2);
+        let accented = format!("id=3 name={}", "é".repeat(MAX_CLIENT_TEXT_BYTES));
+        let client = parse_client_line(&accented).unwrap();
+        assert!(client.name.len() <= MAX_CLIENT_TEXT_BYTES + 1);
+        assert!(!crate::glob::glob_matches(b"*n", b"nnn\0"));
     }
 
     #[test]

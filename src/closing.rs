@@ -17,7 +17,7 @@
 //! and one that never gets quiet is closed when its grace runs out. Nothing here reads the clock
 //! or calls the server.
 
-use crate::audit::Reason;
+use crate::audit::{Origin, Reason};
 use crate::client_list::ListedClient;
 
 /// What the server shows about a due client right now, beyond `CLIENT LIST`.
@@ -62,9 +62,14 @@ fn counts_as_idle(client: &ListedClient) -> bool {
     parked(client) || client.has_flag('P')
 }
 
-/// At most this many clients wait for their moment at once; others wait their turn, which
-/// bounds the per-pass cost to one socket query per armed client.
+/// At most this many clients of each origin (the operator's, the clients' own requests) wait
+/// for their moment at once; others wait their turn. That bounds the per-pass cost to one
+/// socket query per armed client, and clients that hold their slot (a transaction left open)
+/// cannot keep the operator's retirements waiting.
 pub const MAX_CLOSING: usize = 32;
+/// A client found inside a transaction or blocked is looked at again this often (its socket is
+/// not queried at every event-loop pass meanwhile: it cannot be closed before it is done).
+pub const HELD_POLL_MS: u64 = 10;
 /// How soon a client that found the set full is looked at again.
 pub const FULL_RETRY_MS: u64 = 10;
 /// A due client that sends no request for this long is closed while idle. An idle close races
@@ -84,6 +89,8 @@ enum Phase {
     /// Served in the last pass, whose writes sent the reply into its corked socket: look at
     /// the top of this one.
     ReplySent,
+    /// Inside a transaction or blocked at its last look: looked at again at `until_ms`.
+    Held { until_ms: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -118,9 +125,18 @@ pub struct ClosingSet {
 }
 
 impl ClosingSet {
-    /// Arms a due client. False if the set is full (or it is armed already).
+    /// Whether a client of this origin can be armed now.
+    pub fn has_room(&self, origin: Origin) -> bool {
+        self.armed
+            .iter()
+            .filter(|a| a.on_time.origin() == origin)
+            .count()
+            < MAX_CLOSING
+    }
+
+    /// Arms a due client. False if its origin's slots are full (or it is armed already).
     pub fn arm(&mut self, client: ListedClient, on_time: Reason, now_ms: u64) -> bool {
-        if self.armed.len() >= MAX_CLOSING || self.contains(client.id) {
+        if !self.has_room(on_time.origin()) || self.contains(client.id) {
             return false;
         }
         let since_ms = if counts_as_idle(&client) {
@@ -141,13 +157,43 @@ impl ClosingSet {
         self.armed.iter().any(|a| a.client.id == client_id)
     }
 
-    pub fn remove(&mut self, client_id: u64) {
-        self.armed.retain(|a| a.client.id != client_id);
+    /// Why an armed client is armed.
+    pub fn armed_for(&self, client_id: u64) -> Option<Reason> {
+        self.armed
+            .iter()
+            .find(|a| a.client.id == client_id)
+            .map(|a| a.on_time)
     }
 
-    /// Keeps only the armed clients `keep` says yes to.
-    pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
-        self.armed.retain(|a| keep(a.client.id));
+    /// Disarms a client. Returns its socket if the module holds a reply corked in it, which the
+    /// caller must release.
+    pub fn remove(&mut self, client_id: u64) -> Option<i32> {
+        let position = self.armed.iter().position(|a| a.client.id == client_id)?;
+        let armed = self.armed.remove(position);
+        (armed.phase == Phase::ReplySent).then_some(armed.client.fd)
+    }
+
+    /// Keeps only the armed clients `keep` says yes to. Returns the corked sockets of those
+    /// dropped, which the caller must release.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64, Reason) -> bool) -> Vec<i32> {
+        let mut corked = Vec::new();
+        self.armed.retain(|a| {
+            let kept = keep(a.client.id, a.on_time);
+            if !kept && a.phase == Phase::ReplySent {
+                corked.push(a.client.fd);
+            }
+            kept
+        });
+        corked
+    }
+
+    /// Every socket the module holds corked (to release them all at unload).
+    pub fn corked_fds(&self) -> Vec<i32> {
+        self.armed
+            .iter()
+            .filter(|a| a.phase == Phase::ReplySent)
+            .map(|a| a.client.fd)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -177,6 +223,12 @@ impl ClosingSet {
         let mut top = TopOfPass::default();
         for armed in &mut self.armed {
             let out_of_grace = now_ms.saturating_sub(armed.armed_at_ms) >= grace_ms;
+            if let Phase::Held { until_ms } = armed.phase {
+                if now_ms >= until_ms || out_of_grace {
+                    top.look_now.push(armed.client.id);
+                }
+                continue;
+            }
             let has_input = unread(armed.client.fd) > 0;
             let ready = match armed.phase {
                 _ if has_input => {
@@ -194,6 +246,7 @@ impl ClosingSet {
                     armed.phase = Phase::Waiting { since_ms: now_ms };
                     false
                 }
+                Phase::Held { .. } => unreachable!("held clients are handled above"),
             };
             if ready || out_of_grace {
                 top.look_now.push(armed.client.id);
@@ -243,6 +296,10 @@ impl ClosingSet {
         } else {
             armed.phase = if unread_now > 0 {
                 Phase::Serving
+            } else if listed.has_flag('x') || listed.has_flag('b') {
+                Phase::Held {
+                    until_ms: now_ms + HELD_POLL_MS,
+                }
             } else {
                 Phase::Waiting { since_ms: now_ms }
             };
@@ -265,6 +322,7 @@ impl ClosingSet {
                     Phase::Waiting { since_ms } => {
                         grace_ends.min(since_ms.saturating_add(IDLE_CLOSE_MS))
                     }
+                    Phase::Held { until_ms } => grace_ends.min(until_ms),
                     _ => grace_ends,
                 }
             })
@@ -452,8 +510,55 @@ mod tests {
         }
         assert!(!set.arm(listed(999, ""), Reason::MaxAge, 0));
         assert!(!set.arm(listed(0, ""), Reason::MaxAge, 0));
-        set.remove(0);
+        assert_eq!(set.remove(0), None);
         assert!(set.arm(listed(999, ""), Reason::MaxAge, 0));
+        // Clients' own requests have their own slots: they cannot take the operator's.
+        for id in 1000..1000 + MAX_CLOSING as u64 {
+            assert!(set.arm(listed(id, ""), Reason::ClientRequested, 0));
+        }
+        assert!(!set.has_room(Origin::Client) && !set.has_room(Origin::Operator));
+        set.remove(999);
+        assert!(set.has_room(Origin::Operator) && !set.has_room(Origin::Client));
+    }
+
+    #[test]
+    fn a_client_in_a_transaction_is_polled_not_queried_at_every_pass() {
+        let mut set = ClosingSet::default();
+        set.arm(listed(5, ""), Reason::ClientRequested, 1000);
+        let in_multi = listed(5, "").tap_flags("x");
+        assert_eq!(set.look(&in_multi, 0, 1000, GRACE), Look::Keep);
+        let mut queried = 0;
+        let top = set.after_sleep(1005, GRACE, |_| {
+            queried += 1;
+            0
+        });
+        assert!(top.look_now.is_empty() && queried == 0);
+        assert_eq!(set.next_look_ms(GRACE), Some(1000 + HELD_POLL_MS));
+        assert_eq!(
+            set.after_sleep(1000 + HELD_POLL_MS, GRACE, quiet).look_now,
+            vec![5]
+        );
+        // Out of grace it is closed, transaction or not, as the README promises.
+        assert_eq!(
+            set.look(&in_multi, 0, 1000 + GRACE, GRACE),
+            Look::Close(Reason::ClientRequested)
+        );
+    }
+
+    #[test]
+    fn a_dropped_client_gives_back_its_corked_socket() {
+        let mut set = ClosingSet::default();
+        set.arm(listed(5, ""), Reason::ClientRequested, 1000);
+        set.arm(listed(6, ""), Reason::MaxAge, 1000);
+        set.after_sleep(1001, GRACE, request_waiting);
+        assert_eq!(set.before_sleep(), vec![105, 106]);
+        assert_eq!(set.corked_fds(), vec![105, 106]);
+        assert_eq!(
+            set.retain(|_, reason| reason == Reason::ClientRequested),
+            vec![106]
+        );
+        assert_eq!(set.remove(5), Some(105));
+        assert!(set.is_empty());
     }
 
     /// Test-only tweaks of a listed client.

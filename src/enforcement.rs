@@ -38,19 +38,25 @@ pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
             policy.on_disconnect(client_id);
         }
     });
-    if connected {
-        rearm(now_ms);
-    }
+    // A disconnect can free a closing slot that clients' own requests wait for.
+    rearm(now_ms);
 }
 
 /// Called after any `maxage.*` setting changes: re-times every connected client at once.
 pub fn on_settings_changed() {
     let now_ms = monotonic_ms();
     let settings = config::snapshot();
-    STATE.with(|policy| {
-        policy.apply_settings(settings, now_ms);
-        sample_load(policy);
-    });
+    let let_go = STATE
+        .with(|policy| {
+            let let_go = policy.apply_settings(settings, now_ms);
+            sample_load(policy);
+            let_go
+        })
+        .unwrap_or_default();
+    // Clients no longer to be closed get the replies held for their close.
+    for fd in let_go {
+        ffi::hold_output(fd, false);
+    }
     // Before the module's init (settings from the config file) there is no context yet; init
     // calls this again once there is.
     if ffi::module_ctx_ready() {
@@ -205,9 +211,17 @@ fn wake_no_later_than(wake_ms: u64) {
 }
 
 /// Disarms the wake-up (module unload).
+/// Disarms the wake-up and releases every reply held corked for a close that will now never
+/// come (module unload).
 pub fn disarm() {
     ARMED.with(|armed| *armed = None);
     ffi::cancel_wakeup();
+    let corked = STATE
+        .with(|policy| policy.closing().corked_fds())
+        .unwrap_or_default();
+    for fd in corked {
+        ffi::hold_output(fd, false);
+    }
 }
 
 pub fn on_wakeup(ctx: &Context) {

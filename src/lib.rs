@@ -26,6 +26,7 @@ mod self_request;
 mod server_view;
 mod state;
 mod stats;
+mod unload;
 
 use redis_module::{
     Context, RedisError, RedisResult, RedisString, RedisValue, Status, redis_module,
@@ -211,39 +212,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
 }
 
 fn deinit(ctx: &Context) -> Status {
-    no_unwind("module unload", Status::Ok, || {
-        // A client whose last command was one of ours keeps pointing at that command after
-        // the server unregisters it; the next CLIENT LIST then reads freed memory (seen to
-        // crash Valkey 9.1 in the module's own seeding at the next load). Refuse instead.
-        let pinned: Vec<u64> = server_view::list_clients(ctx, None)
-            .into_iter()
-            .filter(|client| client.cmd.starts_with("maxage."))
-            .map(|client| client.id)
-            .collect();
-        if !pinned.is_empty() {
-            ffi::log(
-                ctx,
-                LogLevel::Warning,
-                &format!(
-                    "maxage: refusing to unload: the last command of client(s) {pinned:?} was a maxage command; run any other command on them (or close them) and unload again"
-                ),
-            );
-            return Status::Err;
-        }
-        retire::close_all_queued_kills(ctx, ffi::monotonic_ms());
-        enforcement::disarm();
-        compat::stop_filter(ctx);
-        ffi::stop_wakeups();
-        ffi::watch_event_loop(&ffi::module_ctx(), None);
-        ffi::subscribe_client_changes(ctx, None);
-        state::STATE.with(|policy| {
-            *policy = policy::Policy::new(config::snapshot(), 0, ffi::monotonic_ms())
-        });
-        state::AUDIT.with(|audit| *audit = audit::AuditLimiter::default());
-        ffi::release_settings();
-        ffi::release_module_ctx();
-        Status::Ok
-    })
+    no_unwind("module unload", Status::Ok, || unload::unload(ctx))
 }
 
 redis_module! {

@@ -7,9 +7,9 @@
 
 use std::collections::HashMap;
 
-use crate::audit::Reason;
+use crate::audit::{Origin, Reason};
 use crate::client_list::ListedClient;
-use crate::closing::{FULL_RETRY_MS, MAX_CLOSING, Moment, quiet_now};
+use crate::closing::{FULL_RETRY_MS, Moment, quiet_now};
 use crate::filter::ClientType;
 use crate::policy::{Decision, Policy};
 use crate::schedule::PassBudget;
@@ -55,26 +55,70 @@ pub struct PassOutcome {
 }
 
 impl Policy {
+    /// One pass: the operator's queue first, then clients' own requests, each with its own
+    /// close budget and closing slots (the time budget is shared, the operator first), so no
+    /// number of requests can hold the operator's retirements back. Clients' requests take no
+    /// pacing token: pacing spreads the operator's mass retirements, and a request is one
+    /// client's own reconnect.
     pub fn run_pass(
         &mut self,
         now_ms: u64,
         budget: PassBudget,
         server: &mut impl PassServer,
     ) -> PassOutcome {
-        let observe_only = self.settings().observe_only;
         let mut outcome = PassOutcome::default();
+        // Clients to look at again go back into their queue only after this pass, so that
+        // none is looked at twice within it.
+        let mut look_again: Vec<(u64, u64, Origin)> = Vec::new();
+        let drained = self.run_queue(
+            Origin::Operator,
+            now_ms,
+            budget,
+            server,
+            &mut outcome,
+            &mut look_again,
+        );
+        self.end_pass(drained);
+        self.run_queue(
+            Origin::Client,
+            now_ms,
+            budget,
+            server,
+            &mut outcome,
+            &mut look_again,
+        );
+        for (client_id, at_ms, origin) in look_again {
+            self.requeue(client_id, at_ms, origin);
+        }
+        outcome
+    }
+
+    /// Works through one queue's due clients within the budget. Returns whether every due
+    /// client was dealt with (none left waiting for a token or time).
+    fn run_queue(
+        &mut self,
+        origin: Origin,
+        now_ms: u64,
+        budget: PassBudget,
+        server: &mut impl PassServer,
+        outcome: &mut PassOutcome,
+        look_again: &mut Vec<(u64, u64, Origin)>,
+    ) -> bool {
+        let operators = origin == Origin::Operator;
+        let observe_only = operators && self.settings().observe_only;
         let mut closed = 0;
-        // Every due client was dealt with in this pass (none left waiting for a token or time).
-        let mut drained = false;
-        // Clients to look at again go back into the queue only after this pass, so that none
-        // is looked at twice within it.
-        let mut look_again: Vec<(u64, u64)> = Vec::new();
-        'batches: while closed < budget.closes && server.elapsed_us() < budget.micros {
-            let may_close = (budget.closes - closed).min(self.closes_paced_now(now_ms));
-            let batch = self.take_due(now_ms, LOOKUP_BATCH.min(2 * may_close));
+        while closed < budget.closes && server.elapsed_us() < budget.micros {
+            if !self.closing().has_room(origin) {
+                // Full: a slot freed re-arms the wake-up (`next_wake_ms`).
+                return false;
+            }
+            let mut may_close = budget.closes - closed;
+            if operators {
+                may_close = may_close.min(self.closes_paced_now(now_ms));
+            }
+            let batch = self.take_due(now_ms, LOOKUP_BATCH.min(2 * may_close), origin);
             if batch.is_empty() {
-                drained = true;
-                break;
+                return true;
             }
             let listed: HashMap<u64, ListedClient> = server
                 .list(&batch)
@@ -89,14 +133,21 @@ impl Policy {
                 else {
                     continue;
                 };
-                let reason = match self.decide(client, now_ms) {
+                let decision = if operators {
+                    self.decide(client, now_ms)
+                } else {
+                    self.decide_requested(client, now_ms)
+                };
+                let reason = match decision {
                     Decision::Exempt { recheck_at_ms } => {
-                        outcome.exempted += 1;
-                        look_again.push((*client_id, recheck_at_ms));
+                        if operators {
+                            outcome.exempted += 1;
+                            look_again.push((*client_id, recheck_at_ms, origin));
+                        }
                         continue;
                     }
                     Decision::NotYet { due_at_ms } => {
-                        look_again.push((*client_id, due_at_ms));
+                        look_again.push((*client_id, due_at_ms, origin));
                         continue;
                     }
                     Decision::Retire(reason) => reason,
@@ -106,7 +157,7 @@ impl Policy {
                     if let Some(retry_at_ms) =
                         self.hold_for_tracking_sources(client.id, &sources, now_ms)
                     {
-                        look_again.push((*client_id, retry_at_ms));
+                        look_again.push((*client_id, retry_at_ms, origin));
                         continue;
                     }
                 }
@@ -116,16 +167,21 @@ impl Policy {
                 let observe_this =
                     observe_only && matches!(reason, Reason::MaxAge | Reason::MaxAgeGraceExpired);
                 let at_once = observe_this || ClientType::of(client) == ClientType::Master;
-                if !at_once && self.closing().len() >= MAX_CLOSING {
-                    look_again.push((*client_id, now_ms + FULL_RETRY_MS));
+                if !at_once && !self.closing().has_room(origin) {
+                    look_again.push((*client_id, now_ms + FULL_RETRY_MS, origin));
                     continue;
                 }
-                let deadline_ms = self.class_deadline_of(client);
-                if closed >= budget.closes || !self.try_take_token(now_ms, deadline_ms) {
-                    self.hold_back(now_ms);
-                    outcome.pacing_delays += 1;
-                    look_again.extend(batch[position..].iter().map(|id| (*id, now_ms)));
-                    break 'batches;
+                let paced_out = operators && {
+                    let deadline_ms = self.class_deadline_of(client);
+                    !self.try_take_token(now_ms, deadline_ms)
+                };
+                if closed >= budget.closes || paced_out {
+                    if operators {
+                        self.hold_back(now_ms);
+                        outcome.pacing_delays += 1;
+                    }
+                    look_again.extend(batch[position..].iter().map(|id| (*id, now_ms, origin)));
+                    return false;
                 }
                 let quiet = !at_once && {
                     let unread_input_bytes = server.unread_input_bytes(client.fd);
@@ -155,11 +211,7 @@ impl Policy {
                 }
             }
         }
-        self.end_pass(drained);
-        for (client_id, at_ms) in look_again {
-            self.requeue(client_id, at_ms);
-        }
-        outcome
+        false
     }
 }
 
@@ -173,6 +225,7 @@ pub fn may_receive_invalidations(client: &ListedClient) -> bool {
 mod tests {
     use super::*;
     use crate::client_list::parse_client_line;
+    use crate::closing::MAX_CLOSING;
     use crate::config::Settings;
     use crate::schedule::FULL_PASS;
 
@@ -308,13 +361,65 @@ mod tests {
             policy.run_pass(now, FULL_PASS, &mut server);
             now += 1;
         }
+        let lookups = server.looked_up;
         assert_eq!(policy.run_pass(now, FULL_PASS, &mut server).armed, 0);
-        assert_eq!(
-            policy.clients_due(now),
-            0,
-            "put back for {FULL_RETRY_MS} ms"
-        );
-        assert_eq!(policy.clients_due(now + FULL_RETRY_MS), 5);
+        assert_eq!(server.looked_up, lookups, "nobody is looked up while full");
+        let later = now + FULL_RETRY_MS;
+        assert_eq!(policy.clients_due(later), 5);
+        // They wait for a slot, not for the next event-loop pass.
+        assert_eq!(policy.next_wake_ms(later), None);
+        policy.on_disconnect(1);
+        assert_eq!(policy.next_wake_ms(later), Some(later));
+        assert_eq!(policy.run_pass(later, FULL_PASS, &mut server).armed, 1);
+    }
+
+    /// Item 3 of the application-user issue: clients that asked for a 1 ms max age and then
+    /// hold their slot (a transaction left open) neither take the operator's closing slots nor
+    /// its pacing tokens, and are looked at after the operator's due clients.
+    #[test]
+    fn clients_own_requests_never_hold_the_operators_retirements_back() {
+        let mut policy = Policy::new(settings(2_000, 10), 1, 0);
+        for id in 1..=200 {
+            policy.on_connect(id, 0);
+        }
+        for id in 1_000..1_100 {
+            policy.on_connect(id, 1_990);
+            policy.request_max_age(id, 1, 1_990);
+        }
+        let mut server = FakeServer::default();
+        let mut now = 1_991;
+        while now < 2_000 {
+            policy.run_pass(now, FULL_PASS, &mut server);
+            now += 1;
+        }
+        assert!(!policy.closing().has_room(Origin::Client));
+        let mut operators_armed = 0;
+        while now < 2_100 {
+            operators_armed += policy.run_pass(now, FULL_PASS, &mut server).armed;
+            for id in 1..=200 {
+                policy.closing().remove(id);
+            }
+            now += 1;
+        }
+        // 10/s with a burst of one: the operator's pacing alone decides.
+        assert!((1..=3).contains(&operators_armed), "{operators_armed}");
+        let mut unpaced = Policy::new(settings(2_000, 0), 1, 0);
+        for id in 1..=200 {
+            unpaced.on_connect(id, 0);
+        }
+        for id in 1_000..1_100 {
+            unpaced.on_connect(id, 1_990);
+            unpaced.request_max_age(id, 1, 1_990);
+            unpaced.run_pass(1_991, FULL_PASS, &mut server);
+        }
+        let mut armed = 0;
+        for tick in 0..25 {
+            armed += unpaced.run_pass(2_000 + tick, FULL_PASS, &mut server).armed;
+            for id in 1..=200 {
+                unpaced.closing().remove(id);
+            }
+        }
+        assert_eq!(armed, 200);
     }
 
     /// Lowering the max age makes every old client overdue at once, by far more than the

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::audit::Reason;
+use crate::audit::{Origin, Reason};
 use crate::client_list::ListedClient;
 use crate::closing::ClosingSet;
 use crate::config::Settings;
@@ -72,7 +72,13 @@ fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 pub struct Policy {
     registry: Registry,
     settings: Settings,
+    /// When each client is next looked at for the operator's limits (max age, rules, graceful
+    /// kills, exemption rechecks): one entry per client.
     deadlines: DeadlineQueue,
+    /// When each client that asked with `MAXAGE.SELF` reaches the age it asked for: one entry
+    /// per such client, in a queue of its own so that however many clients ask, and whenever,
+    /// their requests are served after the operator's retirements, never ahead of them.
+    requested_deadlines: DeadlineQueue,
     pacer: Pacer,
     load: LoadGauge,
     /// Due clients waiting for the moment right after a reply to be closed.
@@ -115,6 +121,7 @@ impl Policy {
             pacer: Pacer::new(settings.max_evictions_per_sec, now_ms),
             settings,
             deadlines: DeadlineQueue::default(),
+            requested_deadlines: DeadlineQueue::default(),
             load: LoadGauge::default(),
             closing: ClosingSet::default(),
             drain: HashSet::new(),
@@ -128,14 +135,13 @@ impl Policy {
         }
     }
 
-    /// The first moment this client may be due: its deadline under the shortest max age of any
-    /// class (its own class is known only later, after AUTH and CLIENT SETNAME).
+    /// The first moment this client may be due by the operator's limits: its deadline under the
+    /// shortest max age of any class (its own class is known only later, after AUTH and CLIENT
+    /// SETNAME).
     pub fn deadline_of(&self, client: &TrackedClient) -> Option<u64> {
-        let operator = self
-            .settings
+        self.settings
             .shortest_max_age_ms()
-            .map(|max_age_ms| self.deadline_at(client, max_age_ms));
-        earliest(operator, self.requested_deadline(client))
+            .map(|max_age_ms| self.deadline_at(client, max_age_ms))
     }
 
     /// The deadline the client asked for with `MAXAGE.SELF` (no jitter: it asked for an age).
@@ -149,21 +155,29 @@ impl Policy {
         self.requested_max_age_ms.get(&client_id).copied()
     }
 
-    /// `MAXAGE.SELF <ms>` (0 withdraws): schedules the client for the age it asked for. The
-    /// operator's limits still apply; the earlier deadline wins.
-    pub fn request_max_age(&mut self, client_id: u64, max_age_ms: u64) {
-        if max_age_ms == 0 {
+    /// `MAXAGE.SELF <ms>` (0 withdraws): schedules the client for the age it asked for, in
+    /// place of any earlier request (O(log n), nothing grows however often it asks). The
+    /// operator's limits still apply; the earlier deadline wins. A client already waiting for
+    /// its moment because of its request is let go if the request no longer makes it due.
+    /// Returns a socket whose corked reply the caller must release.
+    pub fn request_max_age(&mut self, client_id: u64, max_age_ms: u64, now_ms: u64) -> Option<i32> {
+        let client = self.registry.get(client_id)?;
+        self.requested_deadlines.remove(client_id);
+        let deadline = if max_age_ms == 0 {
             self.requested_max_age_ms.remove(&client_id);
-            return;
+            None
+        } else {
+            self.requested_max_age_ms.insert(client_id, max_age_ms);
+            self.requested_deadline(&client)
+        };
+        if let Some(deadline) = deadline {
+            self.requested_deadlines.push(deadline, client_id);
         }
-        self.requested_max_age_ms.insert(client_id, max_age_ms);
-        if let Some(deadline) = self
-            .registry
-            .get(client_id)
-            .and_then(|client| self.requested_deadline(&client))
-        {
-            self.deadlines.push(deadline, client_id);
+        let still_due = deadline.is_some_and(|deadline| deadline <= now_ms);
+        if still_due || self.closing.armed_for(client_id) != Some(Reason::ClientRequested) {
+            return None;
         }
+        self.closing.remove(client_id)
     }
 
     /// The deadline that applies to a client now and whether it is the one the client asked
@@ -229,20 +243,27 @@ impl Policy {
 
     pub fn on_disconnect(&mut self, client_id: u64) {
         self.registry.remove(client_id);
+        self.deadlines.remove(client_id);
+        self.requested_deadlines.remove(client_id);
         self.closing.remove(client_id);
         self.drain.remove(&client_id);
         self.closed_pending.remove(&client_id);
         self.retire_early.remove(&client_id);
         self.requested_max_age_ms.remove(&client_id);
         self.tracking_hold_since_ms.remove(&client_id);
-        let live = self.registry.len();
-        let registry = &self.registry;
-        self.deadlines
-            .compact_if_stale(live, |id| registry.contains(id));
+        self.deadlines.shrink_if_sparse();
+        self.requested_deadlines.shrink_if_sparse();
+        let requests = self.requested_max_age_ms.len();
+        if self.requested_max_age_ms.capacity() > 64
+            && self.requested_max_age_ms.capacity() > requests * 4
+        {
+            self.requested_max_age_ms.shrink_to((requests * 2).max(64));
+        }
     }
 
-    /// Applies new settings to every connected client at once.
-    pub fn apply_settings(&mut self, settings: Settings, now_ms: u64) {
+    /// Applies new settings to every connected client at once. Returns the sockets of clients
+    /// no longer to be closed whose corked replies the caller must release.
+    pub fn apply_settings(&mut self, settings: Settings, now_ms: u64) -> Vec<i32> {
         // A new rate or mode starts a fresh bucket; otherwise adaptive pacing keeps the rate it
         // has reached.
         if settings.max_evictions_per_sec != self.settings.max_evictions_per_sec
@@ -254,21 +275,24 @@ impl Policy {
             self.load.reset();
         }
         self.settings = settings;
-        self.retime_all();
+        self.retime_all()
     }
 
-    pub fn retime_all(&mut self) {
+    /// Re-times the operator's deadlines (clients' own requests do not depend on settings).
+    /// Returns the corked sockets of clients let go, to release.
+    pub fn retime_all(&mut self) -> Vec<i32> {
         self.deadlines.clear();
         // An operator's graceful kill stands whatever the settings say.
         for client_id in &self.drain {
             self.deadlines.push(0, *client_id);
         }
-        if !self.settings.enforcing() && self.requested_max_age_ms.is_empty() {
+        if !self.settings.enforcing() {
             // Enforcement is off: clients waiting for their moment are spared, except those a
-            // graceful kill chose.
+            // graceful kill chose and those that asked for it themselves.
             let drain = &self.drain;
-            self.closing.retain(|client_id| drain.contains(&client_id));
-            return;
+            return self.closing.retain(|client_id, reason| {
+                drain.contains(&client_id) || reason.origin() == Origin::Client
+            });
         }
         let clients: Vec<TrackedClient> = self.registry.iter().collect();
         for client in clients {
@@ -276,25 +300,34 @@ impl Policy {
                 self.deadlines.push(deadline, client.client_id);
             }
         }
+        Vec::new()
     }
 
-    /// Takes up to `max` due clients that are still connected, earliest deadline first.
-    pub fn take_due(&mut self, now_ms: u64, max: usize) -> Vec<u64> {
+    fn queue(&mut self, origin: Origin) -> &mut DeadlineQueue {
+        match origin {
+            Origin::Operator => &mut self.deadlines,
+            Origin::Client => &mut self.requested_deadlines,
+        }
+    }
+
+    /// Takes up to `max` due clients of one queue that are still connected, earliest deadline
+    /// first.
+    pub fn take_due(&mut self, now_ms: u64, max: usize, origin: Origin) -> Vec<u64> {
         let mut due = Vec::new();
         while due.len() < max {
-            let Some((_, client_id)) = self.deadlines.pop_due(now_ms) else {
+            let Some((_, client_id)) = self.queue(origin).pop_due(now_ms) else {
                 break;
             };
-            if self.registry.contains(client_id) && !due.contains(&client_id) {
+            if self.registry.contains(client_id) {
                 due.push(client_id);
             }
         }
         due
     }
 
-    /// Puts a due client back at the front of the line (pacing ran out of tokens).
-    pub fn requeue(&mut self, client_id: u64, at_ms: u64) {
-        self.deadlines.push(at_ms, client_id);
+    /// Puts a client back into its queue, to be looked at no later than `at_ms`.
+    pub fn requeue(&mut self, client_id: u64, at_ms: u64, origin: Origin) {
+        self.queue(origin).push(at_ms, client_id);
     }
 
     /// Takes a pacing token for a retirement. A client overdue by `maxage.max-overdue-ms` or
@@ -379,9 +412,26 @@ impl Policy {
         self.pacer.rate_per_sec()
     }
 
-    /// The decision for a due client, as the server describes it now. The moment of the close
-    /// is not decided here: a client to retire is armed in `closing`, which waits for the
-    /// moment right after one of its replies (see closing.rs).
+    /// The decision for a client whose own request came due, as the server describes it now:
+    /// exemptions do not apply to what a client asked for itself.
+    pub fn decide_requested(&self, client: &ListedClient, now_ms: u64) -> Decision {
+        let requested = self
+            .registry
+            .get(client.id)
+            .and_then(|tracked| self.requested_deadline(&tracked));
+        match requested {
+            Some(due_at_ms) if due_at_ms > now_ms => Decision::NotYet { due_at_ms },
+            Some(_) => Decision::Retire(Reason::ClientRequested),
+            // Withdrawn: nothing to look at again in this queue.
+            None => Decision::Exempt {
+                recheck_at_ms: u64::MAX,
+            },
+        }
+    }
+
+    /// The decision for a client due by the operator's limits, as the server describes it
+    /// now. The moment of the close is not decided here: a client to retire is armed in
+    /// `closing`, which waits for the moment right after one of its replies (see closing.rs).
     pub fn decide(&mut self, client: &ListedClient, now_ms: u64) -> Decision {
         if self.drain.contains(&client.id) {
             // Chosen by an operator's `MAXAGE.KILL ... GRACEFUL`: the filter said who, and an
@@ -395,14 +445,16 @@ impl Policy {
                 .unwrap_or(0)
                 .max(EXEMPT_RECHECK_MIN_MS);
         let exempt = exemption(&self.settings, client).is_some();
-        let mut client_requested = false;
         match self.registry.get(client.id) {
             None if exempt => return Decision::Exempt { recheck_at_ms },
             None => {}
             Some(tracked) => {
-                let (effective, requested) = self.effective_deadline(&tracked, client);
-                client_requested = requested;
-                match effective {
+                let operator = if exempt {
+                    None
+                } else {
+                    self.class_deadline(&tracked, client).1
+                };
+                match operator {
                     None => return Decision::Exempt { recheck_at_ms },
                     Some(due_at_ms)
                         if due_at_ms > now_ms && !self.retire_early.contains(&client.id) =>
@@ -413,11 +465,7 @@ impl Policy {
                 }
             }
         }
-        Decision::Retire(if client_requested {
-            Reason::ClientRequested
-        } else {
-            Reason::MaxAge
-        })
+        Decision::Retire(Reason::MaxAge)
     }
 
     /// `MAXAGE.KILL ... GRACEFUL`: these clients are retired through enforcement (pacing, the
@@ -490,8 +538,22 @@ impl Policy {
     }
 
     /// When the timer should next fire for the deadlines: the earliest one, or, when that is
-    /// due but pacing has no token, the next token.
+    /// due but pacing has no token, the next token. Clients' own requests are not paced. While
+    /// a queue's closing slots are full its deadlines wait: a slot is freed by a close (whose
+    /// disconnect re-arms the wake-up) or by the closing set's own next look.
     pub fn next_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
+        let requested = self
+            .requested_deadlines
+            .next_deadline()
+            .filter(|_| self.closing.has_room(Origin::Client))
+            .map(|(deadline, _)| deadline.max(now_ms));
+        earliest(self.next_operator_wake_ms(now_ms), requested)
+    }
+
+    fn next_operator_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
+        if !self.closing.has_room(Origin::Operator) {
+            return None;
+        }
         self.deadlines.next_deadline().map(|(deadline, _)| {
             if deadline <= now_ms && self.behind_slack {
                 // Clients past the slack need no token: carry on at the next loop pass.
@@ -505,25 +567,35 @@ impl Policy {
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.deadlines.next_deadline().map(|(deadline, _)| deadline)
+        earliest(
+            self.deadlines.next_deadline().map(|(deadline, _)| deadline),
+            self.requested_deadlines
+                .next_deadline()
+                .map(|(deadline, _)| deadline),
+        )
     }
 
     pub fn clients_in_grace(&self) -> usize {
         self.closing.len()
     }
 
-    /// Due clients waiting (for a pacing token, or for the next tick). Linear: INFO only.
+    /// Due clients waiting (for a pacing token, or for the next tick): walks the due entries,
+    /// at most one a client.
     pub fn clients_due(&self, now_ms: u64) -> usize {
-        self.deadlines.count_due(now_ms)
+        self.deadlines.count_due(now_ms) + self.requested_deadlines.count_due(now_ms)
     }
 
     pub fn oldest_age_ms(&self, now_ms: u64) -> Option<u64> {
-        self.registry.iter().map(|c| c.age_ms(now_ms)).max()
+        self.registry.oldest().map(|c| c.age_ms(now_ms))
     }
 
-    /// Heap bytes of the per-client structures (registry and deadline queue).
+    /// Heap bytes of the per-client structures (registry, requests and deadline queues).
     pub fn heap_bytes(&self) -> usize {
-        self.registry.heap_bytes() + self.deadlines.heap_bytes()
+        const REQUEST_SLOT: usize = std::mem::size_of::<(u64, u64)>() + 1;
+        self.registry.heap_bytes()
+            + self.deadlines.heap_bytes()
+            + self.requested_deadlines.heap_bytes()
+            + self.requested_max_age_ms.capacity() * REQUEST_SLOT
     }
 }
 
@@ -556,8 +628,11 @@ mod tests {
             policy.on_connect(id, 1000 + id);
         }
         assert_eq!(policy.next_deadline_ms(), Some(1501));
-        assert!(policy.take_due(1500, 100).is_empty());
-        assert_eq!(policy.take_due(1510, 100), (1..=10).collect::<Vec<_>>());
+        assert!(policy.take_due(1500, 100, Origin::Operator).is_empty());
+        assert_eq!(
+            policy.take_due(1510, 100, Origin::Operator),
+            (1..=10).collect::<Vec<_>>()
+        );
         assert_eq!(policy.next_wake_ms(1510), Some(1511));
     }
 
@@ -576,7 +651,7 @@ mod tests {
         policy.on_connect(1, 0);
         policy.on_connect(2, 0);
         policy.on_disconnect(1);
-        assert_eq!(policy.take_due(1000, 10), vec![2]);
+        assert_eq!(policy.take_due(1000, 10, Origin::Operator), vec![2]);
     }
 
     #[test]
@@ -600,14 +675,14 @@ mod tests {
         }
         let mut retired = 0;
         for now in 100..1100 {
-            let due = policy.take_due(now, 64);
+            let due = policy.take_due(now, 64, Origin::Operator);
             for (position, _) in due.iter().enumerate() {
                 if policy.try_take_token(now, Some(100)) {
                     retired += 1;
                 } else {
                     due[position..]
                         .iter()
-                        .for_each(|id| policy.requeue(*id, now));
+                        .for_each(|id| policy.requeue(*id, now, Origin::Operator));
                     break;
                 }
             }
@@ -705,7 +780,7 @@ mod tests {
         assert_eq!(policy.decide(&replica, 10), Decision::Retire(Reason::Drain));
         // Settings changes re-time everyone; the drain stays scheduled.
         policy.retime_all();
-        assert_eq!(policy.take_due(10, 10), vec![5, 6]);
+        assert_eq!(policy.take_due(10, 10, Origin::Operator), vec![5, 6]);
         policy.on_disconnect(5);
         assert_eq!(policy.clients_draining(), 1);
     }
@@ -721,7 +796,7 @@ mod tests {
             policy.hold_for_tracking_sources(5, &[6, 7, 99], 100),
             Some(110)
         );
-        assert_eq!(policy.take_due(100, 10), vec![6, 7]);
+        assert_eq!(policy.take_due(100, 10, Origin::Operator), vec![6, 7]);
         let source = listed(&format!("{IDLE} cmd=get idle=3").replace("id=5", "id=6"));
         assert_eq!(
             policy.decide(&source, 100),

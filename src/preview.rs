@@ -10,7 +10,7 @@ use crate::ffi::{self, Reply, monotonic_ms};
 use crate::filter::parse_strict_i64;
 use crate::policy::exemption;
 use crate::registry::TrackedClient;
-use crate::rules::Rules;
+use crate::rules::{MAX_RULES_TEXT_BYTES, Rules};
 use crate::schedule::deadline_ms;
 use crate::server_view::list_clients;
 use crate::state::STATE;
@@ -124,6 +124,12 @@ pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 })
         };
         match keyword.as_str() {
+            "RULES" if value.as_slice().len() > MAX_RULES_TEXT_BYTES => {
+                return Err(RedisError::String(format!(
+                    "ERR rules are {} bytes, more than {MAX_RULES_TEXT_BYTES}",
+                    value.as_slice().len()
+                )));
+            }
             "RULES" => rules_text = Some(value.to_string_lossy()),
             "MAX-AGE-MS" => max_age_ms = Some(number()?),
             "WITHIN" => within_ms = number()?,

@@ -130,6 +130,12 @@ impl Registry {
             .map(Slot::tracked)
     }
 
+    /// The client that connected first: ids follow connect order, and seeded clients' connect
+    /// times (from `age=`) follow it too, so it is the first live slot.
+    pub fn oldest(&self) -> Option<TrackedClient> {
+        self.slots.iter().find(|s| !s.is_dead()).map(Slot::tracked)
+    }
+
     /// Heap bytes held by the registry, for INFO's per-client accounting.
     pub fn heap_bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<Slot>()

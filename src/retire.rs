@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisValue};
 
-use crate::audit::{Reason, RetiredClient, retirement_line};
+use crate::audit::{Origin, Reason, RetiredClient, retirement_line};
 use crate::client_list::ListedClient;
 use crate::ffi::{self, LogLevel};
 use crate::filter::ClientType;
@@ -203,7 +203,7 @@ fn record_with(
     client: impl FnOnce() -> ListedClient,
 ) {
     stats::count_retirement(reason, observe_only);
-    audit(ctx, now_ms, || {
+    audit(ctx, now_ms, reason.origin(), || {
         let client = client();
         retirement_line(
             &RetiredClient {
@@ -221,11 +221,11 @@ fn record_with(
 
 /// Logs an audit line through the per-second cap (the line is only built when it is logged),
 /// and any summary the cap owes.
-fn audit(ctx: &Context, now_ms: u64, line: impl FnOnce() -> String) {
-    let Some((summary, log_line)) = AUDIT.with(|audit| audit.admit(now_ms)) else {
+fn audit(ctx: &Context, now_ms: u64, origin: Origin, line: impl FnOnce() -> String) {
+    let Some((summaries, log_line)) = AUDIT.with(|audit| audit.admit(now_ms, origin)) else {
         return;
     };
-    if let Some(summary) = summary {
+    for summary in summaries {
         ffi::log(ctx, LogLevel::Notice, &summary);
     }
     if log_line {
@@ -240,7 +240,7 @@ pub fn audit_summary_due_at_ms() -> Option<u64> {
 
 /// Logs the summary the audit cap owes for a finished second, if any.
 pub fn flush_audit(ctx: &Context, now_ms: u64) {
-    if let Some(summary) = AUDIT.with(|audit| audit.flush(now_ms)).flatten() {
+    for summary in AUDIT.with(|audit| audit.flush(now_ms)).unwrap_or_default() {
         ffi::log(ctx, LogLevel::Notice, &summary);
     }
 }

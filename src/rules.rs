@@ -52,12 +52,22 @@ pub struct Rules(Vec<Rule>);
 /// computed from it never come near overflow.
 pub const MAX_RULE_AGE_MS: u64 = 315_360_000_000;
 
+/// The longest rule set (`maxage.rules` or `MAXAGE.PREVIEW RULES`): every due client is matched
+/// against every pattern, so the text bounds that work (with `MAX_CLIENT_TEXT_BYTES` of name).
+pub const MAX_RULES_TEXT_BYTES: usize = 4096;
+
 /// The label of the class of clients no rule matches.
 pub const DEFAULT_CLASS: &str = "default";
 
 impl Rules {
     /// Parses a whole rule set; any malformed rule refuses all of it.
     pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() > MAX_RULES_TEXT_BYTES {
+            return Err(format!(
+                "rules are {} bytes, more than {MAX_RULES_TEXT_BYTES}",
+                text.len()
+            ));
+        }
         let mut rules = Vec::new();
         for word in text.split_whitespace() {
             let (selector_text, age_text) = word
@@ -142,6 +152,15 @@ mod tests {
 
     fn client(fields: &str) -> ListedClient {
         parse_client_line(&format!("id=1 addr=127.0.0.1:1 flags=N {fields}")).unwrap()
+    }
+
+    #[test]
+    fn a_rule_set_is_bounded() {
+        let one = "name:web-*=1000 ";
+        let fits = one.repeat(MAX_RULES_TEXT_BYTES / one.len());
+        assert!(Rules::parse(&fits).is_ok());
+        let error = Rules::parse(&format!("{fits}{one}")).unwrap_err();
+        assert!(error.contains("more than 4096"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Deadline scheduling, jitter and pacing: pure logic, every function takes `now_ms` as an argument.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 
 /// Where in `[max_age * (1 - jitter), max_age]` a client's deadline falls.
 ///
@@ -33,67 +33,85 @@ pub fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Pending deadlines ordered by (deadline, client id), earliest first.
+/// When each client is next looked at, ordered by (deadline, client id), earliest first.
 ///
-/// Entries of clients that have gone are not searched for and removed on disconnect; the
-/// caller skips them when they come up (client ids are never reused), and `compact` drops them
-/// in bulk when they pile up.
+/// One entry per client, updated in place (as Redis's `timeout.c` keeps one flag per client):
+/// scheduling a client that already has an entry keeps the earlier of the two moments, and a
+/// disconnect removes its entry. However often a client asks to be scheduled, it costs
+/// O(log n) and the queue never holds more entries than there are clients.
 #[derive(Default, Debug)]
 pub struct DeadlineQueue {
-    heap: BinaryHeap<Reverse<(u64, u64)>>,
+    by_deadline: BTreeSet<(u64, u64)>,
+    deadline_of: HashMap<u64, u64>,
 }
 
 impl DeadlineQueue {
+    /// Schedules the client no later than `deadline_ms`.
     pub fn push(&mut self, deadline_ms: u64, client_id: u64) {
-        self.heap.push(Reverse((deadline_ms, client_id)));
+        match self.deadline_of.entry(client_id) {
+            Entry::Occupied(mut scheduled) => {
+                if *scheduled.get() <= deadline_ms {
+                    return;
+                }
+                self.by_deadline.remove(&(*scheduled.get(), client_id));
+                scheduled.insert(deadline_ms);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(deadline_ms);
+            }
+        }
+        self.by_deadline.insert((deadline_ms, client_id));
+    }
+
+    /// Forgets the client's entry, if it has one.
+    pub fn remove(&mut self, client_id: u64) {
+        if let Some(deadline_ms) = self.deadline_of.remove(&client_id) {
+            self.by_deadline.remove(&(deadline_ms, client_id));
+        }
     }
 
     /// The earliest pending (deadline, client id), whether or not it is due.
     pub fn next_deadline(&self) -> Option<(u64, u64)> {
-        self.heap.peek().map(|Reverse(entry)| *entry)
+        self.by_deadline.first().copied()
     }
 
     /// Removes and returns the earliest entry if its deadline is at or before `now_ms`.
     pub fn pop_due(&mut self, now_ms: u64) -> Option<(u64, u64)> {
-        match self.heap.peek() {
-            Some(Reverse((deadline, _))) if *deadline <= now_ms => {
-                self.heap.pop().map(|Reverse(entry)| entry)
-            }
-            _ => None,
+        let (deadline_ms, client_id) = *self.by_deadline.first()?;
+        if deadline_ms > now_ms {
+            return None;
         }
+        self.by_deadline.pop_first();
+        self.deadline_of.remove(&client_id);
+        Some((deadline_ms, client_id))
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.heap.len()
+        self.deadline_of.len()
     }
 
     pub fn clear(&mut self) {
-        self.heap = BinaryHeap::new();
+        self.by_deadline.clear();
+        self.deadline_of = HashMap::new();
     }
 
-    /// How many entries are due at `now_ms` (an INFO figure; linear, never on the tick path).
+    /// How many entries are due at `now_ms`: walks the due entries only (at most one a client).
     pub fn count_due(&self, now_ms: u64) -> usize {
-        self.heap
-            .iter()
-            .filter(|Reverse((deadline, _))| *deadline <= now_ms)
-            .count()
+        self.by_deadline.range(..=(now_ms, u64::MAX)).count()
     }
 
-    /// Drops entries whose client is gone, once they outnumber the live ones.
-    pub fn compact_if_stale(&mut self, live_clients: usize, is_live: impl Fn(u64) -> bool) {
-        if self.heap.len() > 2 * live_clients + 1024 {
-            self.heap
-                .retain(|Reverse((_, client_id))| is_live(*client_id));
-        }
-        // Give memory back after a wave of disconnects, keeping headroom for the next wave.
-        if self.heap.capacity() > 64 && self.heap.capacity() > self.heap.len() * 4 {
-            self.heap.shrink_to((self.heap.len() * 2).max(64));
+    /// Gives memory back after a wave of disconnects, keeping headroom for the next wave.
+    pub fn shrink_if_sparse(&mut self) {
+        if self.deadline_of.capacity() > 64 && self.deadline_of.capacity() > self.len() * 4 {
+            self.deadline_of.shrink_to((self.len() * 2).max(64));
         }
     }
 
+    /// Heap bytes, estimated: the map's table plus a B-tree node's share per entry.
     pub fn heap_bytes(&self) -> usize {
-        self.heap.capacity() * std::mem::size_of::<Reverse<(u64, u64)>>()
+        const MAP_SLOT: usize = std::mem::size_of::<(u64, u64)>() + 1;
+        const TREE_ENTRY: usize = std::mem::size_of::<(u64, u64)>() * 3 / 2;
+        self.deadline_of.capacity() * MAP_SLOT + self.by_deadline.len() * TREE_ENTRY
     }
 }
 
@@ -399,15 +417,47 @@ mod tests {
     }
 
     #[test]
-    fn compaction_drops_departed_clients() {
+    fn one_entry_per_client_keeps_the_earliest_moment() {
         let mut queue = DeadlineQueue::default();
-        for id in 0..5000 {
+        for _ in 0..100_000 {
+            queue.push(5_000, 7);
+        }
+        queue.push(9_000, 7);
+        assert_eq!(queue.len(), 1);
+        assert_eq!(queue.next_deadline(), Some((5_000, 7)));
+        queue.push(1_000, 7);
+        assert_eq!(queue.next_deadline(), Some((1_000, 7)));
+        assert_eq!(queue.count_due(4_000), 1);
+        queue.remove(7);
+        assert_eq!((queue.len(), queue.next_deadline()), (0, None));
+        queue.remove(7);
+        // Popped, a client can be scheduled again, later than before.
+        queue.push(10, 1);
+        assert_eq!(queue.pop_due(10), Some((10, 1)));
+        queue.push(50, 1);
+        assert_eq!(queue.next_deadline(), Some((50, 1)));
+    }
+
+    #[test]
+    fn memory_follows_the_clients_not_the_calls() {
+        let mut queue = DeadlineQueue::default();
+        for id in 0..10_000 {
             queue.push(id, id);
         }
-        queue.compact_if_stale(10, |id| id < 10);
-        assert_eq!(queue.len(), 10);
-        queue.compact_if_stale(3, |_| false);
-        assert_eq!(queue.len(), 10, "below the threshold nothing happens");
+        let full = queue.heap_bytes();
+        for id in 0..10_000 {
+            queue.remove(id);
+        }
+        queue.shrink_if_sparse();
+        assert!(
+            queue.heap_bytes() < full / 10,
+            "{} of {full}",
+            queue.heap_bytes()
+        );
+        for _ in 0..1_000_000 {
+            queue.push(1, 1);
+        }
+        assert!(queue.heap_bytes() < 4096, "{}", queue.heap_bytes());
     }
 
     #[test]

@@ -29,8 +29,14 @@ pub fn self_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
             let max_age_ms = parse_strict_i64(args[1].as_slice())
                 .filter(|ms| (0..=crate::config::MAX_AGE_MS_MAX).contains(ms))
                 .ok_or(RedisError::Str(ERR_RANGE))? as u64;
-            STATE.with(|policy| policy.request_max_age(client_id, max_age_ms));
-            rearm(monotonic_ms());
+            let now_ms = monotonic_ms();
+            let corked = STATE
+                .with(|policy| policy.request_max_age(client_id, max_age_ms, now_ms))
+                .flatten();
+            if let Some(fd) = corked {
+                ffi::hold_output(fd, false);
+            }
+            rearm(now_ms);
             Ok(RedisValue::SimpleStringStatic("OK"))
         }
         _ => Err(RedisError::WrongArity),

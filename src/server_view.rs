@@ -69,6 +69,8 @@ pub fn list_clients(ctx: &Context, ids: Option<&[u64]>) -> Vec<ListedClient> {
     if ids.is_some() {
         args.push("ID");
         args.extend(id_strings.iter().map(String::as_str));
+    } else {
+        crate::stats::FULL_CLIENT_LISTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     match ctx.call("CLIENT", args.as_slice()) {
         Ok(reply) => parse_client_list(&reply_text(reply)),

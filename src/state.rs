@@ -37,14 +37,20 @@ impl<T> MainThreadCell<T> {
     }
 }
 
-lazy_static! {
-    /// The registry and the enforcement policy. The jitter seed differs per load so that a
-    /// fleet restarted together does not retire its clients in lockstep.
-    pub static ref STATE: MainThreadCell<Policy> = MainThreadCell::new(Policy::new(
+/// A policy with the current settings and no clients. The jitter seed differs per load (and
+/// per reload after `MODULE UNLOAD`) so that a fleet restarted together does not retire its
+/// clients in lockstep.
+pub fn fresh_policy() -> Policy {
+    Policy::new(
         config::snapshot(),
         mix64(monotonic_us() ^ u64::from(std::process::id())),
         monotonic_ms(),
-    ));
+    )
+}
+
+lazy_static! {
+    /// The registry and the enforcement policy.
+    pub static ref STATE: MainThreadCell<Policy> = MainThreadCell::new(fresh_policy());
 
     /// The per-second cap on audit lines, apart from the policy: it decides what is logged,
     /// never who is retired.

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod application_user;
 mod cluster;
 mod commands;
 mod differential;
