@@ -10,7 +10,6 @@ use redis_module::Context;
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
 use crate::closing::Look;
-use crate::compat;
 use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::filter::ClientType;
@@ -42,8 +41,9 @@ pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
     rearm(now_ms);
 }
 
-/// Called after any `maxage.*` setting changes: re-times every connected client at once.
-pub fn on_settings_changed() {
+/// Applies the current settings to the policy: re-times every connected client at once.
+/// (`settings_changed` calls this and the other parts a setting changes.)
+pub fn apply_settings() {
     let now_ms = monotonic_ms();
     let settings = config::snapshot();
     let let_go = STATE
@@ -60,15 +60,7 @@ pub fn on_settings_changed() {
     // Before the module's init (settings from the config file) there is no context yet; init
     // calls this again once there is.
     if ffi::module_ctx_ready() {
-        let ctx = ffi::module_ctx();
-        update_event_loop_watch(&ctx);
-        if !compat::apply_setting(&ctx) {
-            ffi::log(
-                &ctx,
-                LogLevel::Warning,
-                "maxage: the server refused the CLIENT KILL compatibility filter; CLIENT KILL keeps its own grammar",
-            );
-        }
+        update_event_loop_watch(&ffi::module_ctx());
     }
     rearm(now_ms);
 }

@@ -24,6 +24,7 @@ mod rules;
 mod schedule;
 mod self_request;
 mod server_view;
+mod settings_changed;
 mod state;
 mod stats;
 mod unload;
@@ -145,7 +146,8 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
         Ok(defaults) => defaults,
         Err(why) => return refuse(ctx, &why),
     };
-    if let Err(why) = ffi::register_settings(ctx, &defaults, enforcement::on_settings_changed) {
+    if let Err(why) = ffi::register_settings(ctx, &defaults, settings_changed::on_settings_changed)
+    {
         return refuse(ctx, &why);
     }
     if let Err(why) = ffi::set_command_docs(ctx, &docs::command_docs()) {
@@ -197,7 +199,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
         return refuse(ctx, "cannot register the INFO section");
     }
     let seeded = enforcement::seed_existing_clients(ctx);
-    enforcement::on_settings_changed();
+    settings_changed::on_settings_changed();
     let settings = config::snapshot();
     ffi::log(
         ctx,

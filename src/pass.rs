@@ -215,10 +215,11 @@ impl Policy {
     }
 }
 
-/// Whether invalidation messages of another client's tracking can go to this one: a RESP2
-/// client must be subscribed (to `__redis__:invalidate`) to receive them; any RESP3 client can.
+/// Whether invalidation messages of another client's tracking can go to this one: any RESP3
+/// client can; the server redirects to a RESP2 client in Pub/Sub mode, whatever it subscribed
+/// with (`SUBSCRIBE`, `PSUBSCRIBE` or `SSUBSCRIBE`).
 pub fn may_receive_invalidations(client: &ListedClient) -> bool {
-    client.resp == 3 || (client.has_flag('P') && client.sub > 0)
+    client.resp == 3 || client.has_flag('P')
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! clients through here.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisValue};
@@ -19,6 +20,10 @@ lazy_static! {
     static ref REDIRECTS: MainThreadCell<(u64, HashMap<u64, Vec<u64>>)> =
         MainThreadCell::new((0, HashMap::new()));
 }
+
+/// Whole `CLIENT LIST` calls the module made (the lookups of given ids are not counted): what
+/// an application can make the module do is bounded by this (INFO `full_client_lists`).
+pub static FULL_CLIENT_LISTS: AtomicU64 = AtomicU64::new(0);
 
 /// How long a full `CLIENT LIST` answers "who redirects to this client" (it costs about 15 ms
 /// with 10,000 clients, so it is taken at most once a second, and only for likely targets).
@@ -70,7 +75,7 @@ pub fn list_clients(ctx: &Context, ids: Option<&[u64]>) -> Vec<ListedClient> {
         args.push("ID");
         args.extend(id_strings.iter().map(String::as_str));
     } else {
-        crate::stats::FULL_CLIENT_LISTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        FULL_CLIENT_LISTS.fetch_add(1, Ordering::Relaxed);
     }
     match ctx.call("CLIENT", args.as_slice()) {
         Ok(reply) => parse_client_list(&reply_text(reply)),

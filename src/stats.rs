@@ -29,9 +29,6 @@ pub static LONGEST_WAKEUP_US: AtomicU64 = AtomicU64::new(0);
 /// Wake-ups and the time they held the event loop in all: their mean is the typical stall.
 pub static WAKEUPS: AtomicU64 = AtomicU64::new(0);
 pub static WAKEUP_US_TOTAL: AtomicU64 = AtomicU64::new(0);
-/// Whole `CLIENT LIST` calls the module made (the lookups of given ids are not counted): what
-/// an application can make the module do is bounded by this (see `server_view`).
-pub static FULL_CLIENT_LISTS: AtomicU64 = AtomicU64::new(0);
 
 pub fn count_retirement(reason: Reason, observe_only: bool) {
     let counter = match (observe_only, reason) {
@@ -128,7 +125,10 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("longest_wakeup_us", get(&LONGEST_WAKEUP_US));
     info.field_u64("wakeups", get(&WAKEUPS));
     info.field_u64("wakeup_us_total", get(&WAKEUP_US_TOTAL));
-    info.field_u64("full_client_lists", get(&FULL_CLIENT_LISTS));
+    info.field_u64(
+        "full_client_lists",
+        get(&crate::server_view::FULL_CLIENT_LISTS),
+    );
     info.field_u64("clients_in_grace", in_grace);
     info.field_u64("clients_draining", draining);
     info.field_u64("clients_delayed_by_pacing", due);

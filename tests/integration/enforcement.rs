@@ -614,75 +614,88 @@ fn rules_give_each_class_its_own_max_age() {
 /// Client-side caching with a redirect: when the connection that receives a tracking client's
 /// invalidations is retired, the tracking client is retired first, so the application
 /// re-establishes both instead of keeping a data connection whose invalidations go nowhere.
+/// The server redirects to a RESP2 client subscribed in any way (`SUBSCRIBE`, `PSUBSCRIBE`,
+/// `SSUBSCRIBE`): each is a redirect target.
 #[test]
 fn tracking_redirect_pairs_are_retired_together() {
     for flavor in BOTH {
-        let server = Server::builder(flavor)
-            .module_args(&["jitter-pct", "0"])
-            .start();
-        let mut admin = server.admin();
-        run::<()>(&mut admin, &["SET", "k", "v1"]).unwrap();
-        let connect_pair = || {
-            let mut target = server.idle_socket();
-            raw_command(&mut target, &["CLIENT", "SETNAME", "invalidations"]);
-            let target_id = raw_client_id(&mut target).to_string();
-            raw_command(&mut target, &["SUBSCRIBE", "__redis__:invalidate"]);
-            let mut data = server.idle_socket();
-            let reply = raw_command(
-                &mut data,
-                &["CLIENT", "TRACKING", "on", "REDIRECT", &target_id],
-            );
-            assert_eq!(reply, "+OK\r\n");
-            raw_command(&mut data, &["GET", "k"]);
-            (target, data)
-        };
-        let (mut target, mut data) = connect_pair();
-        // Only the invalidation connection's class is due soon; the data connection's is not.
-        run::<()>(
-            &mut admin,
-            &["CONFIG", "SET", "maxage.rules", "name:invalidations=300"],
-        )
-        .unwrap();
-        run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "60000"]).unwrap();
-        let started = Instant::now();
-        let (mut data_closed, mut target_closed) = (None, None);
-        while started.elapsed() < Duration::from_secs(5)
-            && (data_closed.is_none() || target_closed.is_none())
-        {
-            if data_closed.is_none() && is_closed(&mut data) {
-                data_closed = Some(started.elapsed());
-            }
-            if target_closed.is_none() && is_closed(&mut target) {
-                target_closed = Some(started.elapsed());
-            }
-            sleep(Duration::from_millis(2));
-        }
-        let (data_closed, target_closed) = (
-            data_closed
-                .unwrap_or_else(|| panic!("{flavor:?}: the tracking client was left connected")),
-            target_closed.expect("the invalidation connection was retired"),
-        );
-        assert!(
-            data_closed <= target_closed,
-            "{flavor:?}: data {data_closed:?} target {target_closed:?}"
-        );
-
-        // The application reconnects both, and invalidations flow again.
-        run::<()>(&mut admin, &["CONFIG", "SET", "maxage.rules", ""]).unwrap();
-        let (mut target, _data) = connect_pair();
-        run::<()>(&mut admin, &["SET", "k", "v2"]).unwrap();
-        let mut received = String::new();
-        assert!(
-            wait_until(Duration::from_secs(2), || {
-                let _ = target.set_read_timeout(Some(Duration::from_millis(50)));
-                let mut buf = [0u8; 256];
-                if let Ok(n) = std::io::Read::read(&mut target, &mut buf) {
-                    received.push_str(&String::from_utf8_lossy(&buf[..n]));
+        for subscribe in [
+            &["SUBSCRIBE", "__redis__:invalidate"][..],
+            &["PSUBSCRIBE", "__redis__:*"][..],
+            &["SSUBSCRIBE", "shard-channel"][..],
+        ] {
+            let server = Server::builder(flavor)
+                .module_args(&["jitter-pct", "0"])
+                .start();
+            let mut admin = server.admin();
+            run::<()>(&mut admin, &["SET", "k", "v1"]).unwrap();
+            let connect_pair = |subscribe: &[&str]| {
+                let mut target = server.idle_socket();
+                raw_command(&mut target, &["CLIENT", "SETNAME", "invalidations"]);
+                let target_id = raw_client_id(&mut target).to_string();
+                raw_command(&mut target, subscribe);
+                let mut data = server.idle_socket();
+                let reply = raw_command(
+                    &mut data,
+                    &["CLIENT", "TRACKING", "on", "REDIRECT", &target_id],
+                );
+                assert_eq!(reply, "+OK\r\n");
+                raw_command(&mut data, &["GET", "k"]);
+                (target, data)
+            };
+            let (mut target, mut data) = connect_pair(subscribe);
+            // Only the invalidation connection's class is due soon; the data connection's is not.
+            run::<()>(
+                &mut admin,
+                &["CONFIG", "SET", "maxage.rules", "name:invalidations=300"],
+            )
+            .unwrap();
+            run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "60000"]).unwrap();
+            let started = Instant::now();
+            let (mut data_closed, mut target_closed) = (None, None);
+            while started.elapsed() < Duration::from_secs(5)
+                && (data_closed.is_none() || target_closed.is_none())
+            {
+                if data_closed.is_none() && is_closed(&mut data) {
+                    data_closed = Some(started.elapsed());
                 }
-                received.contains("__redis__:invalidate") && received.contains("$1\r\nk\r\n")
-            }),
-            "{flavor:?}: no invalidation after reconnecting: {received:?}"
-        );
+                if target_closed.is_none() && is_closed(&mut target) {
+                    target_closed = Some(started.elapsed());
+                }
+                sleep(Duration::from_millis(2));
+            }
+            let (data_closed, target_closed) = (
+                data_closed.unwrap_or_else(|| {
+                    panic!("{flavor:?} {subscribe:?}: the tracking client was left connected")
+                }),
+                target_closed.expect("the invalidation connection was retired"),
+            );
+            assert!(
+                data_closed <= target_closed,
+                "{flavor:?} {subscribe:?}: data {data_closed:?} target {target_closed:?}"
+            );
+            run::<()>(&mut admin, &["CONFIG", "SET", "maxage.rules", ""]).unwrap();
+            run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "0"]).unwrap();
+            if subscribe[0] != "SUBSCRIBE" {
+                continue;
+            }
+
+            // The application reconnects both, and invalidations flow again.
+            let (mut target, _data) = connect_pair(&["SUBSCRIBE", "__redis__:invalidate"]);
+            run::<()>(&mut admin, &["SET", "k", "v2"]).unwrap();
+            let mut received = String::new();
+            assert!(
+                wait_until(Duration::from_secs(2), || {
+                    let _ = target.set_read_timeout(Some(Duration::from_millis(50)));
+                    let mut buf = [0u8; 256];
+                    if let Ok(n) = std::io::Read::read(&mut target, &mut buf) {
+                        received.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                    received.contains("__redis__:invalidate") && received.contains("$1\r\nk\r\n")
+                }),
+                "{flavor:?}: no invalidation after reconnecting: {received:?}"
+            );
+        }
     }
 }
 

@@ -85,6 +85,41 @@ fn unload_while_enforcing_and_load_again() {
     }
 }
 
+/// A reload draws a new jitter seed: two servers reloaded alike must not retire the same
+/// clients at the same moments (a `MODULE UNLOAD` used to leave the seed at 0 for the next
+/// load, as the library stays mapped).
+#[test]
+fn a_reload_draws_a_new_jitter_seed() {
+    for flavor in BOTH {
+        let args = ["max-age-ms", "1000000000", "jitter-pct", "50"];
+        let jittered_max_ages: Vec<Vec<i64>> = (0..2)
+            .map(|_| {
+                let server = Server::builder(flavor).module_args(&args).start();
+                let mut admin = server.conn();
+                run::<()>(&mut admin, &["MODULE", "UNLOAD", "maxage"]).unwrap();
+                let module = module_path();
+                let mut load = vec!["MODULE", "LOAD", module.to_str().unwrap()];
+                load.extend_from_slice(&args);
+                run::<()>(&mut admin, &load).unwrap();
+                (0..4)
+                    .map(|_| {
+                        let mut client = server.conn();
+                        let report: Vec<redis::Value> = run(&mut client, &["MAXAGE.SELF"]).unwrap();
+                        match &report[3] {
+                            redis::Value::Int(max_age_ms) => *max_age_ms,
+                            other => panic!("{flavor:?}: max-age-ms is {other:?}"),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_ne!(
+            jittered_max_ages[0], jittered_max_ages[1],
+            "{flavor:?}: both reloaded servers drew the same jitter"
+        );
+    }
+}
+
 #[test]
 fn bad_load_arguments_refuse_the_load_with_a_reason() {
     let cases: &[(&[&str], &str)] = &[
