@@ -61,6 +61,9 @@ pub struct ListedClient {
     pub lib_ver: String,
     /// The client that receives this client's tracking invalidations (-1 when none).
     pub redir: i64,
+    /// Redis 8: the I/O thread that reads, parses and writes for this client (0: the main
+    /// thread, and on every server without the field).
+    pub io_thread: i32,
 }
 
 impl ListedClient {
@@ -128,6 +131,7 @@ pub fn parse_client_line(line: &str) -> Option<ListedClient> {
             "lib-name" => client.lib_name = bounded_text(value),
             "lib-ver" => client.lib_ver = bounded_text(value),
             "redir" => client.redir = value.parse().unwrap_or(-1),
+            "io-thread" => client.io_thread = value.parse().unwrap_or(0),
             _ => {}
         }
     }

@@ -93,6 +93,23 @@ enum Phase {
     Held { until_ms: u64 },
 }
 
+/// How the moment of a close is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseMode {
+    /// The server's main thread reads and writes the client (no I/O threads; Valkey's I/O
+    /// threads, which run jobs for the main thread): the reply is held corked at the bottom of a
+    /// pass and the close follows at the top of the next, as described above.
+    AfterReply,
+    /// Redis 8 with I/O threads: the client's own thread reads and writes it, after the main
+    /// thread's hooks, so nothing here can see or hold its reply. It is closed from inside its
+    /// own next command instead (`next_command.rs`: the server then writes that command's reply
+    /// and closes), or idle, or at the end of grace.
+    AtNextCommand,
+    /// Redis 8 with I/O threads, a client that cannot be closed inside its command (see
+    /// `next_command.rs`): closed idle, or at the end of grace.
+    IdleOnly,
+}
+
 #[derive(Clone, Debug)]
 struct Armed {
     /// As the server listed it when it was armed (the fd to watch, the audit line's fields).
@@ -101,6 +118,7 @@ struct Armed {
     on_time: Reason,
     armed_at_ms: u64,
     phase: Phase,
+    mode: CloseMode,
 }
 
 /// What the top of a pass has to do.
@@ -135,7 +153,18 @@ impl ClosingSet {
     }
 
     /// Arms a due client. False if its origin's slots are full (or it is armed already).
+    #[cfg(test)]
     pub fn arm(&mut self, client: ListedClient, on_time: Reason, now_ms: u64) -> bool {
+        self.arm_with(client, on_time, now_ms, CloseMode::AfterReply)
+    }
+
+    pub fn arm_with(
+        &mut self,
+        client: ListedClient,
+        on_time: Reason,
+        now_ms: u64,
+        mode: CloseMode,
+    ) -> bool {
         if !self.has_room(on_time.origin()) || self.contains(client.id) {
             return false;
         }
@@ -149,8 +178,27 @@ impl ClosingSet {
             on_time,
             armed_at_ms: now_ms,
             phase: Phase::Waiting { since_ms },
+            mode,
         });
         true
+    }
+
+    /// Whether any armed client waits to be closed inside its next command.
+    pub fn any_at_next_command(&self) -> bool {
+        self.armed
+            .iter()
+            .any(|a| a.mode == CloseMode::AtNextCommand)
+    }
+
+    /// Disarms a client armed to be closed inside its next command, which has come: returns it
+    /// as armed and why it goes.
+    pub fn take_at_next_command(&mut self, client_id: u64) -> Option<(ListedClient, Reason)> {
+        let position = self
+            .armed
+            .iter()
+            .position(|a| a.client.id == client_id && a.mode == CloseMode::AtNextCommand)?;
+        let armed = self.armed.remove(position);
+        Some((armed.client, armed.on_time))
     }
 
     pub fn contains(&self, client_id: u64) -> bool {
@@ -229,6 +277,15 @@ impl ClosingSet {
                 }
                 continue;
             }
+            if armed.mode != CloseMode::AfterReply {
+                // Its socket belongs to an I/O thread: only time tells.
+                let idle_long_enough = matches!(armed.phase, Phase::Waiting { since_ms }
+                    if now_ms.saturating_sub(since_ms) >= IDLE_CLOSE_MS);
+                if idle_long_enough || out_of_grace {
+                    top.look_now.push(armed.client.id);
+                }
+                continue;
+            }
             let has_input = unread(armed.client.fd) > 0;
             let ready = match armed.phase {
                 _ if has_input => {
@@ -294,7 +351,7 @@ impl ClosingSet {
                 other => other,
             })
         } else {
-            armed.phase = if unread_now > 0 {
+            armed.phase = if unread_now > 0 && armed.mode == CloseMode::AfterReply {
                 Phase::Serving
             } else if listed.has_flag('x') || listed.has_flag('b') {
                 Phase::Held {
@@ -543,6 +600,40 @@ mod tests {
             set.look(&in_multi, 0, 1000 + GRACE, GRACE),
             Look::Close(Reason::ClientRequested)
         );
+    }
+
+    #[test]
+    fn a_client_of_an_io_thread_is_never_corked_and_waits_for_its_next_command() {
+        let mut set = ClosingSet::default();
+        set.arm_with(
+            listed(5, ""),
+            Reason::MaxAge,
+            1000,
+            CloseMode::AtNextCommand,
+        );
+        set.arm_with(listed(6, ""), Reason::MaxAge, 1000, CloseMode::IdleOnly);
+        assert!(set.any_at_next_command());
+        // Its socket is its I/O thread's: not queried, never corked.
+        let mut queried = 0;
+        let top = set.after_sleep(1001, GRACE, |_| {
+            queried += 1;
+            30
+        });
+        assert!(top.look_now.is_empty() && top.uncork.is_empty() && queried == 0);
+        assert_eq!(set.look(&listed(6, ""), 30, 1001, GRACE), Look::Keep);
+        assert!(set.before_sleep().is_empty());
+        // Quiet for the idle wait: looked at (and closed if nothing is in flight).
+        assert_eq!(
+            set.after_sleep(1001 + IDLE_CLOSE_MS, GRACE, quiet).look_now,
+            vec![5, 6]
+        );
+        // Its next command came: taken out, to be closed inside it.
+        assert_eq!(
+            set.take_at_next_command(5).map(|(c, r)| (c.id, r)),
+            Some((5, Reason::MaxAge))
+        );
+        assert_eq!(set.take_at_next_command(6).map(|(c, _)| c.id), None);
+        assert!(!set.any_at_next_command());
     }
 
     #[test]

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use lazy_static::lazy_static;
-use redis_module::Context;
+use redis_module::{Context, RedisValue};
 
 use crate::audit::Reason;
 use crate::client_list::ListedClient;
-use crate::closing::Look;
+use crate::closing::{CloseMode, Look};
 use crate::config;
 use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::filter::ClientType;
@@ -17,7 +17,7 @@ use crate::pass::{PassServer, RetireNow};
 use crate::retire::{
     audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
 };
-use crate::server_view::{list_clients, sample_load, tracking_sources_of};
+use crate::server_view::{list_clients, reply_text, sample_load, tracking_sources_of};
 use crate::state::{MainThreadCell, STATE};
 use crate::stats;
 
@@ -68,14 +68,16 @@ pub fn apply_settings() {
 /// Watches the event loop while something needs it: adaptive pacing (its load) or a client
 /// waiting for its moment to be closed. Never called from the event-loop hook itself.
 fn update_event_loop_watch(ctx: &Context) {
-    let Some((adaptive, closing)) = STATE.with(|policy| {
+    let Some((adaptive, closing, at_next_command)) = STATE.with(|policy| {
         (
             policy.settings().adaptive_pacing,
             !policy.closing().is_empty(),
+            policy.closing().any_at_next_command(),
         )
     }) else {
         return;
     };
+    ffi::watch_next_commands(at_next_command);
     let handler: Option<ffi::EventLoopHandler> = (adaptive || closing).then_some(on_event_loop);
     if !ffi::watch_event_loop(ctx, handler) {
         ffi::log(
@@ -237,6 +239,7 @@ fn tick(ctx: &Context) {
         ctx,
         started_us,
         tracking_clients: None,
+        default_user_open: None,
     };
     let Some(outcome) = STATE.with(|policy| {
         sample_load(policy);
@@ -275,9 +278,25 @@ struct LiveServer<'a> {
     /// whole clients section, which made every RESP3 client due cost 1.36x a RESP2 one
     /// (21.6 vs 16.0 us, bench row 8), and no client can turn tracking on while a pass runs.
     tracking_clients: Option<u64>,
+    /// Whether the `default` user is enabled with `nopass`, read once a pass when needed.
+    default_user_open: Option<bool>,
 }
 
 impl PassServer for LiveServer<'_> {
+    fn close_mode(&mut self, client: &ListedClient) -> CloseMode {
+        if client.io_thread <= 0 {
+            return CloseMode::AfterReply;
+        }
+        let open = *self
+            .default_user_open
+            .get_or_insert_with(|| default_user_open(self.ctx));
+        if ffi::next_command_filter_registered() && client.user == "default" && open {
+            CloseMode::AtNextCommand
+        } else {
+            CloseMode::IdleOnly
+        }
+    }
+
     fn list(&mut self, client_ids: &[u64]) -> Vec<ListedClient> {
         list_clients(self.ctx, Some(client_ids))
     }
@@ -317,4 +336,27 @@ pub fn seed_existing_clients(ctx: &Context) -> usize {
             listed.len()
         })
         .unwrap_or(0)
+}
+
+/// Whether the `default` user is enabled and needs no password: then a client of `default`
+/// closed inside its command (which resets it to `default`, unauthenticated) runs that command
+/// exactly as before (see next_command.rs).
+fn default_user_open(ctx: &Context) -> bool {
+    let Ok(RedisValue::Array(fields)) = ctx.call("ACL", &["GETUSER", "default"][..]) else {
+        return false;
+    };
+    let flags = fields
+        .chunks(2)
+        .find(|pair| matches!(&pair[0], value if reply_text(value.clone()) == "flags"))
+        .and_then(|pair| match pair.get(1) {
+            Some(RedisValue::Array(flags)) => Some(
+                flags
+                    .iter()
+                    .map(|flag| reply_text(flag.clone()))
+                    .collect::<Vec<String>>(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default();
+    flags.iter().any(|f| f == "on") && flags.iter().any(|f| f == "nopass")
 }

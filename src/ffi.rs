@@ -748,6 +748,106 @@ unsafe extern "C" fn on_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// The next-command filter (Redis 8 with I/O threads): tells the module which client is about
+// to run a command, while clients wait to be closed inside their next command.
+
+/// Gets the id of the client about to run a command and the command's name.
+pub type NextCommandHandler = fn(client_id: u64, command: &[u8]);
+
+static NEXT_COMMAND_HANDLER: HandlerSlot<NextCommandHandler> = HandlerSlot::new();
+/// Whether any client waits for its next command: while none does (nearly always), the filter
+/// costs every command one atomic load.
+static NEXT_COMMAND_WATCHED: AtomicBool = AtomicBool::new(false);
+static NEXT_COMMAND_FILTER: AtomicPtr<raw::RedisModuleCommandFilter> =
+    AtomicPtr::new(ptr::null_mut());
+
+unsafe extern "C" fn on_next_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
+    if !NEXT_COMMAND_WATCHED.load(Ordering::Relaxed) {
+        return;
+    }
+    no_unwind("next-command filter", (), || {
+        // SAFETY: `fctx` is the live filter context; the API's presence was checked before
+        // the filter was registered; position 0 exists (the server never filters an empty
+        // command).
+        let (client_id, count) = unsafe {
+            (
+                raw::RedisModule_CommandFilterGetClientId.unwrap()(fctx),
+                raw::RedisModule_CommandFilterArgsCount.unwrap()(fctx),
+            )
+        };
+        if count < 1 {
+            return;
+        }
+        // SAFETY: position 0 is below `count`; the slice is not kept past this call.
+        let command = unsafe { filter_arg(fctx, 0) };
+        if let Some(handler) = NEXT_COMMAND_HANDLER.get() {
+            handler(client_id, command);
+        }
+    })
+}
+
+/// Whether a command filter can tell which client sent the command (Redis 7.4+, Valkey).
+pub fn filter_client_id_api_present() -> bool {
+    // SAFETY: a copy of a function-pointer static filled in by RedisModule_Init.
+    unsafe { raw::RedisModule_CommandFilterGetClientId }.is_some()
+}
+
+/// Registers the next-command filter (once; it skips the module's own calls).
+pub fn register_next_command_filter(ctx: &Context, handler: NextCommandHandler) -> bool {
+    NEXT_COMMAND_HANDLER.set(Some(handler));
+    if !NEXT_COMMAND_FILTER.load(Ordering::Acquire).is_null() {
+        return true;
+    }
+    // SAFETY: `ctx` is the OnLoad context; `on_next_command` has the signature the server calls.
+    let filter = unsafe {
+        raw::RedisModule_RegisterCommandFilter.unwrap()(
+            ctx.ctx,
+            Some(on_next_command),
+            raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
+        )
+    };
+    NEXT_COMMAND_FILTER.store(filter, Ordering::Release);
+    !filter.is_null()
+}
+
+pub fn next_command_filter_registered() -> bool {
+    !NEXT_COMMAND_FILTER.load(Ordering::Acquire).is_null()
+}
+
+/// Removes the next-command filter if it is registered (unload, refused load).
+pub fn unregister_next_command_filter(ctx: &Context) {
+    NEXT_COMMAND_WATCHED.store(false, Ordering::Relaxed);
+    NEXT_COMMAND_HANDLER.set(None);
+    let filter = NEXT_COMMAND_FILTER.swap(ptr::null_mut(), Ordering::AcqRel);
+    if !filter.is_null() {
+        // SAFETY: `filter` was returned by RegisterCommandFilter for this module, removed once.
+        let status = unsafe { raw::RedisModule_UnregisterCommandFilter.unwrap()(ctx.ctx, filter) };
+        if status != raw::REDISMODULE_OK as c_int {
+            count_failure("unregistering the next-command filter");
+        }
+    }
+}
+
+/// Turns the next-command filter's work on while some client waits for its next command.
+pub fn watch_next_commands(watch: bool) {
+    NEXT_COMMAND_WATCHED.store(watch, Ordering::Relaxed);
+}
+
+/// Whether the client is inside MULTI (its commands are queued, not run).
+pub fn client_in_transaction(client_id: u64) -> bool {
+    // SAFETY: the structure is plain integers and bytes, for which all zeroes is valid.
+    let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };
+    info.version = 1;
+    // SAFETY: `info` is a version-1 structure the server fills for a known id; the call only
+    // writes into it.
+    let status = unsafe {
+        raw::RedisModule_GetClientInfoById.unwrap()(ptr::addr_of_mut!(info).cast(), client_id)
+    };
+    status == raw::REDISMODULE_OK as c_int
+        && info.flags & u64::from(raw::REDISMODULE_CLIENTINFO_FLAG_MULTI) != 0
+}
+
 /// Registers the `CLIENT KILL` filter once; it skips the module's own `RM_Call`s (NOSELF).
 pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) -> bool {
     FILTER_HANDLER.set(Some(handler));

@@ -15,6 +15,7 @@ mod ffi;
 pub mod filter;
 pub mod glob;
 mod kill;
+mod next_command;
 mod pass;
 mod policy;
 mod preview;
@@ -117,6 +118,7 @@ fn refuse(ctx: &Context, why: &str) -> Status {
         &format!("maxage: refusing to load: {why}"),
     );
     compat::stop_filter(ctx);
+    ffi::unregister_next_command_filter(ctx);
     ffi::subscribe_client_changes(ctx, None);
     ffi::watch_event_loop(ctx, None);
     ffi::stop_wakeups();
@@ -189,6 +191,9 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
     if !compat::start_filter(ctx, compat_possible) {
         return refuse(ctx, "cannot register the CLIENT KILL compatibility filter");
     }
+    if !watch_io_thread_clients(ctx) {
+        return refuse(ctx, "cannot register the next-command filter");
+    }
     if let Err(why) = ffi::start_wakeups(enforcement::on_wakeup) {
         return refuse(ctx, &why);
     }
@@ -211,6 +216,38 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
         ),
     );
     Status::Ok
+}
+
+/// With I/O threads that own their clients (Redis 8), due clients are closed inside their next
+/// command (next_command.rs), which needs a filter that knows the client (Redis 7.4+).
+fn watch_io_thread_clients(ctx: &Context) -> bool {
+    let io_threads = match ctx.call("CONFIG", &["GET", "io-threads"][..]) {
+        Ok(RedisValue::Array(pair)) => pair
+            .get(1)
+            .map(|value| server_view::reply_text(value.clone()))
+            .and_then(|text| text.parse::<i64>().ok())
+            .unwrap_or(1),
+        _ => 1,
+    };
+    if io_threads <= 1 {
+        return true;
+    }
+    if !ffi::filter_client_id_api_present() {
+        ffi::log(
+            ctx,
+            LogLevel::Notice,
+            "maxage: io-threads is on and this server's command filters cannot tell the client: due clients owned by an I/O thread are closed idle or when grace runs out",
+        );
+        return true;
+    }
+    ffi::log(
+        ctx,
+        LogLevel::Notice,
+        &format!(
+            "maxage: io-threads {io_threads}: a due client owned by an I/O thread (Redis 8) is closed inside its next command when its user is an open default user, otherwise idle or when grace runs out"
+        ),
+    );
+    ffi::register_next_command_filter(ctx, next_command::on_command)
 }
 
 fn deinit(ctx: &Context) -> Status {

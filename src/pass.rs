@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use crate::audit::{Origin, Reason};
 use crate::client_list::ListedClient;
-use crate::closing::{FULL_RETRY_MS, Moment, quiet_now};
+use crate::closing::{CloseMode, FULL_RETRY_MS, Moment, quiet_now};
 use crate::filter::ClientType;
 use crate::policy::{Decision, Policy};
 use crate::schedule::PassBudget;
@@ -30,6 +30,8 @@ pub trait PassServer {
     fn elapsed_us(&mut self) -> u64;
     /// Bytes of a next request waiting in a client's socket, not yet read by the server.
     fn unread_input_bytes(&mut self, fd: i32) -> usize;
+    /// How this client's close moment can be found on this server.
+    fn close_mode(&mut self, client: &ListedClient) -> CloseMode;
 }
 
 /// A client to retire at once rather than at its moment: observe mode (nothing is closed, the
@@ -203,7 +205,9 @@ impl Policy {
                         outcome.close_quiet.push(retirement);
                     }
                 } else {
-                    self.closing().arm(client.clone(), reason, now_ms);
+                    let mode = server.close_mode(client);
+                    self.closing()
+                        .arm_with(client.clone(), reason, now_ms, mode);
                     outcome.armed += 1;
                 }
                 if !observe_this {
@@ -277,6 +281,9 @@ mod tests {
             } else {
                 0
             }
+        }
+        fn close_mode(&mut self, _client: &ListedClient) -> CloseMode {
+            CloseMode::AfterReply
         }
     }
 

@@ -18,6 +18,8 @@ pub static EVICTED_BY_GRACEFUL_KILL: AtomicU64 = AtomicU64::new(0);
 /// while the connection was idle (the rest are grace expiries).
 pub static CLOSED_AFTER_REPLY: AtomicU64 = AtomicU64::new(0);
 pub static CLOSED_WHILE_IDLE: AtomicU64 = AtomicU64::new(0);
+/// Of `CLOSED_AFTER_REPLY`: closed from inside their own next command (Redis 8 I/O threads).
+pub static CLOSED_IN_NEXT_COMMAND: AtomicU64 = AtomicU64::new(0);
 pub static OBSERVED_WOULD_EVICT: AtomicU64 = AtomicU64::new(0);
 pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
 pub static SAFE_MOMENT_POLLS: AtomicU64 = AtomicU64::new(0);
@@ -117,6 +119,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("evicted_graceful_kill", get(&EVICTED_BY_GRACEFUL_KILL));
     info.field_u64("closed_after_reply", get(&CLOSED_AFTER_REPLY));
     info.field_u64("closed_while_idle", get(&CLOSED_WHILE_IDLE));
+    info.field_u64("closed_in_next_command", get(&CLOSED_IN_NEXT_COMMAND));
     info.field_u64("observed_would_evict", get(&OBSERVED_WOULD_EVICT));
     info.field_u64("exempted", get(&EXEMPTIONS));
     info.field_u64("safe_moment_polls", get(&SAFE_MOMENT_POLLS));

@@ -45,6 +45,7 @@ pub fn unload(ctx: &Context) -> Status {
     retire::close_all_queued_kills(ctx, monotonic_ms());
     enforcement::disarm();
     compat::stop_filter(ctx);
+    ffi::unregister_next_command_filter(ctx);
     ffi::stop_wakeups();
     ffi::watch_event_loop(&ffi::module_ctx(), None);
     ffi::subscribe_client_changes(ctx, None);
