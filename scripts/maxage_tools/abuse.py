@@ -159,6 +159,32 @@ def read_memory(conn):
     }
 
 
+class Admin:
+    """The harness's own INFO reader. A server the abuse has slowed down may take longer than
+    REPLY_TIMEOUT_S to answer: that read is missed (counted) and the next one uses a fresh
+    connection (a late reply would otherwise be taken for the next one's)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.conn = None
+        self.missed = 0
+
+    def memory(self):
+        try:
+            if self.conn is None:
+                self.conn = admin_conn(self.port)
+            return read_memory(self.conn)
+        except (ConnClosed, ReplyTimeout):
+            self.missed += 1
+            self.close()
+            return None
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 # The probe and the operator's idle connections (separate processes) --------------------------
 
 
@@ -289,9 +315,11 @@ def peer_closed(conn):
     if conn.pos < len(conn.buf):
         return False
     try:
-        # A socket with a timeout waits in recv even with MSG_DONTWAIT: ask select first.
-        readable, _, _ = select.select([conn.sock], [], [], 0)
-        if not readable:
+        # A socket with a timeout waits in recv even with MSG_DONTWAIT: ask poll first (select
+        # refuses descriptors above 1023, and the harness holds thousands).
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
+        if not poller.poll(0):
             return False
         return conn.sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
@@ -314,12 +342,17 @@ class App:
     def open(self):
         self.close()
         conn = RespConn(self.run.port, timeout=REPLY_TIMEOUT_S)
-        if self.resp3:
-            reply = conn.call([b"HELLO", b"3", b"AUTH", APP_USER, APP_PASSWORD], REPLY_TIMEOUT_S)
-            ok = isinstance(reply, dict)
-        else:
-            reply = conn.call([b"AUTH", APP_USER, APP_PASSWORD], REPLY_TIMEOUT_S)
-            ok = reply == b"OK"
+        try:
+            if self.resp3:
+                argv = [b"HELLO", b"3", b"AUTH", APP_USER, APP_PASSWORD]
+                reply = conn.call(argv, REPLY_TIMEOUT_S)
+                ok = isinstance(reply, dict)
+            else:
+                reply = conn.call([b"AUTH", APP_USER, APP_PASSWORD], REPLY_TIMEOUT_S)
+                ok = reply == b"OK"
+        except (ConnClosed, ReplyTimeout):
+            conn.close()
+            raise
         if not ok:
             conn.close()
             raise HarnessError(f"app AUTH refused: {reply!r}")
@@ -343,9 +376,21 @@ class App:
             self.conn = None
 
     def send(self, argv):
-        """Sends one command; False when the connection turned out closed."""
+        """Sends one command; False when the connection turned out closed, or no new one could
+        be opened (refused, or AUTH not answered in time: counted with the missing replies)."""
         try:
-            self.ensure().send_command(argv)
+            conn = self.ensure()
+        except ConnClosed:
+            self.count("connect_failures")
+            self.close()
+            self.run.sleep(0.05)
+            return False
+        except ReplyTimeout:
+            self.count("reply_timeouts")
+            self.close()
+            return False
+        try:
+            conn.send_command(argv)
         except ConnClosed:
             self.count("closed_by_server")
             self.conn = None
@@ -397,8 +442,8 @@ class AbuseRun:
             rng = random.Random(self.rng.random())
             try:
                 body(rng)
-            except (ConnClosed, OSError) as err:
-                # The server went away (or refused a connection): the alive check reports it.
+            except (ConnClosed, ReplyTimeout, OSError) as err:
+                # The server went away or stalled: the alive and replies checks report it.
                 self.counts.add(name, f"stopped: {type(err).__name__}")
             except Exception:  # noqa: BLE001 (reported as a harness error)
                 self.errors.append(f"{name}: {traceback.format_exc()}")
@@ -580,7 +625,7 @@ class AbuseRun:
                 writer.call([b"SET", key, b"%d" % rng.randrange(1000)])
             default.call([b"MAXAGE.SELF", rng.choice([b"60000", b"0", TEN_YEARS_MS])])
             bcast.call([b"MAXAGE.SELF"])
-            newcomer.open()
+            newcomer.close()
             newcomer.call([b"MAXAGE.SELF", b"1"])
             newcomer.call([b"PING"])
         for app in (default, bcast, writer, newcomer):
@@ -628,9 +673,10 @@ class AbuseRun:
 
     # The pipeline, then the mixed abuse -----------------------------------------------------
 
-    def pipeline(self, calls, admin, stock):
-        """calls x MAXAGE.SELF 315360000000 on one connection; returns the figures and the
-        connection (left open: the hold phase needs it)."""
+    def pipeline(self, calls, admin, stock, max_s):
+        """calls x MAXAGE.SELF 315360000000 on one connection, for at most max_s (a module that
+        slows down with every call would otherwise hold the run for minutes); returns the
+        figures and the connection (left open: the hold phase needs it)."""
         app = App(self, "pipeline")
         conn = app.open()
         command = encode([b"MAXAGE.SELF", TEN_YEARS_MS])
@@ -644,58 +690,65 @@ class AbuseRun:
             expected += data
         if not stock and expected != b"+OK\r\n":
             raise HarnessError(f"pipeline: the first MAXAGE.SELF replied {expected!r}")
-        before = read_memory(admin)
+        before = admin.memory()
         chunk_calls = 20000
         chunk = command * chunk_calls
         send_error = []
+        sent = [0]
+        cut_off = threading.Event()
 
         def sender():
-            left = calls
             try:
-                while left > 0:
-                    n = min(left, chunk_calls)
-                    conn.sock.sendall(
-                        chunk if n == chunk_calls else chunk[: n * len(chunk) // chunk_calls]
-                    )
-                    left -= n
+                while sent[0] < calls and not cut_off.is_set():
+                    n = min(calls - sent[0], chunk_calls)
+                    conn.sock.sendall(chunk[: n * len(command)])
+                    sent[0] += n
             except OSError as err:
                 send_error.append(repr(err))
 
         start = time.monotonic()
+        deadline = start + max_s
         thread = threading.Thread(target=sender, name="pipeline-sender", daemon=True)
         thread.start()
         got = 0
-        bad = None
+        problem = None
         tail = b""
-        conn.sock.settimeout(REPLY_TIMEOUT_S * 6)
         while got < calls:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                problem = f"cut off after {max_s:.0f} s"
+                break
+            conn.sock.settimeout(min(left, 1.0))
             try:
                 data = conn.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
             except OSError as err:
-                bad = f"recv after {got} replies: {err!r}"
+                problem = f"recv after {got} replies: {err!r}"
                 break
             if not data:
-                bad = f"closed by the server after {got} of {calls} replies"
+                problem = f"closed by the server after {got} of {calls} replies"
                 break
             data = tail + data
             whole = len(data) // len(expected)
-            body = data[: whole * len(expected)]
-            if body.count(expected) != whole:
-                bad = f"unexpected reply after {got}: {data[:80]!r}"
+            if data[: whole * len(expected)].count(expected) != whole:
+                problem = f"unexpected reply after {got}: {data[:80]!r}"
                 break
             got += whole
             tail = data[whole * len(expected) :]
         elapsed = time.monotonic() - start
-        after = read_memory(admin)
+        after = admin.memory()
+        cut_off.set()
         thread.join(timeout=5)
-        self.counts.add("pipeline", "sent", calls)
+        self.counts.add("pipeline", "sent", sent[0])
         self.counts.add("pipeline", "replies", got)
         return conn, {
             "calls": calls,
+            "sent": sent[0],
             "replies": got,
             "seconds": elapsed,
             "calls_per_s": got / elapsed if elapsed else 0,
-            "problem": bad or (send_error[0] if send_error else None),
+            "problem": problem or (send_error[0] if send_error else None),
             "before": before,
             "after": after,
         }
@@ -709,10 +762,12 @@ def abuser_main(port, flavor, options, out):
     servers.raise_open_file_limit()
     run = AbuseRun(port, flavor, options["seed"])
     result = {"phases": {}, "errors": run.errors}
+    admin = Admin(port)
     try:
-        admin = admin_conn(port)
         start = time.monotonic()
-        conn, figures = run.pipeline(options["pipeline"], admin, options["stock"])
+        conn, figures = run.pipeline(
+            options["pipeline"], admin, options["stock"], options["pipeline_max_s"]
+        )
         result["phases"]["pipeline"] = (start, time.monotonic())
         result["pipeline"] = figures
 
@@ -725,14 +780,15 @@ def abuser_main(port, flavor, options, out):
         thread.join(timeout=30)
         result["phases"]["hold"] = (start, time.monotonic())
         result["hold_cycles"] = times
-        result["hold_memory"] = read_memory(admin)
+        result["hold_memory"] = admin.memory()
         conn.close()
         run.stop.clear()
         time.sleep(0.5)
-        result["after_pipeline_close"] = read_memory(admin)
+        result["after_pipeline_close"] = admin.memory()
 
         # Mixed: everything else at once.
         start = time.monotonic()
+        end = start + options["mixed_s"]
         scenarios = {
             "self-forms": run.forms,
             "multi": run.multi,
@@ -750,26 +806,27 @@ def abuser_main(port, flavor, options, out):
             if name.split("-")[0] not in options["skip"] and name not in options["skip"]
         ]
         idle = []
-        for _ in range(options["app_idle"]):
-            if run.stop.is_set():
-                break
+        while len(idle) < options["app_idle"] and time.monotonic() < end:
             app = App(run, "app-idle")
-            app.open()
-            idle.append(app)
-        run.sleep(max(0.0, start + options["mixed_s"] - time.monotonic()))
+            # Opened by its first command; a refused or unanswered one is counted and retried.
+            if app.call([b"PING"]) not in (CLOSED, TIMEOUT):
+                idle.append(app)
+        run.sleep(max(0.0, end - time.monotonic()))
         run.stop.set()
+        join_deadline = time.monotonic() + 60
         for thread in threads:
-            thread.join(timeout=60)
+            thread.join(timeout=max(0.0, join_deadline - time.monotonic()))
             if thread.is_alive():
                 run.errors.append(f"{thread.name}: did not stop within 60 s")
         for app in idle:
             app.close()
         result["phases"]["mixed"] = (start, time.monotonic())
-        admin.close()
     except (ConnClosed, ReplyTimeout, OSError) as err:
         result["server_gone"] = repr(err)
     except Exception:  # noqa: BLE001 (reported as a harness error)
         run.errors.append(traceback.format_exc())
+    admin.close()
+    result["admin_missed_reads"] = admin.missed
     result["counts"] = run.counts.as_dict()
     out.send(result)
     out.close()
@@ -806,6 +863,7 @@ class Harness:
         self.flavor = flavor
         self.options = options
         self.samples = []  # (t, read_memory dict) every SAMPLE_EVERY_S
+        self.missed_reads = 0
         self.context = multiprocessing.get_context("spawn")
 
     def sample_until(self, admin, end_at, process=None, result=None):
@@ -814,10 +872,10 @@ class Harness:
         while time.monotonic() < end_at:
             if process is not None and (result.poll() or not process.is_alive()):
                 return
-            try:
-                self.samples.append((time.monotonic(), read_memory(admin)))
-            except (ConnClosed, ReplyTimeout):
-                return
+            at = time.monotonic()
+            memory = admin.memory()
+            if memory is not None:
+                self.samples.append((at, memory))
             pause = min(SAMPLE_EVERY_S, max(0.0, end_at - time.monotonic()))
             if process is not None:
                 result.poll(pause)
@@ -852,18 +910,33 @@ class Harness:
                     if process.is_alive():
                         process.terminate()
                         process.join(5)
-            figures["alive"] = server.alive() and servers.ping(server.port, timeout=5)
+            figures["alive"] = self.answers_ping(server)
             if not figures["alive"]:
                 figures["server_log_tail"] = server.log()[-3000:]
         return figures
 
+    @staticmethod
+    def answers_ping(server, within_s=30.0):
+        """The process runs and answers PING on a new connection within within_s (the abuse's
+        last connections may still be closing)."""
+        deadline = time.monotonic() + within_s
+        while server.alive():
+            if servers.ping(server.port, timeout=REPLY_TIMEOUT_S):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return False
+
     def _run(self, server, children):
         options = self.options
         port = server.port
-        admin = admin_conn(port)
-        reply = admin.call([b"ACL", b"SETUSER", APP_USER, *APP_ACL], REPLY_TIMEOUT_S)
+        conn = admin_conn(port)
+        reply = conn.call([b"ACL", b"SETUSER", APP_USER, *APP_ACL], REPLY_TIMEOUT_S)
+        conn.close()
         if reply != b"OK":
             raise HarnessError(f"ACL SETUSER: {reply!r}")
+        admin = Admin(port)
         stop = self.context.Event()
         probe, probe_out = self.start(probe_main, port, stop)
         children.append(probe)
@@ -880,6 +953,7 @@ class Harness:
             key: options[key]
             for key in (
                 "pipeline",
+                "pipeline_max_s",
                 "hold_s",
                 "mixed_s",
                 "app_idle",
@@ -891,7 +965,15 @@ class Harness:
         }
         abuser, abuser_out = self.start(abuser_main, port, self.flavor, abuser_options)
         children.append(abuser)
-        limit = time.monotonic() + options["hold_s"] + options["mixed_s"] + 600
+        # Every phase is bounded (the pipeline, the hold, the mix, 60 s to stop its threads):
+        # beyond that the abuse process is stuck, which is the harness's fault.
+        limit = (
+            time.monotonic()
+            + options["pipeline_max_s"]
+            + options["hold_s"]
+            + options["mixed_s"]
+            + 180
+        )
         self.sample_until(admin, limit, abuser, abuser_out)
         abuse = (baseline[1], time.monotonic())
         abuse_result = abuser_out.recv() if abuser_out.poll(30) else None
@@ -907,11 +989,9 @@ class Harness:
             )
             watcher.join(10)
         probe.join(10)
-        try:
-            final = read_memory(admin)
-        except (ConnClosed, ReplyTimeout):
-            final = None
+        final = admin.memory()
         admin.close()
+        self.missed_reads = admin.missed
         return self.figures(baseline, abuse, abuse_result, probe_result, watcher_result, final)
 
     def figures(self, baseline, abuse, abuse_result, probe_result, watcher_result, final):
@@ -929,6 +1009,8 @@ class Harness:
             harness_errors.append("the probe or the watcher sent no result")
         out["harness_errors"] = harness_errors
         out["server_gone_during_abuse"] = abuse_result.get("server_gone")
+        # INFO reads not answered within REPLY_TIMEOUT_S (the harness's and the abuse's own).
+        out["info_reads_missed"] = self.missed_reads + abuse_result.get("admin_missed_reads", 0)
         # Latency.
         pings = pairs(probe_result["pings"]) if probe_result else []
         cycles = pairs(probe_result["cycles"]) if probe_result else []
@@ -962,7 +1044,7 @@ class Harness:
             if abuse_result.get(key):
                 samples.append(abuse_result[key])
         if pipeline:
-            samples += [pipeline["before"], pipeline["after"]]
+            samples += [m for m in (pipeline["before"], pipeline["after"]) if m]
         out["memory"] = memory_figures(self.samples, samples, baseline, final, windows.get("mixed"))
         # The operator's idle connections.
         closes = watcher_result["closes"] if watcher_result else []
@@ -1042,7 +1124,8 @@ class Harness:
 
 
 def _delta(pipeline, field):
-    before, after = pipeline["before"].get(field), pipeline["after"].get(field)
+    before = (pipeline["before"] or {}).get(field)
+    after = (pipeline["after"] or {}).get(field)
     return None if before is None or after is None else after - before
 
 
@@ -1194,6 +1277,9 @@ def print_figures(flavor, figures, options):
         print(f"  probe error: {error}")
     for error in figures.get("operator_errors", [])[:5]:
         print(f"  operator connection error: {error}")
+    if figures.get("info_reads_missed"):
+        missed = figures["info_reads_missed"]
+        print(f"  INFO reads not answered within {REPLY_TIMEOUT_S:.0f} s: {missed}")
     if figures.get("server_gone_during_abuse"):
         print(f"  server connection lost during the abuse: {figures['server_gone_during_abuse']}")
     print(f"  {'check':<23}{'ok':<5}{'measured':<68}bound")
@@ -1224,6 +1310,9 @@ def main(argv=None):
     parser.add_argument("--servers", default="redis,valkey", help="comma-separated: redis,valkey")
     parser.add_argument("--json", metavar="PATH", help="write the figures and checks here")
     parser.add_argument("--pipeline", type=int, help="MAXAGE.SELF calls on one connection")
+    parser.add_argument(
+        "--pipeline-max-s", type=float, help="cut the pipeline off after this (slow module)"
+    )
     parser.add_argument("--baseline-s", type=float, help="the probe alone before the abuse")
     parser.add_argument("--hold-s", type=float, help="the pipeline's connection kept open")
     parser.add_argument("--mixed-s", type=float, help="every other kind of abuse at once")
@@ -1252,6 +1341,7 @@ def main(argv=None):
     quick = args.quick
     defaults = {
         "pipeline": 200_000 if quick else 2_000_000,
+        "pipeline_max_s": 20.0 if quick else 60.0,
         "baseline_s": 3.0 if quick else 10.0,
         "hold_s": 2.0 if quick else 10.0,
         "mixed_s": 8.0 if quick else 90.0,
