@@ -90,6 +90,8 @@ WAVE_PERIOD_S = 2.5
 WAVE_CLOSE_TIMEOUT_S = 15.0
 PROBE_INTERVAL_S = 0.001
 PROBE_CYCLE_EVERY = 20
+# The probe waits this long for a reply; one that takes over REPLY_TIMEOUT_S is an error.
+PROBE_GIVE_UP_S = 60.0
 MULTI_HOLDERS = 32
 CHURN_CONNECTIONS = 200
 PR_SET_PDEATHSIG = 1
@@ -137,17 +139,21 @@ def int_field(fields, name):
         return None
 
 
-def admin_conn(port):
+def admin_conn(port, timeout=REPLY_TIMEOUT_S):
     """A default-user connection the module never retires (CLIENT NO-EVICT is exempt by
     default), so the harness's own measurements are not cut off by the 2 s max age."""
-    conn = RespConn(port, timeout=REPLY_TIMEOUT_S)
-    conn.call([b"CLIENT", b"NO-EVICT", b"on"], REPLY_TIMEOUT_S)
+    conn = RespConn(port, timeout=timeout)
+    try:
+        conn.call([b"CLIENT", b"NO-EVICT", b"on"], timeout)
+    except (ConnClosed, ReplyTimeout):
+        conn.close()
+        raise
     return conn
 
 
-def read_memory(conn):
+def read_memory(conn, timeout=REPLY_TIMEOUT_S):
     """registry_bytes, tracked_clients, used_memory, connected_clients (None where missing)."""
-    reply = conn.call([b"INFO", b"maxage", b"memory", b"clients"], REPLY_TIMEOUT_S)
+    reply = conn.call([b"INFO", b"maxage", b"memory", b"clients"], timeout)
     if not isinstance(reply, bytes):
         raise ConnClosed(f"INFO: {reply!r}")
     fields = info_fields(reply)
@@ -169,11 +175,11 @@ class Admin:
         self.conn = None
         self.missed = 0
 
-    def memory(self):
+    def memory(self, timeout=REPLY_TIMEOUT_S):
         try:
             if self.conn is None:
-                self.conn = admin_conn(self.port)
-            return read_memory(self.conn)
+                self.conn = admin_conn(self.port, timeout)
+            return read_memory(self.conn, timeout)
         except (ConnClosed, ReplyTimeout):
             self.missed += 1
             self.close()
@@ -199,36 +205,47 @@ def probe_main(port, stop, out):
     rounds = 0
     while not stop.is_set():
         if conn is None:
+            start = time.monotonic()
             try:
-                conn = admin_conn(port)
-                conn.call([b"CLIENT", b"SETNAME", b"abuse-probe"], REPLY_TIMEOUT_S)
+                conn = admin_conn(port, PROBE_GIVE_UP_S)
+                conn.call([b"CLIENT", b"SETNAME", b"abuse-probe"], PROBE_GIVE_UP_S)
             except (ConnClosed, ReplyTimeout) as err:
-                errors.append((time.monotonic(), f"probe connect: {err!r}"))
+                errors.append((start, f"probe connect: {err!r}"))
+                if conn is not None:
+                    conn.close()
                 conn = None
                 time.sleep(0.1)
                 continue
+            if time.monotonic() - start > REPLY_TIMEOUT_S:
+                errors.append((start, f"probe connect took {time.monotonic() - start:.1f} s"))
         start = time.monotonic()
         try:
             conn.send(b"*1\r\n$4\r\nPING\r\n")
-            reply = conn.read(REPLY_TIMEOUT_S)
+            # A stalled server's PING is waited for and counted at its real latency (a
+            # timeout would leave the worst stalls out of the p99).
+            reply = conn.read(PROBE_GIVE_UP_S)
         except (ConnClosed, ReplyTimeout) as err:
             errors.append((start, f"probe PING: {err!r}"))
+            pings.append(start)
+            pings.append(time.monotonic() - start)
             conn.close()
             conn = None
             continue
         end = time.monotonic()
         if reply != b"PONG":
             errors.append((start, f"probe PING replied {reply!r}"))
+        if end - start > REPLY_TIMEOUT_S:
+            errors.append((start, f"probe PING answered after {end - start:.1f} s"))
         pings.append(start)
         pings.append(end - start)
         rounds += 1
         if rounds % PROBE_CYCLE_EVERY == 0:
             start = time.monotonic()
-            ok = servers.ping(port, timeout=REPLY_TIMEOUT_S)
+            ok = servers.ping(port, timeout=PROBE_GIVE_UP_S)
             cycles.append(start)
             cycles.append(time.monotonic() - start)
-            if not ok:
-                errors.append((start, "probe connect+PING+close failed"))
+            if not ok or cycles[-1] > REPLY_TIMEOUT_S:
+                errors.append((start, f"probe connect+PING+close: ok={ok} {cycles[-1]:.1f} s"))
         time.sleep(PROBE_INTERVAL_S)
     if conn is not None:
         conn.close()
@@ -737,7 +754,8 @@ class AbuseRun:
             got += whole
             tail = data[whole * len(expected) :]
         elapsed = time.monotonic() - start
-        after = admin.memory()
+        # Waited for: the pipeline's figure needs this read even from a crawling server.
+        after = admin.memory(timeout=60.0)
         cut_off.set()
         thread.join(timeout=5)
         self.counts.add("pipeline", "sent", sent[0])
@@ -981,7 +999,7 @@ class Harness:
         # The operator waves opened during the abuse close within a few seconds after it.
         stop.set()
         self.sample_until(admin, time.monotonic() + 1.0)
-        probe_result = probe_out.recv() if probe_out.poll(30) else None
+        probe_result = probe_out.recv() if probe_out.poll(PROBE_GIVE_UP_S + 30) else None
         watcher_result = {"closes": [], "errors": []}
         if watcher is not None:
             watcher_result = (
