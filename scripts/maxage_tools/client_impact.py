@@ -68,6 +68,10 @@ Columns:
                          on the same server process right before, with retirement off (module:
                          CONFIG SET maxage.max-age-ms 0; native: no CLIENT KILL loop), for a
                          shorter time (--control-seconds).
+  retired at age ms      module rows: the median and the largest age at which the module
+                         retired a client, from its audit lines in the server log (a sample
+                         when it folds lines into a summary under load); about 450-500 when
+                         the close is on time.
 A server value below the successful INCRs (an acknowledged INCR that is not there) would be a
 lost write; the JSON has it as incr.acknowledged_but_missing, and the row's note says so.
 
@@ -764,16 +768,17 @@ def log(message):
 TABLE_HEADERS = [
     "client", "transport", "server", "retirement", "retired", "requests", "failed",
     "failed / 10k retired", "executed twice", "failed but executed (INCR)",
-    "p99 ms with retirement", "p99 ms without", "note",
+    "p99 ms with retirement", "p99 ms without", "retired at age ms (p50 / max)", "note",
 ]  # fmt: skip
 
 
 def table_row(row):
     head = [row.client, row.transport, row.server, MODE_LABELS[row.mode]]
     if row.status != "ok":
-        return [*head, *(["n/a"] * 8), f"{row.status}: {row.reason}"]
+        return [*head, *(["n/a"] * 9), f"{row.status}: {row.reason}"]
     retire, control = row.retire, row.control
     per_10k = row.failed_per_10k_retired
+    ages = retire["retired_at_age_ms"]
     return [
         *head,
         str(retire["retired"]),
@@ -784,6 +789,7 @@ def table_row(row):
         str(retire["incr"]["failed_but_executed"]),
         f"{retire['latency_ms']['p99']:.2f}",
         f"{control['latency_ms']['p99']:.2f}",
+        "-" if ages["p50"] is None else f"{ages['p50']} / {ages['max']}",
         "; ".join(row.notes),
     ]
 
@@ -793,7 +799,10 @@ def markdown_table(results):
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(TABLE_HEADERS) + " |"]
-    lines.append("|" + "|".join("---:" if 4 <= i < 12 else "---" for i in range(13)) + "|")
+    count = len(TABLE_HEADERS)
+    lines.append(
+        "|" + "|".join("---:" if 4 <= i < count - 1 else "---" for i in range(count)) + "|"
+    )
     lines.extend("| " + " | ".join(cell(c) for c in table_row(r)) + " |" for r in results)
     return "\n".join(lines)
 
