@@ -14,6 +14,7 @@ use crate::acl::{self, Needs};
 use crate::config;
 use crate::ffi;
 use crate::filter::{Command, parse_strict_i64};
+use crate::filter_keywords::{KEYWORDS, Native, Takes, lookup, spellings};
 use crate::kill;
 use crate::state::MainThreadCell;
 use crate::stats;
@@ -21,36 +22,33 @@ use crate::stats;
 /// The command a handed-over `CLIENT KILL` is rewritten to.
 pub const COMPAT_COMMAND: &str = "maxage.clientkill";
 
-/// Keywords every supported server's `CLIENT KILL` has had since Redis 6.
-const BASE_KEYWORDS: [&str; 6] = ["ID", "TYPE", "USER", "ADDR", "LADDR", "SKIPME"];
+/// Spellings every supported server's `CLIENT KILL` has had since Redis 6.
+fn base_keywords() -> impl Iterator<Item = String> {
+    KEYWORDS
+        .iter()
+        .filter(|k| k.native == Native::Always)
+        .map(|k| k.name.to_string())
+}
 
-/// Keywords some servers lack, each with a value that can be probed harmlessly.
-const PROBED_KEYWORDS: [(&str, &str); 21] = [
-    ("MAXAGE", "1"),
-    ("NAME", "x"),
-    ("IDLE", "1"),
-    ("FLAGS", "N"),
-    ("LIB-NAME", "x"),
-    ("LIB-VER", "x"),
-    ("DB", "0"),
-    ("CAPA", "r"),
-    ("IP", "127.0.0.1"),
-    ("NOT-ID", "1"),
-    ("NOT-TYPE", "normal"),
-    ("NOT-USER", "default"),
-    ("NOT-ADDR", "x"),
-    ("NOT-LADDR", "x"),
-    ("NOT-IP", "x"),
-    ("NOT-NAME", "x"),
-    ("NOT-FLAGS", "N"),
-    ("NOT-LIB-NAME", "x"),
-    ("NOT-LIB-VER", "x"),
-    ("NOT-DB", "0"),
-    ("NOT-CAPA", "r"),
-];
-
-/// Keywords only the module has.
-const MODULE_ONLY_KEYWORDS: [&str; 3] = ["MAXAGE-MS", "LIMIT", "DRYRUN"];
+/// Spellings some servers lack, each with a value that can be probed harmlessly (the `NOT-`
+/// forms of the base keywords too).
+pub fn probed_keywords() -> Vec<(String, &'static str)> {
+    spellings()
+        .filter_map(|(spelling, keyword)| match keyword.native {
+            Native::Probed(value) => Some((spelling, value)),
+            Native::Always if spelling.starts_with("NOT-") => Some((
+                spelling,
+                match keyword.takes {
+                    Takes::Ids => "1",
+                    Takes::OneOf(words) => words[0],
+                    _ if keyword.name == "USER" => "default",
+                    _ => "x",
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
 
 /// An id no client has, so a probe can never kill anyone.
 const NO_SUCH_CLIENT: &str = "9223372036854775807";
@@ -67,10 +65,8 @@ impl NativeKillSupport {
     /// Everything: the module leaves every call alone.
     pub fn everything() -> Self {
         Self {
-            keywords: BASE_KEYWORDS
-                .iter()
-                .chain(PROBED_KEYWORDS.iter().map(|(keyword, _)| keyword))
-                .map(|k| k.to_string())
+            keywords: base_keywords()
+                .chain(probed_keywords().into_iter().map(|(keyword, _)| keyword))
                 .collect(),
             variadic_id: true,
         }
@@ -79,7 +75,7 @@ impl NativeKillSupport {
     /// Only the keywords every supported server has (Redis 7.0-7.2).
     pub fn base() -> Self {
         Self {
-            keywords: BASE_KEYWORDS.iter().map(|k| k.to_string()).collect(),
+            keywords: base_keywords().collect(),
             variadic_id: false,
         }
     }
@@ -90,10 +86,10 @@ lazy_static! {
         MainThreadCell::new(NativeKillSupport::everything());
 }
 
+/// Whether `CLIENT KILL` may hand this spelling to the module (the module's own keywords
+/// included, but not those only its commands take).
 fn is_module_keyword(keyword: &str) -> bool {
-    BASE_KEYWORDS.contains(&keyword)
-        || PROBED_KEYWORDS.iter().any(|(k, _)| *k == keyword)
-        || MODULE_ONLY_KEYWORDS.contains(&keyword)
+    lookup(keyword.as_bytes()).is_some_and(|k| k.native != Native::ModuleCommandsOnly)
 }
 
 /// Whether the module must answer these `CLIENT KILL` filters because the server cannot. A
@@ -141,9 +137,9 @@ pub fn probe_native_support(ctx: &Context) -> NativeKillSupport {
         )
     };
     let mut support = NativeKillSupport::base();
-    for (keyword, value) in PROBED_KEYWORDS {
-        if accepts(&[keyword, value]) {
-            support.keywords.insert(keyword.to_string());
+    for (keyword, value) in probed_keywords() {
+        if accepts(&[&keyword, value]) {
+            support.keywords.insert(keyword);
         }
     }
     support.variadic_id = accepts(&["9223372036854775806"]);

@@ -1,6 +1,8 @@
 //! `COMMAND DOCS` / `COMMAND INFO` metadata for the module's commands (arity, summary, since,
 //! complexity, arguments) as plain data; `ffi::set_command_docs` hands it to the server.
 
+use crate::filter_keywords::{KEYWORDS, Takes};
+
 #[derive(Clone, Copy)]
 pub enum Kind {
     String,
@@ -60,50 +62,30 @@ fn tokens(name: &'static str, token: &'static str, choices: &[&'static str]) -> 
     )
 }
 
-/// The filters both commands take; `kill_only` adds DRYRUN.
+/// The filters of `MAXAGE.LIST`, and with `kill_only` those of `MAXAGE.KILL` too, from the
+/// keyword table.
 fn filter_args(kill_only: bool) -> Vec<Arg> {
-    let types = ["normal", "master", "primary", "replica", "slave", "pubsub"];
-    let mut filters = vec![
-        arg("client-id", Kind::Integer, Some("ID")).multiple(),
-        arg("not-client-id", Kind::Integer, Some("NOT-ID")).multiple(),
-        tokens("client-type", "TYPE", &types),
-        tokens("not-client-type", "NOT-TYPE", &types),
-        arg("username", Kind::String, Some("USER")),
-        arg("not-username", Kind::String, Some("NOT-USER")),
-        arg("addr", Kind::String, Some("ADDR")).summary("ip:port"),
-        arg("not-addr", Kind::String, Some("NOT-ADDR")),
-        arg("laddr", Kind::String, Some("LADDR")).summary("ip:port"),
-        arg("not-laddr", Kind::String, Some("NOT-LADDR")),
-        arg("ip", Kind::String, Some("IP")),
-        arg("not-ip", Kind::String, Some("NOT-IP")),
-        arg("name", Kind::String, Some("NAME")),
-        arg("not-name", Kind::String, Some("NOT-NAME")),
-        arg("lib-name", Kind::String, Some("LIB-NAME")),
-        arg("not-lib-name", Kind::String, Some("NOT-LIB-NAME")),
-        arg("lib-ver", Kind::String, Some("LIB-VER")),
-        arg("not-lib-ver", Kind::String, Some("NOT-LIB-VER")),
-        arg("flags", Kind::String, Some("FLAGS")),
-        arg("not-flags", Kind::String, Some("NOT-FLAGS")),
-        arg("capa", Kind::String, Some("CAPA")),
-        arg("not-capa", Kind::String, Some("NOT-CAPA")),
-        arg("db", Kind::Integer, Some("DB")),
-        arg("not-db", Kind::Integer, Some("NOT-DB")),
-        tokens("skipme", "SKIPME", &["yes", "no"]),
-        arg("maxage", Kind::Integer, Some("MAXAGE")).summary("minimum age in seconds"),
-        arg("maxage-ms", Kind::Integer, Some("MAXAGE-MS")).summary("minimum age in milliseconds"),
-        arg("idle", Kind::Integer, Some("IDLE")).summary("minimum idle time in seconds"),
-        arg("limit", Kind::Integer, Some("LIMIT")).summary("at most this many, oldest first"),
-    ];
-    if kill_only {
-        filters.push(arg("dryrun", Kind::PureToken, Some("DRYRUN")).summary("count, kill nothing"));
-        filters.push(
-            arg("graceful", Kind::PureToken, Some("GRACEFUL"))
-                .summary("retire through enforcement (pacing, after a reply, grace)"),
-        );
-        filters.push(
-            arg("percent", Kind::Integer, Some("PERCENT"))
-                .summary("only the oldest p % of the selection, rounded up"),
-        );
+    let mut filters = Vec::new();
+    for keyword in KEYWORDS.iter().filter(|k| kill_only || !k.kill_only) {
+        let spellings = std::iter::once((keyword.name, keyword.docs_name, keyword.docs_summary))
+            .chain(
+                keyword
+                    .negated
+                    .map(|(name, docs_name)| (name, docs_name, None)),
+            );
+        for (name, docs_name, summary) in spellings {
+            let arg = match keyword.takes {
+                Takes::Ids => arg(docs_name, Kind::Integer, Some(name)).multiple(),
+                Takes::Nothing => arg(docs_name, Kind::PureToken, Some(name)),
+                Takes::Integer => arg(docs_name, Kind::Integer, Some(name)),
+                Takes::Text => arg(docs_name, Kind::String, Some(name)),
+                Takes::OneOf(words) => tokens(docs_name, name, words),
+            };
+            filters.push(match summary {
+                Some(summary) => arg.summary(summary),
+                None => arg,
+            });
+        }
     }
     filters
 }

@@ -1,14 +1,16 @@
 //! The `CLIENT KILL` filter grammar of Valkey 9.1, parsed and matched without a server.
 //!
 //! Parsing follows the server's own loop: keywords are case-insensitive, every keyword but
-//! `ID`/`NOT-ID`/`DRYRUN` takes one value, single-valued filters are last-one-wins (each
+//! `ID`/`NOT-ID` and the flags takes one value, single-valued filters are last-one-wins (each
 //! occurrence is still validated), `ID` lists are variadic and accumulate, the first error from
-//! the left wins, and nothing is done unless the whole command parses. The module adds
-//! `MAXAGE-MS`, `DRYRUN` (kill only) and `LIMIT`.
+//! the left wins, and nothing is done unless the whole command parses. Which keywords there are,
+//! what each takes and which command takes it comes from the table in filter_keywords.rs (the
+//! module adds `MAXAGE-MS`, `LIMIT`, and for `MAXAGE.KILL` `DRYRUN`, `GRACEFUL`, `PERCENT`).
 
 use std::collections::BTreeSet;
 
 use crate::client_list::ListedClient;
+use crate::filter_keywords::{Takes, lookup};
 
 /// The flag letters a `FLAGS`/`NOT-FLAGS` filter may use (Valkey 9.1's set).
 const KNOWN_FLAG_LETTERS: &str = "bcdeirtuxABEIMNOPRSTU";
@@ -230,8 +232,14 @@ pub fn parse(
     while i < args.len() {
         let keyword = args[i].to_ascii_uppercase();
         i += 1;
-        match keyword.as_slice() {
-            b"ID" | b"NOT-ID" => {
+        // The table says which keywords this command takes and what follows each; an unknown
+        // one is the server's syntax error (with or without a value after it).
+        let Some(spec) = lookup(&keyword).filter(|k| command == Command::Kill || !k.kill_only)
+        else {
+            return Err(ERR_SYNTAX.to_string());
+        };
+        match (spec.takes, keyword.as_slice()) {
+            (Takes::Ids, _) => {
                 let negated = keyword.starts_with(b"NOT-");
                 let mut listed = BTreeSet::new();
                 while let Some(id) = args.get(i).and_then(|a| parse_strict_i64(a)) {
@@ -248,14 +256,15 @@ pub fn parse(
                 }
                 continue;
             }
-            b"DRYRUN" if command == Command::Kill => {
+            (Takes::Nothing, b"DRYRUN") => {
                 filter.dry_run = true;
                 continue;
             }
-            b"GRACEFUL" if command == Command::Kill => {
+            (Takes::Nothing, b"GRACEFUL") => {
                 filter.graceful = true;
                 continue;
             }
+            (Takes::Nothing, _) => unreachable!("a flag keyword without its meaning"),
             _ => {}
         }
         let Some(value) = args.get(i).copied() else {
@@ -326,7 +335,7 @@ pub fn parse(
             b"MAXAGE-MS" => filter.min_age_ms = Some(positive(value, "maxage-ms")?),
             b"IDLE" => filter.min_idle_s = Some(positive(value, "idle")?),
             b"LIMIT" => filter.limit = Some(positive(value, "limit")?),
-            b"PERCENT" if command == Command::Kill => {
+            b"PERCENT" => {
                 let percent = positive(value, "percent")?;
                 if percent > 100 {
                     return Err("ERR percent should be between 1 and 100".to_string());

@@ -13,6 +13,7 @@ mod docs;
 mod enforcement;
 mod ffi;
 pub mod filter;
+mod filter_keywords;
 pub mod glob;
 mod kill;
 mod next_command;
@@ -166,9 +167,10 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
         return refuse(ctx, &why);
     }
     let native = compat::probe_native_support(ctx);
-    let handed_over: Vec<&str> = ["MAXAGE", "NAME", "IDLE", "NOT-ID"]
+    let handed_over: Vec<String> = compat::probed_keywords()
         .into_iter()
-        .filter(|keyword| !native.keywords.contains(*keyword))
+        .map(|(keyword, _)| keyword)
+        .filter(|keyword| !native.keywords.contains(keyword))
         .collect();
     compat::set_native_support(native);
     let compat_possible = ffi::acl_api_present();
@@ -183,7 +185,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
             ctx,
             LogLevel::Notice,
             &format!(
-                "maxage: this server's CLIENT KILL lacks {} (and more); the module answers those calls while maxage.client-kill-compat is yes",
+                "maxage: this server's CLIENT KILL lacks {} (the module answers those calls while maxage.client-kill-compat is yes)",
                 handed_over.join(", ")
             ),
         );
