@@ -315,9 +315,28 @@ pub fn client_kill_compat() -> bool {
     )
 }
 
-/// The string settings as set, for INFO's effective-settings list.
-pub fn text_setting(id: Id) -> String {
-    text(&values(), id).to_string()
+/// Every setting as INFO shows it, in table order: `max_age_ms`, `mode`, ... (the server adds
+/// the `maxage_` prefix), each value as `CONFIG GET` would print it.
+pub fn info_fields() -> Vec<(String, String)> {
+    let values = values();
+    SETTINGS
+        .iter()
+        .zip(values.iter())
+        .map(|(def, value)| {
+            let shown = match (value, def.kind) {
+                (Value::Number(n), _) => n.to_string(),
+                (Value::Text(text), _) => text.clone(),
+                (Value::Flag(on), _) => if *on { "yes" } else { "no" }.to_string(),
+                (Value::Choice(i), Kind::Choice { options, .. }) => options
+                    .get(*i as usize)
+                    .copied()
+                    .unwrap_or_default()
+                    .to_string(),
+                (Value::Choice(i), _) => i.to_string(),
+            };
+            (def.name.replace('-', "_"), shown)
+        })
+        .collect()
 }
 
 /// Parses `loadmodule ... name value [name value ...]` completely, so that a bad argument
@@ -451,11 +470,6 @@ impl Settings {
     /// `maxage.mode` as CONFIG GET spells it.
     pub fn mode_name(&self) -> &'static str {
         MODE_OPTIONS[usize::from(self.observe_only)]
-    }
-
-    /// `maxage.pacing` as CONFIG GET spells it.
-    pub fn pacing_name(&self) -> &'static str {
-        PACING_OPTIONS[usize::from(self.adaptive_pacing)]
     }
 }
 

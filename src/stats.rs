@@ -48,49 +48,62 @@ fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
+/// What INFO shows of the policy's state, read in one borrow.
+struct PolicySnapshot {
+    tracked: u64,
+    approximate: u64,
+    age_histogram: [u64; 6],
+    in_grace: u64,
+    draining: u64,
+    due: u64,
+    oldest: Option<u64>,
+    next_deadline: Option<u64>,
+    heap_bytes: u64,
+    event_loop_busy_pct: u64,
+    rate_now: u64,
+}
+
+impl PolicySnapshot {
+    fn of(policy: &mut crate::policy::Policy, now_ms: u64) -> Self {
+        // Nothing else reads the load while no client is due; INFO shows it as of now.
+        crate::server_view::sample_load(policy);
+        let registry = policy.registry();
+        Self {
+            tracked: registry.len() as u64,
+            approximate: registry.iter().filter(|c| c.approximate).count() as u64,
+            age_histogram: registry.iter().fold([0u64; 6], |mut histogram, client| {
+                histogram[crate::preview::bucket_of(client.age_ms(now_ms))] += 1;
+                histogram
+            }),
+            in_grace: policy.clients_in_grace() as u64,
+            draining: policy.clients_draining() as u64,
+            due: policy.clients_due(now_ms) as u64,
+            oldest: policy.oldest_age_ms(now_ms),
+            next_deadline: policy.next_deadline_ms(),
+            heap_bytes: policy.heap_bytes() as u64,
+            event_loop_busy_pct: (policy.event_loop_busy_share() * 100.0).round() as u64,
+            rate_now: policy.current_rate_per_sec(),
+        }
+    }
+}
+
 /// Writes the `maxage` section. The server prefixes every field with `maxage_`.
 pub fn write_info(info: &mut InfoWriter) {
     let now_ms = monotonic_ms();
     info.section(c"");
-    let snapshot = STATE.with(|policy| {
-        // Nothing else reads the load while no client is due; INFO shows it as of now.
-        crate::server_view::sample_load(policy);
-        (
-            policy.registry().len() as u64,
-            policy.registry().iter().filter(|c| c.approximate).count() as u64,
-            policy
-                .registry()
-                .iter()
-                .fold([0u64; 6], |mut histogram, client| {
-                    histogram[crate::preview::bucket_of(client.age_ms(now_ms))] += 1;
-                    histogram
-                }),
-            (
-                policy.clients_in_grace() as u64,
-                policy.clients_draining() as u64,
-            ),
-            policy.clients_due(now_ms) as u64,
-            policy.oldest_age_ms(now_ms),
-            policy.next_deadline_ms(),
-            policy.heap_bytes() as u64,
-            policy.settings().clone(),
-            (policy.event_loop_busy_share() * 100.0).round() as u64,
-            policy.current_rate_per_sec(),
-        )
-    });
-    let Some((
+    let Some(PolicySnapshot {
         tracked,
         approximate,
         age_histogram,
-        (in_grace, draining),
+        in_grace,
+        draining,
         due,
         oldest,
         next_deadline,
         heap_bytes,
-        settings,
         event_loop_busy_pct,
         rate_now,
-    )) = snapshot
+    }) = STATE.with(|policy| PolicySnapshot::of(policy, now_ms))
     else {
         return;
     };
@@ -143,20 +156,11 @@ pub fn write_info(info: &mut InfoWriter) {
         "registry_bytes_per_client",
         heap_bytes.checked_div(tracked).unwrap_or(0),
     );
-    info.field_str("mode", settings.mode_name());
-    info.field_u64("max_age_ms", settings.max_age_ms);
-    info.field_u64("jitter_pct", settings.jitter_pct);
-    info.field_u64("max_evictions_per_sec", settings.max_evictions_per_sec);
-    info.field_u64("grace_ms", settings.grace_ms);
-    info.field_str("pacing", settings.pacing_name());
-    info.field_u64("min_evictions_per_sec", settings.min_evictions_per_sec);
-    info.field_u64("max_overdue_ms", settings.max_overdue_ms);
+    // The settings in force, from the settings table (all of them, so none is forgotten).
+    for (name, value) in crate::config::info_fields() {
+        info.field_str(&name, &value);
+    }
     info.field_u64("evictions_per_sec_now", rate_now);
     info.field_u64("event_loop_busy_pct", event_loop_busy_pct);
-    use crate::config::{Id, text_setting};
-    info.field_str("rules", &text_setting(Id::Rules));
-    info.field_str("exempt_types", &text_setting(Id::ExemptTypes));
-    info.field_str("exempt_users", &text_setting(Id::ExemptUsers));
-    info.field_str("exempt_names", &text_setting(Id::ExemptNames));
     info.field_u64("ffi_errors", crate::ffi::FFI_ERRORS.load(Ordering::Relaxed));
 }

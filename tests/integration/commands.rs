@@ -581,3 +581,38 @@ fn a_kill_of_hundreds_is_spread_over_passes_and_counted_once() {
         }
     }
 }
+
+/// The README's `INFO maxage` table lists exactly the fields the module writes (each field is
+/// written in one place, `stats::write_info`; the settings come from the settings table).
+#[test]
+fn the_readme_lists_every_info_field() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("`INFO maxage` (also in `INFO everything`")
+        .nth(1)
+        .expect("the INFO section")
+        .split("\n\n")
+        .nth(1)
+        .expect("its table");
+    let documented: std::collections::BTreeSet<String> = table
+        .lines()
+        .filter_map(|line| line.strip_prefix("| "))
+        .filter_map(|line| line.split(" | ").next())
+        .flat_map(|cell| cell.split(", "))
+        .filter_map(|name| name.strip_prefix('`')?.strip_suffix('`'))
+        .map(str::to_string)
+        .collect();
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut conn = server.conn();
+        let info: String = run(&mut conn, &["INFO", "maxage"]).unwrap();
+        let written: std::collections::BTreeSet<String> = info
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .filter_map(|(name, _)| name.strip_prefix("maxage_"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(written, documented, "{flavor:?}: INFO maxage vs the README");
+    }
+}
