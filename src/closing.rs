@@ -70,6 +70,10 @@ pub const MAX_CLOSING: usize = 32;
 /// A client found inside a transaction or blocked is looked at again this often (its socket is
 /// not queried at every event-loop pass meanwhile: it cannot be closed before it is done).
 pub const HELD_POLL_MS: u64 = 10;
+/// How long a corked reply the server still shows as being written is kept corked, looked at
+/// again at every pass: Valkey's I/O threads write a pass's replies after the module's
+/// before-sleep hook, so at the top of the next pass the write may still be under way.
+pub const REPLY_WRITE_WAIT_MS: u64 = 10;
 /// How soon a client that found the set full is looked at again.
 pub const FULL_RETRY_MS: u64 = 10;
 /// A due client that sends no request for this long is closed while idle. An idle close races
@@ -119,6 +123,8 @@ struct Armed {
     armed_at_ms: u64,
     phase: Phase,
     mode: CloseMode,
+    /// When its reply was last corked (phase `ReplySent`).
+    reply_sent_at_ms: u64,
 }
 
 /// What the top of a pass has to do.
@@ -135,6 +141,9 @@ pub struct TopOfPass {
 pub enum Look {
     Close(Reason),
     Keep,
+    /// Its reply is still being written into the corked socket: keep it corked and look again
+    /// at the next pass.
+    KeepCorked,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +188,7 @@ impl ClosingSet {
             armed_at_ms: now_ms,
             phase: Phase::Waiting { since_ms },
             mode,
+            reply_sent_at_ms: 0,
         });
         true
     }
@@ -314,11 +324,12 @@ impl ClosingSet {
 
     /// Bottom of a pass, before the server writes its replies: the sockets to cork, of the
     /// clients served in this pass. When there are any, the next pass must come at once.
-    pub fn before_sleep(&mut self) -> Vec<i32> {
+    pub fn before_sleep(&mut self, now_ms: u64) -> Vec<i32> {
         let mut cork = Vec::new();
         for armed in &mut self.armed {
             if armed.phase == Phase::Serving {
                 armed.phase = Phase::ReplySent;
+                armed.reply_sent_at_ms = now_ms;
                 cork.push(armed.client.fd);
             }
         }
@@ -343,8 +354,13 @@ impl ClosingSet {
         };
         let in_flight = mid_request(listed, moment) || reply_pending(listed);
         let out_of_grace = now_ms.saturating_sub(armed.armed_at_ms) >= grace_ms;
+        let still_writing = armed.phase == Phase::ReplySent
+            && !mid_request(listed, moment)
+            && now_ms.saturating_sub(armed.reply_sent_at_ms) < REPLY_WRITE_WAIT_MS;
         let verdict = if !in_flight {
             Look::Close(armed.on_time)
+        } else if still_writing {
+            return Look::KeepCorked;
         } else if out_of_grace {
             Look::Close(match armed.on_time {
                 Reason::MaxAge => Reason::MaxAgeGraceExpired,
@@ -380,6 +396,8 @@ impl ClosingSet {
                         grace_ends.min(since_ms.saturating_add(IDLE_CLOSE_MS))
                     }
                     Phase::Held { until_ms } => grace_ends.min(until_ms),
+                    // Looked at again at the very next pass.
+                    Phase::ReplySent => a.reply_sent_at_ms,
                     _ => grace_ends,
                 }
             })
@@ -424,8 +442,8 @@ mod tests {
                 .look_now
                 .is_empty()
         );
-        assert_eq!(set.before_sleep(), vec![105]);
-        assert!(set.before_sleep().is_empty());
+        assert_eq!(set.before_sleep(1001), vec![105]);
+        assert!(set.before_sleep(1001).is_empty());
         // Next top: nothing new in the socket, so look now.
         assert_eq!(set.after_sleep(1001, GRACE, quiet).look_now, vec![5]);
         assert_eq!(
@@ -440,7 +458,7 @@ mod tests {
         let mut set = ClosingSet::default();
         set.arm(listed(5, ""), Reason::ClientRequested, 1000);
         set.after_sleep(1000, GRACE, request_waiting);
-        set.before_sleep();
+        set.before_sleep(1001);
         // The application already sent its next request (it pipelines): the reply is released
         // and the request served, then it is looked at again.
         assert_eq!(
@@ -450,12 +468,17 @@ mod tests {
                 uncork: vec![105]
             }
         );
-        assert_eq!(set.before_sleep(), vec![105]);
+        assert_eq!(set.before_sleep(1001), vec![105]);
         assert_eq!(set.after_sleep(1001, GRACE, quiet).look_now, vec![5]);
-        // The server still shows a reply going out (a big one): keep, and wait.
+        // The server still shows a reply going out: kept corked a few passes (Valkey's I/O
+        // threads write after the hooks), then released and waited for.
         let replying = listed(5, "").tap_obl(5);
-        assert_eq!(set.look(&replying, 0, 1001, GRACE), Look::Keep);
-        assert!(set.after_sleep(1002, GRACE, quiet).look_now.is_empty());
+        assert_eq!(set.look(&replying, 0, 1001, GRACE), Look::KeepCorked);
+        assert_eq!(set.next_look_ms(GRACE), Some(1001));
+        assert_eq!(set.after_sleep(1002, GRACE, quiet).look_now, vec![5]);
+        let later = 1001 + REPLY_WRITE_WAIT_MS;
+        assert_eq!(set.look(&replying, 0, later, GRACE), Look::Keep);
+        assert!(set.after_sleep(later + 1, GRACE, quiet).look_now.is_empty());
         assert_eq!(set.len(), 1);
     }
 
@@ -621,7 +644,7 @@ mod tests {
         });
         assert!(top.look_now.is_empty() && top.uncork.is_empty() && queried == 0);
         assert_eq!(set.look(&listed(6, ""), 30, 1001, GRACE), Look::Keep);
-        assert!(set.before_sleep().is_empty());
+        assert!(set.before_sleep(1001).is_empty());
         // Quiet for the idle wait: looked at (and closed if nothing is in flight).
         assert_eq!(
             set.after_sleep(1001 + IDLE_CLOSE_MS, GRACE, quiet).look_now,
@@ -642,7 +665,7 @@ mod tests {
         set.arm(listed(5, ""), Reason::ClientRequested, 1000);
         set.arm(listed(6, ""), Reason::MaxAge, 1000);
         set.after_sleep(1001, GRACE, request_waiting);
-        assert_eq!(set.before_sleep(), vec![105, 106]);
+        assert_eq!(set.before_sleep(1001), vec![105, 106]);
         assert_eq!(set.corked_fds(), vec![105, 106]);
         assert_eq!(
             set.retain(|_, reason| reason == Reason::ClientRequested),

@@ -96,7 +96,7 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
     let now_ms = monotonic_ms();
     if !top_of_pass {
         let cork = STATE
-            .with(|policy| policy.closing().before_sleep())
+            .with(|policy| policy.closing().before_sleep(now_ms))
             .unwrap_or_default();
         if !cork.is_empty() {
             for fd in cork {
@@ -158,7 +158,7 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
             }
             retire(ctx, client, age_ms, reason, now_ms);
         } else {
-            if reply_sent {
+            if reply_sent && look == Look::Keep {
                 ffi::hold_output(client.fd, false);
             }
             stats::SAFE_MOMENT_POLLS.fetch_add(1, Ordering::Relaxed);
