@@ -128,6 +128,7 @@ fn a_graceful_drain_of_thousands_fails_no_request_and_spreads_the_closes() {
         assert!(wait_until(Duration::from_secs(10), || {
             info_field(&mut admin, "maxage_tracked_clients").unwrap_or(0) >= IDLE as i64
         }));
+        let before_pool = info_field(&mut admin, "maxage_tracked_clients").unwrap_or(0);
         let port = server.port;
         let pool = std::thread::spawn(move || {
             python(&format!(
@@ -154,7 +155,13 @@ print(ok[0], failed[0])
 "#
             ))
         });
-        std::thread::sleep(Duration::from_millis(500));
+        // The pool's eight connections are up (a loaded machine starts Python slowly).
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                info_field(&mut admin, "maxage_tracked_clients").unwrap_or(0) >= before_pool + 8
+            }),
+            "{flavor:?}: the pool never connected"
+        );
         let mut scheduled: i64 = 0;
         let drain_worst = worst_ping_around(&mut || {
             let mut words = vec!["MAXAGE.KILL", "MAXAGE-MS", "1", "GRACEFUL", "NOT-ID"];

@@ -10,16 +10,20 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// Three clients older than a second and two younger ones; returns (old ids, young ids, sockets).
+/// Three clients older than `KILL_AGE_S` and two younger ones; returns (old ids, young ids,
+/// sockets). The young ones have that many seconds of slack, for a loaded machine's slow start
+/// of the Python process that sends the kill.
 fn aged_clients(server: &Server) -> (BTreeSet<u64>, BTreeSet<u64>, Vec<TcpStream>) {
     let mut old: Vec<TcpStream> = (0..3).map(|_| server.idle_socket()).collect();
     let old_ids = old.iter_mut().map(raw_client_id).collect();
-    sleep(Duration::from_millis(2200));
+    sleep(Duration::from_millis(KILL_AGE_S * 1000 + 200));
     let mut young: Vec<TcpStream> = (0..2).map(|_| server.idle_socket()).collect();
     let young_ids = young.iter_mut().map(raw_client_id).collect();
     old.extend(young);
     (old_ids, young_ids, old)
 }
+
+const KILL_AGE_S: u64 = 3;
 
 fn redis_py_kill_maxage(port: u16, seconds: u64) -> i64 {
     python(&format!(
@@ -39,8 +43,8 @@ fn redis_py_client_kill_filter_maxage_works_on_redis_70() {
     let native = server.info().native_kill_maxage();
     let (old, young, _sockets) = aged_clients(&server);
     let mut admin = server.admin();
-    // redis-py sends CLIENT KILL MAXAGE 2; Redis 7.0 alone answers ERR syntax error.
-    assert_eq!(redis_py_kill_maxage(server.port, 2), 3);
+    // redis-py sends CLIENT KILL MAXAGE 3; Redis 7.0 alone answers ERR syntax error.
+    assert_eq!(redis_py_kill_maxage(server.port, KILL_AGE_S), 3);
     let listed: BTreeSet<u64> = listed_ids(&mut admin).into_iter().collect();
     assert!(listed.is_disjoint(&old));
     assert!(listed.is_superset(&young));
@@ -74,7 +78,7 @@ fn valkey_native_results_are_unchanged_by_the_module() {
             builder.without_module().start()
         };
         let (old, _young, _sockets) = aged_clients(&server);
-        let killed = redis_py_kill_maxage(server.port, 2);
+        let killed = redis_py_kill_maxage(server.port, KILL_AGE_S);
         let mut admin = server.conn();
         let survivors: BTreeSet<u64> = listed_ids(&mut admin).into_iter().collect();
         let error = error_of(&mut admin, &["CLIENT", "KILL", "MAXAGE", "0"]);
