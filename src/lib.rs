@@ -3,33 +3,16 @@
 //! This file only declares the module (name, commands, configs) and wires the parts together;
 //! each other file has the one responsibility its name says.
 
-mod acl;
-mod audit;
-pub mod client_list;
-mod closing;
-mod compat;
-mod config;
-mod docs;
-mod enforcement;
-mod ffi;
-pub mod filter;
-mod filter_keywords;
-pub mod glob;
-mod kill;
-mod next_command;
-mod pass;
+mod commands;
 mod policy;
-mod preview;
-mod registry;
-mod retire;
-mod rules;
-mod schedule;
-mod self_request;
-mod server_view;
-mod settings_changed;
-mod state;
-mod stats;
-mod unload;
+mod server;
+
+// The fuzz targets (fuzz/) drive the pure parsers directly.
+pub use policy::{client_list, filter, glob};
+
+use commands::{compat, docs, kill, preview, self_request};
+use policy::config;
+use server::{enforcement, ffi, next_command, server_view, settings_changed, stats, unload};
 
 use redis_module::{
     Context, RedisError, RedisResult, RedisString, RedisValue, Status, redis_module,

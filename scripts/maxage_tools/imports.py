@@ -1,6 +1,7 @@
-"""The module graph of src/: which file uses which (`crate::x` anywhere in it), and its cycles.
+"""The module graph of src/: which file uses which (`crate::x` anywhere in it), its cycles, and
+whether the pure policy (src/policy/) stays clear of the server boundary and the commands.
 
-    python3 scripts/maxage_tools/imports.py          # fails (exit 1) on an import cycle
+    python3 scripts/maxage_tools/imports.py          # fails (exit 1) on a cycle or a layer breach
     python3 scripts/maxage_tools/imports.py --depth  # also prints each file's longest chain
 
 A file's module is its path under src/ (`ffi/acl.rs` is `ffi::acl`; `mod.rs` is its folder).
@@ -75,6 +76,20 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The pure policy never reaches the server or the commands (unit-tested without a server).
+LAYERS = {"policy": ("server", "commands")}
+
+
+def layering_violations(edges: dict[str, set[str]]) -> list[str]:
+    found = []
+    for node, targets in sorted(edges.items()):
+        banned = LAYERS.get(node.split("::")[0], ())
+        for target in sorted(targets):
+            if target.split("::")[0] in banned:
+                found.append(f"{node} -> {target}")
+    return found
+
+
 def depths(edges: dict[str, set[str]]) -> dict[str, int]:
     memo: dict[str, int] = {}
 
@@ -99,7 +114,11 @@ def main() -> int:
     if cycle:
         print("imports: cycle: " + " -> ".join(cycle), file=sys.stderr)
         return 1
-    print(f"imports: no cycle among {len(edges)} files", file=sys.stderr)
+    violations = layering_violations(edges)
+    if violations:
+        print("imports: policy/ reaches the server: " + ", ".join(violations), file=sys.stderr)
+        return 1
+    print(f"imports: no cycle among {len(edges)} files; policy/ is pure", file=sys.stderr)
     return 0
 
 

@@ -1,14 +1,17 @@
-//! The module's one piece of mutable state, confined to the server's main thread.
+//! The enforcement policy's state (`STATE`) and the audit cap (`AUDIT`), confined to the server's
+//! main thread, and the cell type the module's other main-thread statics use (the wake-up in
+//! enforcement.rs, the kill queue in retire.rs, the redirect cache in server_view.rs, the
+//! native-support probe in compat.rs).
 
 use std::cell::RefCell;
 
 use lazy_static::lazy_static;
 
-use crate::audit::AuditLimiter;
-use crate::config;
-use crate::ffi::{monotonic_ms, monotonic_us};
-use crate::policy::Policy;
-use crate::schedule::mix64;
+use crate::policy::audit::AuditLimiter;
+use crate::policy::config;
+use crate::policy::decisions::Policy;
+use crate::policy::schedule::mix64;
+use crate::server::ffi::{monotonic_ms, monotonic_us};
 
 /// A `RefCell` that may sit in a `static` because only the server's main thread touches it.
 ///

@@ -2,14 +2,14 @@
 
 use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::acl::{self, Needs};
-use crate::client_list::ListedClient;
-use crate::ffi::{self, Reply, monotonic_ms};
-use crate::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
-use crate::policy::exemption;
-use crate::retire::{KillTarget, kill_spread};
-use crate::server_view::{list_clients, reply_text};
-use crate::state::STATE;
+use crate::commands::acl::{self, Needs};
+use crate::policy::client_list::ListedClient;
+use crate::policy::decisions::exemption;
+use crate::policy::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
+use crate::server::ffi::{self, Reply, monotonic_ms};
+use crate::server::retire::{KillTarget, kill_spread};
+use crate::server::server_view::{list_clients, reply_text};
+use crate::server::state::STATE;
 
 /// Answers the parser's questions with `RM_Call`, only when a filter needs them.
 struct CallFacts<'a> {
@@ -110,7 +110,7 @@ pub fn select(ctx: &Context, filter: &ClientFilter) -> Vec<Matched> {
                         Some(t) if policy.settings().enforcing() => {
                             policy.class_deadline(&t, &client).0
                         }
-                        _ => crate::rules::DEFAULT_CLASS,
+                        _ => crate::policy::rules::DEFAULT_CLASS,
                     };
                     let deadline = tracked.and_then(|t| policy.effective_deadline(&t, &client).0);
                     let deadline_in_ms = deadline.map(|deadline| deadline as i64 - now_ms as i64);
@@ -149,7 +149,7 @@ pub fn kill(ctx: &Context, filter: &ClientFilter) -> usize {
     };
     // The rest of the closes come in the next passes, and the audit cap may owe a summary
     // line at the end of this second: with enforcement off nothing else would wake up.
-    crate::enforcement::rearm(monotonic_ms());
+    crate::server::enforcement::rearm(monotonic_ms());
     killed
 }
 
@@ -193,7 +193,7 @@ fn drain(ctx: &Context, filter: &ClientFilter) -> usize {
         STATE.with(|policy| policy.drain(&ids, now_ms)).unwrap_or(0)
     };
     ffi::reply(ctx, &Reply::Int(scheduled as i64));
-    crate::enforcement::rearm(now_ms);
+    crate::server::enforcement::rearm(now_ms);
     scheduled
 }
 
@@ -235,7 +235,7 @@ fn kill_from_registry(ctx: &Context, filter: &ClientFilter) -> usize {
 /// The tracked clients an id-and-age filter selects, oldest first (then by id), within
 /// `LIMIT` and `PERCENT`. The master link is never tracked, so never selected.
 fn select_from_registry(
-    policy: &crate::policy::Policy,
+    policy: &crate::policy::decisions::Policy,
     filter: &ClientFilter,
     caller_id: u64,
     now_ms: u64,

@@ -8,12 +8,12 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::enforcement::rearm;
-use crate::ffi::{self, Reply, monotonic_ms};
-use crate::filter::parse_strict_i64;
-use crate::policy::exemption;
-use crate::server_view::list_clients;
-use crate::state::STATE;
+use crate::policy::decisions::exemption;
+use crate::policy::filter::parse_strict_i64;
+use crate::server::enforcement::rearm;
+use crate::server::ffi::{self, Reply, monotonic_ms};
+use crate::server::server_view::list_clients;
+use crate::server::state::STATE;
 
 const ERR_RANGE: &str = "ERR max age is not an integer from 0 to 315360000000";
 
@@ -27,7 +27,7 @@ pub fn self_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         1 => report(ctx, client_id),
         2 => {
             let max_age_ms = parse_strict_i64(args[1].as_slice())
-                .filter(|ms| (0..=crate::config::MAX_AGE_MS_MAX).contains(ms))
+                .filter(|ms| (0..=crate::policy::config::MAX_AGE_MS_MAX).contains(ms))
                 .ok_or(RedisError::Str(ERR_RANGE))? as u64;
             let now_ms = monotonic_ms();
             let corked = STATE
@@ -65,7 +65,7 @@ fn report(ctx: &Context, client_id: u64) -> RedisResult {
                 format!("exempt:{reason}")
             } else if deadline.is_none() {
                 "none".to_string()
-            } else if class_max_age_ms > 0 && label != crate::rules::DEFAULT_CLASS {
+            } else if class_max_age_ms > 0 && label != crate::policy::rules::DEFAULT_CLASS {
                 format!("rule:{label}")
             } else {
                 "max-age-ms".to_string()

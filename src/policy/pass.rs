@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 
-use crate::audit::{Origin, Reason};
-use crate::client_list::ListedClient;
-use crate::closing::{CloseMode, FULL_RETRY_MS, Moment, quiet_now};
-use crate::filter::ClientType;
-use crate::policy::{Decision, Policy};
-use crate::schedule::PassBudget;
+use crate::policy::audit::{Origin, Reason};
+use crate::policy::client_list::ListedClient;
+use crate::policy::closing::{CloseMode, FULL_RETRY_MS, Moment, quiet_now};
+use crate::policy::decisions::{Decision, Policy};
+use crate::policy::filter::ClientType;
+use crate::policy::schedule::PassBudget;
 
 /// At most this many due clients are looked up with one `CLIENT LIST ID ...` call, and never
 /// more than twice what the pass may still close, by its budget and by pacing's tokens (a
@@ -229,10 +229,10 @@ pub fn may_receive_invalidations(client: &ListedClient) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client_list::parse_client_line;
-    use crate::closing::MAX_CLOSING;
-    use crate::config::Settings;
-    use crate::schedule::FULL_PASS;
+    use crate::policy::client_list::parse_client_line;
+    use crate::policy::closing::MAX_CLOSING;
+    use crate::policy::config::Settings;
+    use crate::policy::schedule::FULL_PASS;
 
     /// A server of idle RESP2 clients, all still connected unless `gone`.
     #[derive(Default)]

@@ -4,7 +4,7 @@
 
 use redis_module::{Context, RedisError};
 
-use crate::ffi;
+use crate::server::ffi;
 
 /// The server command whose rights a module command needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,13 +5,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::audit::{Origin, Reason};
-use crate::client_list::ListedClient;
-use crate::closing::ClosingSet;
-use crate::config::Settings;
-use crate::filter::ClientType;
-use crate::registry::{Registry, TrackedClient};
-use crate::schedule::{
+use crate::policy::audit::{Origin, Reason};
+use crate::policy::client_list::ListedClient;
+use crate::policy::closing::ClosingSet;
+use crate::policy::config::Settings;
+use crate::policy::filter::ClientType;
+use crate::policy::registry::{Registry, TrackedClient};
+use crate::policy::schedule::{
     DeadlineQueue, LoadGauge, Pacer, PassBudget, adaptive_rate, deadline_ms, pass_budget,
 };
 
@@ -602,9 +602,9 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client_list::parse_client_line;
-    use crate::config::{ExemptTypes, Patterns};
-    use crate::schedule::FULL_PASS;
+    use crate::policy::client_list::parse_client_line;
+    use crate::policy::config::{ExemptTypes, Patterns};
+    use crate::policy::schedule::FULL_PASS;
 
     fn settings(max_age_ms: u64) -> Settings {
         Settings {

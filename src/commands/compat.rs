@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::acl::{self, Needs};
-use crate::config;
-use crate::ffi;
-use crate::filter::{Command, parse_strict_i64};
-use crate::filter_keywords::{KEYWORDS, Native, Takes, lookup, spellings};
-use crate::kill;
-use crate::state::MainThreadCell;
-use crate::stats;
+use crate::commands::acl::{self, Needs};
+use crate::commands::kill;
+use crate::policy::config;
+use crate::policy::filter::{Command, parse_strict_i64};
+use crate::policy::filter_keywords::{KEYWORDS, Native, Takes, lookup, spellings};
+use crate::server::ffi;
+use crate::server::state::MainThreadCell;
+use crate::server::stats;
 
 /// The command a handed-over `CLIENT KILL` is rewritten to.
 pub const COMPAT_COMMAND: &str = "maxage.clientkill";

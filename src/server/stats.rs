@@ -5,9 +5,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::audit::Reason;
-use crate::ffi::{InfoWriter, monotonic_ms};
-use crate::state::STATE;
+use crate::policy::audit::Reason;
+use crate::server::ffi::{InfoWriter, monotonic_ms};
+use crate::server::state::STATE;
 
 pub static EVICTED_BY_MAX_AGE: AtomicU64 = AtomicU64::new(0);
 pub static EVICTED_AFTER_GRACE: AtomicU64 = AtomicU64::new(0);
@@ -64,15 +64,15 @@ struct PolicySnapshot {
 }
 
 impl PolicySnapshot {
-    fn of(policy: &mut crate::policy::Policy, now_ms: u64) -> Self {
+    fn of(policy: &mut crate::policy::decisions::Policy, now_ms: u64) -> Self {
         // Nothing else reads the load while no client is due; INFO shows it as of now.
-        crate::server_view::sample_load(policy);
+        crate::server::server_view::sample_load(policy);
         let registry = policy.registry();
         Self {
             tracked: registry.len() as u64,
             approximate: registry.iter().filter(|c| c.approximate).count() as u64,
             age_histogram: registry.iter().fold([0u64; 6], |mut histogram, client| {
-                histogram[crate::preview::bucket_of(client.age_ms(now_ms))] += 1;
+                histogram[crate::commands::preview::bucket_of(client.age_ms(now_ms))] += 1;
                 histogram
             }),
             in_grace: policy.clients_in_grace() as u64,
@@ -113,10 +113,10 @@ pub fn write_info(info: &mut InfoWriter) {
     let client_requested = get(&EVICTED_CLIENT_REQUESTED);
     info.field_u64("tracked_clients", tracked);
     info.field_u64("approximate_age_clients", approximate);
-    let buckets: Vec<String> = crate::preview::AGE_BUCKETS_MS
+    let buckets: Vec<String> = crate::commands::preview::AGE_BUCKETS_MS
         .iter()
         .map(|(_, name)| *name)
-        .chain(std::iter::once(crate::preview::LAST_BUCKET))
+        .chain(std::iter::once(crate::commands::preview::LAST_BUCKET))
         .zip(age_histogram)
         .map(|(name, count)| format!("{name}={count}"))
         .collect();
@@ -143,7 +143,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("wakeup_us_total", get(&WAKEUP_US_TOTAL));
     info.field_u64(
         "full_client_lists",
-        get(&crate::server_view::FULL_CLIENT_LISTS),
+        get(&crate::server::server_view::FULL_CLIENT_LISTS),
     );
     info.field_u64("clients_in_grace", in_grace);
     info.field_u64("clients_draining", draining);
@@ -157,10 +157,13 @@ pub fn write_info(info: &mut InfoWriter) {
         heap_bytes.checked_div(tracked).unwrap_or(0),
     );
     // The settings in force, from the settings table (all of them, so none is forgotten).
-    for (name, value) in crate::config::info_fields() {
+    for (name, value) in crate::policy::config::info_fields() {
         info.field_str(&name, &value);
     }
     info.field_u64("evictions_per_sec_now", rate_now);
     info.field_u64("event_loop_busy_pct", event_loop_busy_pct);
-    info.field_u64("ffi_errors", crate::ffi::FFI_ERRORS.load(Ordering::Relaxed));
+    info.field_u64(
+        "ffi_errors",
+        crate::server::ffi::FFI_ERRORS.load(Ordering::Relaxed),
+    );
 }

@@ -2,8 +2,8 @@
 //! policy re-times every client, and the `CLIENT KILL` compatibility filter is registered or
 //! removed. (Kept out of both, so that neither imports the other.)
 
-use crate::ffi::{self, LogLevel};
-use crate::{compat, enforcement};
+use crate::server::ffi::{self, LogLevel};
+use crate::{commands::compat, server::enforcement};
 
 pub fn on_settings_changed() {
     enforcement::apply_settings();

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
 
 use redis_module::{Context, raw};
 
-use crate::config::{self, Kind, SETTINGS, Value};
-use crate::docs::{self, Arg, CommandDoc};
+use crate::commands::docs::{self, Arg, CommandDoc};
+use crate::policy::config::{self, Kind, SETTINGS, Value};
 
 /// Where a callback the server calls finds the module's handler for it: a plain function
 /// pointer behind a lock, so no pointer casts are needed and an unset slot is simply `None`.
@@ -887,7 +887,6 @@ pub fn unregister_client_kill_filter(ctx: &Context) {
 // ---------------------------------------------------------------------------------------------
 // ACL.
 
-/// Whether the user of client `client_id` may run `argv` (e.g. `CLIENT KILL ...`).
 /// Runs `body` with the ACL user of client `client_id` (`None` if it has none or is gone) and
 /// frees the user afterwards.
 fn with_client_user<T>(
@@ -913,6 +912,7 @@ fn with_client_user<T>(
     }
 }
 
+/// Whether the user of client `client_id` may run `argv` (e.g. `CLIENT KILL ...`).
 pub fn client_may_run(ctx: &Context, client_id: u64, argv: &[&[u8]]) -> bool {
     with_client_user(ctx, client_id, |user| {
         // SAFETY: `user` is live for this call; every string created here is freed before

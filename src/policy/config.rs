@@ -11,11 +11,11 @@ use std::sync::Mutex;
 
 use lazy_static::lazy_static;
 
-use crate::glob::glob_matches;
-use crate::rules::Rules;
+use crate::policy::glob::glob_matches;
+use crate::policy::rules::Rules;
 
 /// Ten years: far beyond any sane lifetime, far below overflow when added to a timestamp.
-pub const MAX_AGE_MS_MAX: i64 = crate::rules::MAX_RULE_AGE_MS as i64;
+pub const MAX_AGE_MS_MAX: i64 = crate::policy::rules::MAX_RULE_AGE_MS as i64;
 
 /// What a setting holds and accepts.
 #[derive(Clone, Copy, Debug)]
@@ -221,7 +221,7 @@ impl Kind {
         let text = std::str::from_utf8(raw).map_err(|_| "not valid UTF-8".to_string())?;
         let value = match self {
             Kind::Number { .. } => Value::Number(
-                crate::filter::parse_strict_i64(raw)
+                crate::policy::filter::parse_strict_i64(raw)
                     .ok_or_else(|| format!("'{}' is not an integer", quoted(text)))?,
             ),
             Kind::Text { .. } => Value::Text(text.to_string()),
@@ -622,8 +622,8 @@ mod tests {
     /// and the example states each default.
     #[test]
     fn the_example_config_and_the_readme_follow_the_table() {
-        let example = include_str!("../conf/maxage.conf");
-        let readme = include_str!("../README.md");
+        let example = include_str!("../../conf/maxage.conf");
+        let readme = include_str!("../../README.md");
         let in_example: Vec<(&str, &str)> = example
             .lines()
             .filter_map(|line| line.strip_prefix("maxage."))

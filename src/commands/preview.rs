@@ -4,16 +4,16 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::client_list::ListedClient;
-use crate::config::Settings;
-use crate::ffi::{self, Reply, monotonic_ms};
-use crate::filter::parse_strict_i64;
-use crate::policy::exemption;
-use crate::registry::TrackedClient;
-use crate::rules::{MAX_RULES_TEXT_BYTES, Rules};
-use crate::schedule::deadline_ms;
-use crate::server_view::list_clients;
-use crate::state::STATE;
+use crate::policy::client_list::ListedClient;
+use crate::policy::config::Settings;
+use crate::policy::decisions::exemption;
+use crate::policy::filter::parse_strict_i64;
+use crate::policy::registry::TrackedClient;
+use crate::policy::rules::{MAX_RULES_TEXT_BYTES, Rules};
+use crate::policy::schedule::deadline_ms;
+use crate::server::ffi::{self, Reply, monotonic_ms};
+use crate::server::server_view::list_clients;
+use crate::server::state::STATE;
 
 /// Upper bounds of the age histogram's buckets, in milliseconds (the last bucket is open).
 pub const AGE_BUCKETS_MS: [(u64, &str); 5] = [
@@ -64,7 +64,7 @@ pub fn preview(
         })
         .collect();
     classes.push(ClassPreview {
-        class: crate::rules::DEFAULT_CLASS.to_string(),
+        class: crate::policy::rules::DEFAULT_CLASS.to_string(),
         max_age_ms: settings.max_age_ms,
         ..ClassPreview::default()
     });
@@ -101,7 +101,7 @@ pub fn preview(
 
 /// MAXAGE.PREVIEW [RULES <rules>] [MAX-AGE-MS <ms>] [WITHIN <ms>]
 pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    crate::acl::require(ctx, crate::acl::Needs::ClientList, &[])?;
+    crate::commands::acl::require(ctx, crate::commands::acl::Needs::ClientList, &[])?;
     let mut rules_text: Option<String> = None;
     let mut max_age_ms: Option<u64> = None;
     let mut within_ms = 60_000u64;
@@ -113,13 +113,13 @@ pub fn preview_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         };
         let number = || {
             parse_strict_i64(value.as_slice())
-                .filter(|n| (0..=crate::config::MAX_AGE_MS_MAX).contains(n))
+                .filter(|n| (0..=crate::policy::config::MAX_AGE_MS_MAX).contains(n))
                 .map(|n| n as u64)
                 .ok_or_else(|| {
                     RedisError::String(format!(
                         "ERR {} is not an integer from 0 to {}",
                         keyword.to_lowercase(),
-                        crate::config::MAX_AGE_MS_MAX
+                        crate::policy::config::MAX_AGE_MS_MAX
                     ))
                 })
         };
@@ -204,7 +204,7 @@ fn class_reply(class: ClassPreview) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client_list::parse_client_line;
+    use crate::policy::client_list::parse_client_line;
 
     fn client(id: u64, fields: &str, connected_at_ms: u64) -> (ListedClient, TrackedClient) {
         (

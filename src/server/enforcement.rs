@@ -1,5 +1,7 @@
-//! Automatic enforcement, the server side of `policy`: the client-change events, the one timer,
-//! the bounded tick that retires due clients, and the close path shared with `MAXAGE.KILL`.
+//! Automatic enforcement, the server side of `policy::decisions`: the client-change events, the
+//! one wake-up and its owner (`rearm`, `wake_no_later_than`, `disarm`), the bounded pass that
+//! arms or closes due clients, and the event-loop hooks that find each armed client's moment.
+//! Closing itself (counters, audit) is `retire.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -7,19 +9,19 @@ use std::sync::atomic::Ordering;
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisValue};
 
-use crate::audit::Reason;
-use crate::client_list::ListedClient;
-use crate::closing::{CloseMode, Look};
-use crate::config;
-use crate::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
-use crate::filter::ClientType;
-use crate::pass::{PassServer, RetireNow};
-use crate::retire::{
+use crate::policy::audit::Reason;
+use crate::policy::client_list::ListedClient;
+use crate::policy::closing::{CloseMode, Look};
+use crate::policy::config;
+use crate::policy::filter::ClientType;
+use crate::policy::pass::{PassServer, RetireNow};
+use crate::server::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
+use crate::server::retire::{
     audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
 };
-use crate::server_view::{list_clients, reply_text, sample_load, tracking_sources_of};
-use crate::state::{MainThreadCell, STATE};
-use crate::stats;
+use crate::server::server_view::{list_clients, reply_text, sample_load, tracking_sources_of};
+use crate::server::state::{MainThreadCell, STATE};
+use crate::server::stats;
 
 lazy_static! {
     /// When the wake-up is armed for (monotonic ms), if it is.

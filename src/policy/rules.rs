@@ -8,9 +8,9 @@
 //! Selectors: `user:<glob>`, `name:<glob>`, `lib:<glob>` (the client's lib-name), and
 //! `type:<normal|master|replica|pubsub>`. A max age of 0 means "never retire".
 
-use crate::client_list::ListedClient;
-use crate::filter::ClientType;
-use crate::glob::glob_matches;
+use crate::policy::client_list::ListedClient;
+use crate::policy::filter::ClientType;
+use crate::policy::glob::glob_matches;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Selector {
@@ -148,7 +148,7 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client_list::parse_client_line;
+    use crate::policy::client_list::parse_client_line;
 
     fn client(fields: &str) -> ListedClient {
         parse_client_line(&format!("id=1 addr=127.0.0.1:1 flags=N {fields}")).unwrap()

@@ -7,13 +7,13 @@ use std::collections::VecDeque;
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisValue};
 
-use crate::audit::{Origin, Reason, RetiredClient, retirement_line};
-use crate::client_list::ListedClient;
-use crate::ffi::{self, LogLevel};
-use crate::filter::ClientType;
-use crate::server_view::list_clients;
-use crate::state::{AUDIT, MainThreadCell, STATE};
-use crate::stats;
+use crate::policy::audit::{Origin, Reason, RetiredClient, retirement_line};
+use crate::policy::client_list::ListedClient;
+use crate::policy::filter::ClientType;
+use crate::server::ffi::{self, LogLevel};
+use crate::server::server_view::list_clients;
+use crate::server::state::{AUDIT, MainThreadCell, STATE};
+use crate::server::stats;
 
 /// A one-shot kill closes this many clients per event-loop pass. The server frees the clients
 /// closed in a pass all at once after it (about 10 us each here, measured with perf on Redis

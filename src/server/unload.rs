@@ -3,11 +3,11 @@
 
 use redis_module::{Context, Status};
 
-use crate::client_list::ListedClient;
-use crate::ffi::{self, LogLevel, monotonic_ms};
-use crate::server_view::list_clients;
-use crate::state::{AUDIT, STATE, fresh_policy};
-use crate::{audit, compat, enforcement, retire};
+use crate::policy::client_list::ListedClient;
+use crate::server::ffi::{self, LogLevel, monotonic_ms};
+use crate::server::server_view::list_clients;
+use crate::server::state::{AUDIT, STATE, fresh_policy};
+use crate::{commands::compat, policy::audit, server::enforcement, server::retire};
 
 /// A client through which the server would reach a command of the module's after the unload:
 /// its last command was one (the next `CLIENT LIST` reads its name from the freed command, seen

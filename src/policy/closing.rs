@@ -17,8 +17,8 @@
 //! and one that never gets quiet is closed when its grace runs out. Nothing here reads the clock
 //! or calls the server.
 
-use crate::audit::{Origin, Reason};
-use crate::client_list::ListedClient;
+use crate::policy::audit::{Origin, Reason};
+use crate::policy::client_list::ListedClient;
 
 /// What the server shows about a due client right now, beyond `CLIENT LIST`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -408,7 +408,7 @@ impl ClosingSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client_list::parse_client_line;
+    use crate::policy::client_list::parse_client_line;
 
     const GRACE: u64 = 5000;
 

@@ -19,10 +19,10 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::ffi::{self, monotonic_ms};
-use crate::retire::record_retirement;
-use crate::state::STATE;
-use crate::stats;
+use crate::server::ffi::{self, monotonic_ms};
+use crate::server::retire::record_retirement;
+use crate::server::state::STATE;
+use crate::server::stats;
 
 /// Commands after which the client's next one depends on the connection staying open.
 const STARTS_SOMETHING: [&[u8]; 8] = [

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::client_list::ListedClient;
-use crate::filter_keywords::{Takes, lookup};
+use crate::policy::client_list::ListedClient;
+use crate::policy::filter_keywords::{Takes, lookup};
 
 /// The flag letters a `FLAGS`/`NOT-FLAGS` filter may use (Valkey 9.1's set).
 const KNOWN_FLAG_LETTERS: &str = "bcdeirtuxABEIMNOPRSTU";
@@ -463,7 +463,7 @@ mod tests {
     }
 
     fn client(line: &str) -> ListedClient {
-        crate::client_list::parse_client_line(line).unwrap()
+        crate::policy::client_list::parse_client_line(line).unwrap()
     }
 
     fn matches(filter: &ClientFilter, listed: &ListedClient, age_ms: u64) -> bool {
@@ -847,7 +847,7 @@ mod model_tests {
     use std::collections::{BTreeSet, HashMap};
 
     use super::*;
-    use crate::client_list::ListedClient;
+    use crate::policy::client_list::ListedClient;
 
     struct Rng(u64);
     impl Rng {

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use lazy_static::lazy_static;
 use redis_module::{Context, RedisValue};
 
-use crate::client_list::{ListedClient, parse_client_list};
-use crate::ffi::{self, LogLevel, monotonic_us};
-use crate::policy::Policy;
-use crate::state::MainThreadCell;
+use crate::policy::client_list::{ListedClient, parse_client_list};
+use crate::policy::decisions::Policy;
+use crate::server::ffi::{self, LogLevel, monotonic_us};
+use crate::server::state::MainThreadCell;
 
 lazy_static! {
     /// Tracking redirects seen in the last full `CLIENT LIST`: target id -> the clients whose

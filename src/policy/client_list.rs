@@ -67,7 +67,7 @@ pub struct ListedClient {
 }
 
 impl ListedClient {
-    /// The IP part of `addr` (`[::1]:6379` style is not used by the server: the last colon splits).
+    /// The IP part of `addr`: everything before the last colon (`[::1]` for `[::1]:6379`).
     pub fn ip(&self) -> &str {
         self.addr
             .rsplit_once(':')
@@ -187,7 +187,7 @@ mod tests {
         let accented = format!("id=3 name={}", "é".repeat(MAX_CLIENT_TEXT_BYTES));
         let client = parse_client_line(&accented).unwrap();
         assert!(client.name.len() <= MAX_CLIENT_TEXT_BYTES + 1);
-        assert!(!crate::glob::glob_matches(b"*n", b"nnn\0"));
+        assert!(!crate::policy::glob::glob_matches(b"*n", b"nnn\0"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `COMMAND DOCS` / `COMMAND INFO` metadata for the module's commands (arity, summary, since,
 //! complexity, arguments) as plain data; `ffi::set_command_docs` hands it to the server.
 
-use crate::filter_keywords::{KEYWORDS, Takes};
+use crate::policy::filter_keywords::{KEYWORDS, Takes};
 
 #[derive(Clone, Copy)]
 pub enum Kind {

@@ -1,0 +1,6 @@
+pub mod acl;
+pub mod compat;
+pub mod docs;
+pub mod kill;
+pub mod preview;
+pub mod self_request;

@@ -1,0 +1,12 @@
+pub mod audit;
+pub mod client_list;
+pub mod closing;
+pub mod config;
+pub mod decisions;
+pub mod filter;
+pub mod filter_keywords;
+pub mod glob;
+pub mod pass;
+pub mod registry;
+pub mod rules;
+pub mod schedule;

@@ -1,0 +1,9 @@
+pub mod enforcement;
+pub mod ffi;
+pub mod next_command;
+pub mod retire;
+pub mod server_view;
+pub mod settings_changed;
+pub mod state;
+pub mod stats;
+pub mod unload;
