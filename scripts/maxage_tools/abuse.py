@@ -28,10 +28,12 @@ abuse runs at nice 10 for the same reason):
 
 Checks (exit status 1 when one fails, 2 on a harness error):
 - pipeline-memory: maxage_registry_bytes grows by less than --max-pipeline-growth (1 KB) over the
-  pipeline, read while its connection is still open;
-- memory-per-connection: maxage_registry_bytes never exceeds --max-bytes-per-conn (512 B) times
-  the most clients the module has tracked so far (its memory is bounded by the connections it
-  has seen, whatever they sent);
+  pipeline, read while its connection is still open (no other client connects meanwhile: the
+  operator's waves and the probe's connects pause, so the module's per-client table keeps its
+  size);
+- memory-per-connection: maxage_registry_bytes, less what it was just after the server started,
+  never exceeds --max-bytes-per-conn (512 B) times the most clients the module has tracked so
+  far (its memory is bounded by the connections it has seen, whatever they sent);
 - probe-latency: the probe's PING p99 from the start of the hold to the end of the mix is at
   most max(1.5 x, +1 ms) the p99 of the baseline window. The floor: on a 2-core box the server,
   the abuse clients and the probe share two cores, and the probe's p99 moves by a fraction of a
@@ -194,7 +196,7 @@ class Admin:
 # The probe and the operator's idle connections (separate processes) --------------------------
 
 
-def probe_main(port, stop, out):
+def probe_main(port, stop, quiet, out):
     """PING on one connection in a loop; every PROBE_CYCLE_EVERY rounds also a fresh
     connect + PING + close. Sends {"pings": [(t, latency)...], "cycles": ..., "errors": [...]}."""
     _die_with_parent()
@@ -239,7 +241,7 @@ def probe_main(port, stop, out):
         pings.append(start)
         pings.append(end - start)
         rounds += 1
-        if rounds % PROBE_CYCLE_EVERY == 0:
+        if rounds % PROBE_CYCLE_EVERY == 0 and not quiet.is_set():
             start = time.monotonic()
             ok = servers.ping(port, timeout=PROBE_GIVE_UP_S)
             cycles.append(start)
@@ -253,7 +255,7 @@ def probe_main(port, stop, out):
     out.close()
 
 
-def watcher_main(port, wave_size, stop, out):
+def watcher_main(port, wave_size, stop, quiet, out):
     """Opens a wave of wave_size idle default-user connections every WAVE_PERIOD_S until stop,
     then waits for the last ones. Sends {"closes": [(wave, opened_at, age or None)], ...}."""
     _die_with_parent()
@@ -265,7 +267,7 @@ def watcher_main(port, wave_size, stop, out):
     next_wave = time.monotonic()
     while True:
         now = time.monotonic()
-        if not stop.is_set() and now >= next_wave:
+        if not stop.is_set() and not quiet.is_set() and now >= next_wave:
             for _ in range(wave_size):
                 try:
                     sock = socket.create_connection(("127.0.0.1", port), timeout=REPLY_TIMEOUT_S)
@@ -772,7 +774,7 @@ class AbuseRun:
         }
 
 
-def abuser_main(port, flavor, options, out):
+def abuser_main(port, flavor, options, quiet, out):
     """The application user's abuse, in a child process at nice 10 (so that the measuring
     processes get a core first on a small box). Sends its figures and phase times."""
     _die_with_parent()
@@ -782,10 +784,16 @@ def abuser_main(port, flavor, options, out):
     result = {"phases": {}, "errors": run.errors}
     admin = Admin(port)
     try:
+        # No new client while the pipeline's memory is measured (quiet is set by the harness
+        # before this process starts): a wave of operator connections would grow the module's
+        # per-client table by more than the 1 KB the pipeline may. The last wave is given time
+        # to be registered first.
+        time.sleep(0.5)
         start = time.monotonic()
         conn, figures = run.pipeline(
             options["pipeline"], admin, options["stock"], options["pipeline_max_s"]
         )
+        quiet.clear()
         result["phases"]["pipeline"] = (start, time.monotonic())
         result["pipeline"] = figures
 
@@ -843,6 +851,7 @@ def abuser_main(port, flavor, options, out):
         result["server_gone"] = repr(err)
     except Exception:  # noqa: BLE001 (reported as a harness error)
         run.errors.append(traceback.format_exc())
+    quiet.clear()
     admin.close()
     result["admin_missed_reads"] = admin.missed
     result["counts"] = run.counts.as_dict()
@@ -882,6 +891,7 @@ class Harness:
         self.options = options
         self.samples = []  # (t, read_memory dict) every SAMPLE_EVERY_S
         self.missed_reads = 0
+        self.start_memory = None
         self.context = multiprocessing.get_context("spawn")
 
     def sample_until(self, admin, end_at, process=None, result=None):
@@ -955,13 +965,19 @@ class Harness:
         if reply != b"OK":
             raise HarnessError(f"ACL SETUSER: {reply!r}")
         admin = Admin(port)
+        # The module's own memory with next to no client: what it allocates up front is not
+        # per-connection memory.
+        self.start_memory = admin.memory()
         stop = self.context.Event()
-        probe, probe_out = self.start(probe_main, port, stop)
+        # Set from the end of the baseline to the end of the pipeline: no operator wave, no
+        # probe connect + PING + close then.
+        quiet = self.context.Event()
+        probe, probe_out = self.start(probe_main, port, stop, quiet)
         children.append(probe)
         # Without the module nothing closes the operator's connections: no waves then.
         watcher = watcher_out = None
         if not options["stock"]:
-            watcher, watcher_out = self.start(watcher_main, port, options["idle"], stop)
+            watcher, watcher_out = self.start(watcher_main, port, options["idle"], stop, quiet)
             children.append(watcher)
         # The first half second is the probe's and the watcher's own start.
         baseline_start = time.monotonic() + 0.5
@@ -981,7 +997,8 @@ class Harness:
                 "skip",
             )
         }
-        abuser, abuser_out = self.start(abuser_main, port, self.flavor, abuser_options)
+        quiet.set()
+        abuser, abuser_out = self.start(abuser_main, port, self.flavor, abuser_options, quiet)
         children.append(abuser)
         # Every phase is bounded (the pipeline, the hold, the mix, 60 s to stop its threads):
         # beyond that the abuse process is stuck, which is the harness's fault.
@@ -1063,7 +1080,9 @@ class Harness:
                 samples.append(abuse_result[key])
         if pipeline:
             samples += [m for m in (pipeline["before"], pipeline["after"]) if m]
-        out["memory"] = memory_figures(self.samples, samples, baseline, final, windows.get("mixed"))
+        out["memory"] = memory_figures(
+            self.samples, samples, baseline, final, windows.get("mixed"), self.start_memory
+        )
         # The operator's idle connections.
         closes = watcher_result["closes"] if watcher_result else []
         out["operator_errors"] = watcher_result["errors"] if watcher_result else []
@@ -1147,10 +1166,12 @@ def _delta(pipeline, field):
     return None if before is None or after is None else after - before
 
 
-def memory_figures(timed_samples, samples, baseline, final, mixed=None):
-    """The module's bytes against the most clients it has tracked so far (in time order for the
-    periodic samples; the abuse process's reads count against the overall peak). Also the worst
-    of the periodic samples taken during the mixed window alone."""
+def memory_figures(timed_samples, samples, baseline, final, mixed=None, start=None):
+    """The module's bytes beyond those it had at the start, against the most clients it has
+    tracked so far (in time order for the periodic samples; the abuse process's reads count
+    against the overall peak). Also the worst of the periodic samples taken during the mixed
+    window alone."""
+    base = (start or {}).get("registry_bytes") or 0
     peak_tracked = 0
     worst = worst_mixed = None
     for at, memory in timed_samples:
@@ -1158,14 +1179,14 @@ def memory_figures(timed_samples, samples, baseline, final, mixed=None):
         if tracked is None or registry is None:
             continue
         peak_tracked = max(peak_tracked, tracked)
-        ratio = registry / max(1, peak_tracked)
+        ratio = (registry - base) / max(1, peak_tracked)
         worst = ratio if worst is None else max(worst, ratio)
         if mixed and mixed[0] <= at <= mixed[1]:
             worst_mixed = ratio if worst_mixed is None else max(worst_mixed, ratio)
     overall_peak = max([peak_tracked] + [m["tracked_clients"] or 0 for m in samples])
     for memory in samples:
         if memory.get("registry_bytes") is not None:
-            ratio = memory["registry_bytes"] / max(1, overall_peak)
+            ratio = (memory["registry_bytes"] - base) / max(1, overall_peak)
             worst = ratio if worst is None else max(worst, ratio)
     before = [m for t, m in timed_samples if t < baseline[1]]
     first = before[-1] if before else (timed_samples[0][1] if timed_samples else None)
@@ -1175,6 +1196,7 @@ def memory_figures(timed_samples, samples, baseline, final, mixed=None):
         return max(values) if values else None
 
     figures = {
+        "registry_bytes_at_start": base,
         "registry_bytes_before": first and first["registry_bytes"],
         "registry_bytes_peak": peak("registry_bytes"),
         "registry_bytes_end": final and final["registry_bytes"],
