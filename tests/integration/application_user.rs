@@ -356,3 +356,47 @@ fn client_chosen_names_and_preview_rules_are_bounded() {
         let _: redis::Value = run(&mut admin, &["MAXAGE.PREVIEW", "RULES", &fits]).unwrap();
     }
 }
+
+/// Found by reading: a reply corked for a close that a settings change then cancels was left
+/// corked (held up to the kernel's 200 ms). On Redis 7.0 a blocked client's pipelined commands
+/// run after the module's before-sleep hook: here an admin's `BLPOP` is unblocked by the due
+/// client's own `LPUSH`, and the `CONFIG SET maxage.max-age-ms 0` queued behind it runs between
+/// the cork and the next pass. The `LPUSH`'s reply must still come at once.
+#[test]
+fn a_cancelled_close_releases_the_held_reply() {
+    for flavor in BOTH {
+        let server = Server::builder(flavor)
+            .module_args(&["max-age-ms", "400", "jitter-pct", "0"])
+            .start();
+        let mut admin = server.admin();
+        let mut blocked = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        blocked
+            .write_all(
+                b"*3\r\n$6\r\nCLIENT\r\n$8\r\nNO-EVICT\r\n$2\r\non\r\n\
+                  *3\r\n$5\r\nBLPOP\r\n$1\r\nq\r\n$1\r\n0\r\n\
+                  *4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n$17\r\nmaxage.max-age-ms\r\n$1\r\n0\r\n",
+            )
+            .unwrap();
+        let mut due = server.conn();
+        thread::sleep(Duration::from_millis(250));
+        let _: String = run(&mut due, &["PING"]).unwrap();
+        // Due at 400 ms, and armed: it ran a command a moment ago, so it waits for its moment.
+        assert!(
+            wait_until(Duration::from_secs(3), || info_field(
+                &mut admin,
+                "maxage_clients_in_grace"
+            ) == Some(1)),
+            "{flavor:?}: never armed"
+        );
+        let started = Instant::now();
+        let pushed: i64 = run(&mut due, &["LPUSH", "q", "x"]).unwrap();
+        let took = started.elapsed();
+        eprintln!("{flavor:?}: LPUSH answered in {took:?}");
+        assert_eq!(pushed, 1);
+        assert_eq!(info_field(&mut admin, "maxage_max_age_ms"), Some(0));
+        assert!(
+            took < Duration::from_millis(150),
+            "{flavor:?}: the reply was held {took:?}"
+        );
+    }
+}
