@@ -887,61 +887,6 @@ pub fn unregister_client_kill_filter(ctx: &Context) {
 // ---------------------------------------------------------------------------------------------
 // ACL.
 
-/// Runs `body` with the ACL user of client `client_id` (`None` if it has none or is gone) and
-/// frees the user afterwards.
-fn with_client_user<T>(
-    ctx: &Context,
-    client_id: u64,
-    body: impl FnOnce(*mut raw::RedisModuleUser) -> T,
-) -> Option<T> {
-    // SAFETY: `ctx` is the running command's context; the name string and the user are freed
-    // here, exactly once, after `body` (which must not keep the user) has run.
-    unsafe {
-        let user_name = raw::RedisModule_GetClientUserNameById.unwrap()(ctx.ctx, client_id);
-        if user_name.is_null() {
-            return None;
-        }
-        let user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name);
-        raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), user_name);
-        if user.is_null() {
-            return None;
-        }
-        let result = body(user);
-        raw::RedisModule_FreeModuleUser.unwrap()(user);
-        Some(result)
-    }
-}
-
-/// Whether the user of client `client_id` may run `argv` (e.g. `CLIENT KILL ...`).
-pub fn client_may_run(ctx: &Context, client_id: u64, argv: &[&[u8]]) -> bool {
-    with_client_user(ctx, client_id, |user| {
-        // SAFETY: `user` is live for this call; every string created here is freed before
-        // returning, and the server only reads them during the check.
-        unsafe {
-            let mut strings: Vec<*mut raw::RedisModuleString> = argv
-                .iter()
-                .map(|arg| {
-                    raw::RedisModule_CreateString.unwrap()(
-                        ptr::null_mut(),
-                        arg.as_ptr().cast(),
-                        arg.len(),
-                    )
-                })
-                .collect();
-            let status = raw::RedisModule_ACLCheckCommandPermissions.unwrap()(
-                user,
-                strings.as_mut_ptr(),
-                strings.len() as c_int,
-            );
-            for string in strings {
-                raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), string);
-            }
-            status == raw::REDISMODULE_OK as c_int
-        }
-    })
-    .unwrap_or(false)
-}
-
 pub fn acl_api_present() -> bool {
     // SAFETY (each read): copies of function-pointer statics filled in by RedisModule_Init.
     let present = [
@@ -951,31 +896,6 @@ pub fn acl_api_present() -> bool {
         unsafe { raw::RedisModule_FreeModuleUser }.is_some(),
     ];
     present.iter().all(|p| *p)
-}
-
-/// Denies `client_id` with the server's own NOPERM wording and records it in `ACL LOG` as the
-/// server does for a denied command (`object` is the command, e.g. `client|kill`).
-pub fn log_acl_denial(ctx: &Context, client_id: u64, object: &str) {
-    with_client_user(ctx, client_id, |user| {
-        // SAFETY: `ctx` is the running command's context and `user` is live for this call;
-        // the string is freed before returning, and the server copies what it keeps.
-        unsafe {
-            let object = raw::RedisModule_CreateString.unwrap()(
-                ptr::null_mut(),
-                object.as_ptr().cast(),
-                object.len(),
-            );
-            if let Some(add_log_entry) = raw::RedisModule_ACLAddLogEntry {
-                add_log_entry(
-                    ctx.ctx,
-                    user,
-                    object,
-                    raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_CMD,
-                );
-            }
-            raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), object);
-        }
-    });
 }
 
 /// Puts a module command in ACL categories, where the server can (Valkey, Redis 7.2+).
