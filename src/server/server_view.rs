@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lazy_static::lazy_static;
-use redis_module::{Context, RedisValue};
+use redis_module::{CallOptionsBuilder, CallReply, CallResult, Context, RedisValue};
 
 use crate::policy::client_list::{ListedClient, parse_client_list};
 use crate::policy::decisions::Policy;
@@ -77,13 +77,20 @@ pub fn list_clients(ctx: &Context, ids: Option<&[u64]>) -> Vec<ListedClient> {
     } else {
         FULL_CLIENT_LISTS.fetch_add(1, Ordering::Relaxed);
     }
-    match ctx.call("CLIENT", args.as_slice()) {
-        Ok(reply) => parse_client_list(&reply_text(reply)),
-        Err(error) => {
+    // Parsed where the server's reply lies: a client may have a name of hundreds of MB, and
+    // the module keeps only the first bytes of it (client_list.rs), so the reply is not copied.
+    let reply: CallResult = ctx.call_ext("CLIENT", &CallOptionsBuilder::new().build(), &args[..]);
+    match reply {
+        Ok(CallReply::String(text)) => parse_client_list(&String::from_utf8_lossy(text.as_bytes())),
+        other => {
+            let why = match other {
+                Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
+                Ok(_) => "an unexpected reply".to_string(),
+            };
             ffi::log(
                 ctx,
                 LogLevel::Warning,
-                &format!("maxage: CLIENT LIST failed: {error}"),
+                &format!("maxage: CLIENT LIST failed: {why}"),
             );
             Vec::new()
         }
