@@ -253,12 +253,7 @@ impl Policy {
         self.tracking_hold_since_ms.remove(&client_id);
         self.deadlines.shrink_if_sparse();
         self.requested_deadlines.shrink_if_sparse();
-        let requests = self.requested_max_age_ms.len();
-        if self.requested_max_age_ms.capacity() > 64
-            && self.requested_max_age_ms.capacity() > requests * 4
-        {
-            self.requested_max_age_ms.shrink_to((requests * 2).max(64));
-        }
+        crate::policy::schedule::shrink_if_sparse(&mut self.requested_max_age_ms);
     }
 
     /// Applies new settings to every connected client at once. Returns the sockets of clients

@@ -86,6 +86,7 @@ impl DeadlineQueue {
         Some((deadline_ms, client_id))
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.deadline_of.len()
     }
@@ -102,9 +103,7 @@ impl DeadlineQueue {
 
     /// Gives memory back after a wave of disconnects, keeping headroom for the next wave.
     pub fn shrink_if_sparse(&mut self) {
-        if self.deadline_of.capacity() > 64 && self.deadline_of.capacity() > self.len() * 4 {
-            self.deadline_of.shrink_to((self.len() * 2).max(64));
-        }
+        shrink_if_sparse(&mut self.deadline_of);
     }
 
     /// Heap bytes, estimated: the map's table plus a B-tree node's share per entry.
@@ -112,6 +111,15 @@ impl DeadlineQueue {
         const MAP_SLOT: usize = std::mem::size_of::<(u64, u64)>() + 1;
         const TREE_ENTRY: usize = std::mem::size_of::<(u64, u64)>() * 3 / 2;
         self.deadline_of.capacity() * MAP_SLOT + self.by_deadline.len() * TREE_ENTRY
+    }
+}
+
+/// Gives a map's memory back after a wave of disconnects, keeping headroom for the next wave
+/// (a few entries' worth at least, so that a server with a handful of clients keeps about as
+/// little as before the wave).
+pub fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 16 && map.capacity() > map.len() * 4 {
+        map.shrink_to((map.len() * 2).max(8));
     }
 }
 
