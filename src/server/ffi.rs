@@ -796,19 +796,7 @@ pub fn filter_client_id_api_present() -> bool {
 /// Registers the next-command filter (once; it skips the module's own calls).
 pub fn register_next_command_filter(ctx: &Context, handler: NextCommandHandler) -> bool {
     NEXT_COMMAND_HANDLER.set(Some(handler));
-    if !NEXT_COMMAND_FILTER.load(Ordering::Acquire).is_null() {
-        return true;
-    }
-    // SAFETY: `ctx` is the OnLoad context; `on_next_command` has the signature the server calls.
-    let filter = unsafe {
-        raw::RedisModule_RegisterCommandFilter.unwrap()(
-            ctx.ctx,
-            Some(on_next_command),
-            raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
-        )
-    };
-    NEXT_COMMAND_FILTER.store(filter, Ordering::Release);
-    !filter.is_null()
+    register_filter(ctx, &NEXT_COMMAND_FILTER, on_next_command)
 }
 
 pub fn next_command_filter_registered() -> bool {
@@ -819,14 +807,11 @@ pub fn next_command_filter_registered() -> bool {
 pub fn unregister_next_command_filter(ctx: &Context) {
     NEXT_COMMAND_WATCHED.store(false, Ordering::Relaxed);
     NEXT_COMMAND_HANDLER.set(None);
-    let filter = NEXT_COMMAND_FILTER.swap(ptr::null_mut(), Ordering::AcqRel);
-    if !filter.is_null() {
-        // SAFETY: `filter` was returned by RegisterCommandFilter for this module, removed once.
-        let status = unsafe { raw::RedisModule_UnregisterCommandFilter.unwrap()(ctx.ctx, filter) };
-        if status != raw::REDISMODULE_OK as c_int {
-            count_failure("unregistering the next-command filter");
-        }
-    }
+    unregister_filter(
+        ctx,
+        &NEXT_COMMAND_FILTER,
+        "unregistering the next-command filter",
+    );
 }
 
 /// Turns the next-command filter's work on while some client waits for its next command.
@@ -851,20 +836,48 @@ pub fn client_in_transaction(client_id: u64) -> bool {
 /// Registers the `CLIENT KILL` filter once; it skips the module's own `RM_Call`s (NOSELF).
 pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) -> bool {
     FILTER_HANDLER.set(Some(handler));
-    if client_kill_filter_registered() {
+    register_filter(ctx, &FILTER, on_command)
+}
+
+type FilterCallback = unsafe extern "C" fn(*mut raw::RedisModuleCommandFilterCtx);
+
+/// Registers `callback` as a command filter into `slot`, once; it skips the module's own
+/// `RM_Call`s (NOSELF). False if the server refused it.
+fn register_filter(
+    ctx: &Context,
+    slot: &AtomicPtr<raw::RedisModuleCommandFilter>,
+    callback: FilterCallback,
+) -> bool {
+    if !slot.load(Ordering::Acquire).is_null() {
         return true;
     }
     // SAFETY: `ctx` is the OnLoad context or the module's detached one (a CONFIG SET), both
-    // carrying the module the filter belongs to; `on_command` has the signature the server calls.
+    // carrying the module the filter belongs to; `callback` has the signature the server calls.
     let filter = unsafe {
         raw::RedisModule_RegisterCommandFilter.unwrap()(
             ctx.ctx,
-            Some(on_command),
+            Some(callback),
             raw::REDISMODULE_CMDFILTER_NOSELF as c_int,
         )
     };
-    FILTER.store(filter, Ordering::Release);
+    slot.store(filter, Ordering::Release);
     !filter.is_null()
+}
+
+/// Removes the filter in `slot` if one is registered.
+fn unregister_filter(
+    ctx: &Context,
+    slot: &AtomicPtr<raw::RedisModuleCommandFilter>,
+    failure: &'static str,
+) {
+    let filter = slot.swap(ptr::null_mut(), Ordering::AcqRel);
+    if !filter.is_null() {
+        // SAFETY: `filter` was returned by RegisterCommandFilter for this module, removed once.
+        let status = unsafe { raw::RedisModule_UnregisterCommandFilter.unwrap()(ctx.ctx, filter) };
+        if status != raw::REDISMODULE_OK as c_int {
+            count_failure(failure);
+        }
+    }
 }
 
 pub fn client_kill_filter_registered() -> bool {
@@ -874,14 +887,7 @@ pub fn client_kill_filter_registered() -> bool {
 /// Removes the filter if it is registered.
 pub fn unregister_client_kill_filter(ctx: &Context) {
     FILTER_HANDLER.set(None);
-    let filter = FILTER.swap(ptr::null_mut(), Ordering::AcqRel);
-    if !filter.is_null() {
-        // SAFETY: `filter` was returned by RegisterCommandFilter for this module, removed once.
-        let status = unsafe { raw::RedisModule_UnregisterCommandFilter.unwrap()(ctx.ctx, filter) };
-        if status != raw::REDISMODULE_OK as c_int {
-            count_failure("unregistering the CLIENT KILL filter");
-        }
-    }
+    unregister_filter(ctx, &FILTER, "unregistering the CLIENT KILL filter");
 }
 
 // ---------------------------------------------------------------------------------------------
