@@ -10,7 +10,7 @@ mod server;
 // The fuzz targets (fuzz/) drive the pure parsers directly.
 pub use policy::{client_list, filter, glob};
 
-use commands::{compat, docs, kill, preview, self_request};
+use commands::{compat, docs, kill, notice, preview, self_request};
 use policy::config;
 use server::{enforcement, ffi, next_command, server_view, settings_changed, stats, unload};
 
@@ -76,6 +76,16 @@ fn maxage_preview(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 /// MAXAGE.SELF [ms]: the calling connection's own max age (only ever shorter), or a report.
 fn maxage_self(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     guarded("MAXAGE.SELF", ctx, args, self_request::self_command)
+}
+
+/// MAXAGE.NOTICE [ON|OFF]: tell the calling connection before its deadline (RESP3 push).
+fn maxage_notice(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("MAXAGE.NOTICE", ctx, args, notice::notice_command)
+}
+
+/// MAXAGE.NOTICEKEY <key>: read-only no-op that MAXAGE.NOTICE runs to track its key.
+fn maxage_noticekey(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    guarded("MAXAGE.NOTICEKEY", ctx, args, notice::notice_key_command)
 }
 
 /// CLIENT KILL <filters> that the server cannot answer itself, handed over by the filter.
@@ -145,9 +155,12 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
             return refuse(ctx, &why);
         }
     }
-    // MAXAGE.SELF is about the caller's own connection, like CLIENT SETNAME.
-    if let Err(why) = ffi::set_command_categories(ctx, c"maxage.self", c"connection") {
-        return refuse(ctx, &why);
+    // MAXAGE.SELF and MAXAGE.NOTICE are about the caller's own connection, like CLIENT
+    // SETNAME and CLIENT TRACKING.
+    for command in [c"maxage.self", c"maxage.notice", c"maxage.noticekey"] {
+        if let Err(why) = ffi::set_command_categories(ctx, command, c"connection") {
+            return refuse(ctx, &why);
+        }
     }
     let native = compat::probe_native_support(ctx);
     let handed_over: Vec<String> = compat::probed_keywords()
@@ -255,5 +268,8 @@ redis_module! {
         ["maxage.clientkill", maxage_clientkill, "admin deny-script allow-loading allow-stale", 0, 0, 0, ""],
         // Acts on the caller's own connection only: no `admin`, so application users may run it.
         ["maxage.self", maxage_self, "fast deny-script allow-loading allow-stale", 0, 0, 0, ""],
+        ["maxage.notice", maxage_notice, "deny-script allow-loading allow-stale", 0, 0, 0, ""],
+        // One key, read-only: the server tracks it for the client whose MAXAGE.NOTICE runs it.
+        ["maxage.noticekey", maxage_noticekey, "readonly fast deny-script allow-loading allow-stale", 1, 1, 1, ""],
     ],
 }

@@ -160,6 +160,17 @@ pub fn command_docs() -> Vec<CommandDoc> {
             ],
         },
         CommandDoc {
+            name: "maxage.notice",
+            summary: "Asks to be told (a RESP3 client-side-caching invalidation of the key in the reply) maxage.notice-lead-ms before the calling connection's deadline, so its client can retire it itself; OFF withdraws. Replies with the deadline.",
+            complexity: "O(1)",
+            arity: -1,
+            tips: "nondeterministic_output",
+            args: vec![arg("switch", Kind::OneOf, None).optional().with(vec![
+                arg("on", Kind::PureToken, Some("ON")),
+                arg("off", Kind::PureToken, Some("OFF")),
+            ])],
+        },
+        CommandDoc {
             name: "maxage.clientkill",
             summary: "Internal: where the module's command filter sends a CLIENT KILL whose filters this server does not support (call CLIENT KILL instead).",
             complexity: "O(N) where N is the number of client connections",

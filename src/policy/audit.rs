@@ -53,6 +53,9 @@ pub struct RetiredClient<'a> {
     pub user: &'a str,
     pub name: &'a str,
     pub age_ms: u64,
+    /// It had been told to leave (`MAXAGE.NOTICE`) and had not: the module's close is the
+    /// backstop.
+    pub noticed: bool,
 }
 
 /// Quotes a client-supplied string so that it cannot forge or break a log line.
@@ -78,13 +81,14 @@ pub fn retirement_line(client: &RetiredClient, reason: Reason, observe_only: boo
         "retired"
     };
     format!(
-        "maxage: {verb} client id={} addr={} user={} name={} age_ms={} reason={}",
+        "maxage: {verb} client id={} addr={} user={} name={} age_ms={} reason={}{}",
         client.client_id,
         escape(client.addr),
         escape(client.user),
         escape(client.name),
         client.age_ms,
-        reason.as_str()
+        reason.as_str(),
+        if client.noticed { "-after-notice" } else { "" }
     )
 }
 
@@ -189,6 +193,7 @@ mod tests {
                 user: "default",
                 name: "x y",
                 age_ms: 1234,
+                noticed: false,
             },
             Reason::MaxAge,
             false,
@@ -204,7 +209,8 @@ mod tests {
                     addr: "",
                     user: "",
                     name: "",
-                    age_ms: 0
+                    age_ms: 0,
+                    noticed: false,
                 },
                 Reason::ManualKill,
                 true

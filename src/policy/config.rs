@@ -70,6 +70,7 @@ pub enum Id {
     ClientKillCompat,
     Mode,
     Pacing,
+    NoticeLeadMs,
 }
 
 pub const MODE_OPTIONS: &[&str] = &["enforce", "observe"];
@@ -79,7 +80,7 @@ fn any_patterns(_: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub const SETTINGS: [SettingDef; 13] = [
+pub const SETTINGS: [SettingDef; 14] = [
     SettingDef {
         name: "max-age-ms",
         kind: Kind::Number {
@@ -175,6 +176,14 @@ pub const SETTINGS: [SettingDef; 13] = [
         kind: Kind::Choice {
             default: 0,
             options: PACING_OPTIONS,
+        },
+    },
+    SettingDef {
+        name: "notice-lead-ms",
+        kind: Kind::Number {
+            default: 1000,
+            min: 0,
+            max: MAX_AGE_MS_MAX,
         },
     },
 ];
@@ -437,6 +446,9 @@ pub struct Settings {
     pub exempt_names: Patterns,
     pub rules: Rules,
     pub observe_only: bool,
+    /// How long before its deadline a connection that opted in (`MAXAGE.NOTICE`) is told to
+    /// leave; 0 turns notices off.
+    pub notice_lead_ms: u64,
 }
 
 impl Settings {
@@ -455,6 +467,7 @@ impl Settings {
             exempt_names: Patterns::parse(text(values, Id::ExemptNames)),
             rules: Rules::parse(text(values, Id::Rules)).unwrap_or_default(),
             observe_only: MODE_OPTIONS.get(choice(values, Id::Mode) as usize) == Some(&"observe"),
+            notice_lead_ms: number(values, Id::NoticeLeadMs),
         }
     }
 
@@ -514,6 +527,7 @@ mod tests {
             (Id::ClientKillCompat, "client-kill-compat"),
             (Id::Mode, "mode"),
             (Id::Pacing, "pacing"),
+            (Id::NoticeLeadMs, "notice-lead-ms"),
         ] {
             assert_eq!(SETTINGS[id as usize].name, name);
         }

@@ -10,6 +10,7 @@ use crate::policy::client_list::ListedClient;
 use crate::policy::closing::ClosingSet;
 use crate::policy::config::Settings;
 use crate::policy::filter::ClientType;
+use crate::policy::notices::{Notices, OptedIn, notice_at_ms};
 use crate::policy::registry::{Registry, TrackedClient};
 use crate::policy::schedule::{
     DeadlineQueue, LoadGauge, Pacer, PassBudget, adaptive_rate, deadline_ms, pass_budget,
@@ -20,6 +21,17 @@ pub const GRACE_POLL_MS: u64 = 10;
 /// The shortest interval at which an exempt client is looked at again (exemptions can end:
 /// `CLIENT NO-EVICT off`, `CLIENT SETNAME`).
 pub const EXEMPT_RECHECK_MIN_MS: u64 = 1000;
+
+/// What to do with a client that opted in to notices, when it is looked at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeStep {
+    /// Tell it now (the key's slot tag).
+    Send(Option<u32>),
+    /// Not yet, or no token: it is rescheduled.
+    LookAgain,
+    /// Not tracked any more.
+    Forget,
+}
 
 /// What to do with a client whose deadline has come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +116,11 @@ pub struct Policy {
     /// The last pass met a client past `max-overdue-ms`: the slack outranks the load, so
     /// passes are full-size until one meets none.
     behind_slack: bool,
+    /// Connections that asked to be told before their deadline (`MAXAGE.NOTICE`).
+    notices: Notices,
+    /// Notices go out no faster than retirements may: a mass of clients told at once would
+    /// all reconnect at once, the herd pacing exists to prevent.
+    notice_pacer: Pacer,
 }
 
 impl Policy {
@@ -116,6 +133,7 @@ impl Policy {
     }
 
     pub fn new(settings: Settings, seed: u64, now_ms: u64) -> Self {
+        let rate_per_sec = settings.max_evictions_per_sec;
         Self {
             registry: Registry::new(),
             pacer: Pacer::new(settings.max_evictions_per_sec, now_ms),
@@ -132,6 +150,8 @@ impl Policy {
             retire_early: HashSet::new(),
             seed,
             behind_slack: false,
+            notices: Notices::default(),
+            notice_pacer: Pacer::new(rate_per_sec, now_ms),
         }
     }
 
@@ -172,6 +192,9 @@ impl Policy {
         };
         if let Some(deadline) = deadline {
             self.requested_deadlines.push(deadline, client_id);
+            let lead_ms = self.settings.notice_lead_ms;
+            self.notices
+                .look_no_later_than(client_id, notice_at_ms(deadline, lead_ms, now_ms));
         }
         let still_due = deadline.is_some_and(|deadline| deadline <= now_ms);
         if still_due || self.closing.armed_for(client_id) != Some(Reason::ClientRequested) {
@@ -241,7 +264,13 @@ impl Policy {
         }
     }
 
-    pub fn on_disconnect(&mut self, client_id: u64) {
+    /// Forgets a client that left. Returns, for a connection that had opted in to notices,
+    /// what it was and whether the module closed it (rather than the client itself).
+    pub fn on_disconnect(&mut self, client_id: u64) -> Option<(OptedIn, bool)> {
+        let noticed = self
+            .notices
+            .forget(client_id)
+            .map(|opted_in| (opted_in, self.closed_pending.contains(&client_id)));
         self.registry.remove(client_id);
         self.deadlines.remove(client_id);
         self.requested_deadlines.remove(client_id);
@@ -254,6 +283,7 @@ impl Policy {
         self.deadlines.shrink_if_sparse();
         self.requested_deadlines.shrink_if_sparse();
         crate::policy::schedule::shrink_if_sparse(&mut self.requested_max_age_ms);
+        noticed
     }
 
     /// Applies new settings to every connected client at once. Returns the sockets of clients
@@ -265,6 +295,7 @@ impl Policy {
             || settings.adaptive_pacing != self.settings.adaptive_pacing
         {
             self.pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
+            self.notice_pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
         }
         if settings.adaptive_pacing != self.settings.adaptive_pacing {
             self.load.reset();
@@ -276,6 +307,7 @@ impl Policy {
     /// Re-times the operator's deadlines (clients' own requests do not depend on settings).
     /// Returns the corked sockets of clients let go, to release.
     pub fn retime_all(&mut self) -> Vec<i32> {
+        self.retime_notices();
         self.deadlines.clear();
         // An operator's graceful kill stands whatever the settings say.
         for client_id in &self.drain {
@@ -409,14 +441,17 @@ impl Policy {
 
     /// The decision for a client whose own request came due, as the server describes it now:
     /// exemptions do not apply to what a client asked for itself.
-    pub fn decide_requested(&self, client: &ListedClient, now_ms: u64) -> Decision {
+    pub fn decide_requested(&mut self, client: &ListedClient, now_ms: u64) -> Decision {
         let requested = self
             .registry
             .get(client.id)
             .and_then(|tracked| self.requested_deadline(&tracked));
         match requested {
             Some(due_at_ms) if due_at_ms > now_ms => Decision::NotYet { due_at_ms },
-            Some(_) => Decision::Retire(Reason::ClientRequested),
+            Some(_) => match self.notice_hold(client.id, now_ms, Origin::Client) {
+                Some(due_at_ms) => Decision::NotYet { due_at_ms },
+                None => Decision::Retire(Reason::ClientRequested),
+            },
             // Withdrawn: nothing to look at again in this queue.
             None => Decision::Exempt {
                 recheck_at_ms: u64::MAX,
@@ -431,7 +466,10 @@ impl Policy {
         if self.drain.contains(&client.id) {
             // Chosen by an operator's `MAXAGE.KILL ... GRACEFUL`: the filter said who, and an
             // exemption does not overrule it (as with the immediate kill).
-            return Decision::Retire(Reason::Drain);
+            return match self.notice_hold(client.id, now_ms, Origin::Operator) {
+                Some(due_at_ms) => Decision::NotYet { due_at_ms },
+                None => Decision::Retire(Reason::Drain),
+            };
         }
         let recheck_at_ms = now_ms
             + self
@@ -460,7 +498,10 @@ impl Policy {
                 }
             }
         }
-        Decision::Retire(Reason::MaxAge)
+        match self.notice_hold(client.id, now_ms, Origin::Operator) {
+            Some(due_at_ms) => Decision::NotYet { due_at_ms },
+            None => Decision::Retire(Reason::MaxAge),
+        }
     }
 
     /// `MAXAGE.KILL ... GRACEFUL`: these clients are retired through enforcement (pacing, the
@@ -471,10 +512,128 @@ impl Policy {
         for client_id in client_ids {
             if self.registry.contains(*client_id) && self.drain.insert(*client_id) {
                 self.deadlines.push(now_ms, *client_id);
+                self.notices.look_no_later_than(*client_id, now_ms);
                 scheduled += 1;
             }
         }
         scheduled
+    }
+
+    /// The deadline a notice announces for this client now: the one that applies to it (its
+    /// class's, the earlier one it asked for, or now for an operator's graceful kill). In
+    /// observe mode only what a client asked for itself, which is carried out.
+    fn noticed_deadline(
+        &self,
+        tracked: &TrackedClient,
+        listed: &ListedClient,
+        now_ms: u64,
+    ) -> Option<u64> {
+        if self.settings.observe_only {
+            return self.requested_deadline(tracked);
+        }
+        if self.drain.contains(&listed.id) {
+            return Some(now_ms);
+        }
+        self.effective_deadline(tracked, listed).0
+    }
+
+    /// `MAXAGE.NOTICE`: opts the client in (again) and returns its deadline now. It is looked
+    /// at when its notice may be due (the class is known now, but may change before then).
+    pub fn opt_in_to_notices(
+        &mut self,
+        listed: &ListedClient,
+        slot_tag: Option<u32>,
+        now_ms: u64,
+    ) -> Option<u64> {
+        let tracked = self.registry.get(listed.id)?;
+        let deadline = self.noticed_deadline(&tracked, listed, now_ms);
+        let look_at_ms = self.notice_look_at_ms(deadline, now_ms);
+        self.notices.opt_in(listed.id, slot_tag, look_at_ms);
+        deadline
+    }
+
+    fn notice_look_at_ms(&self, deadline: Option<u64>, now_ms: u64) -> u64 {
+        match deadline {
+            Some(deadline) => notice_at_ms(deadline, self.settings.notice_lead_ms, now_ms),
+            None => now_ms.saturating_add(
+                self.settings
+                    .shortest_max_age_ms()
+                    .unwrap_or(0)
+                    .max(EXEMPT_RECHECK_MIN_MS),
+            ),
+        }
+    }
+
+    /// The opted-in clients to look at now, as many as notice pacing allows (0 when notices
+    /// are off).
+    pub fn take_due_notices(&mut self, now_ms: u64, max: usize) -> Vec<u64> {
+        if self.settings.notice_lead_ms == 0 {
+            return Vec::new();
+        }
+        let rate = self.pacer.rate_per_sec();
+        if rate != self.notice_pacer.rate_per_sec() {
+            // Adaptive pacing moved the retirements' rate: notices follow it.
+            self.notice_pacer.set_rate(rate, now_ms);
+        }
+        let max = max.min(self.notice_pacer.available(now_ms).max(1));
+        self.notices.take_due(now_ms, max)
+    }
+
+    /// Whether to tell this client now; otherwise it is looked at again when its notice may
+    /// be due. Takes a pacing token when it is to be told.
+    pub fn decide_notice(&mut self, listed: &ListedClient, now_ms: u64) -> NoticeStep {
+        let Some(tracked) = self.registry.get(listed.id) else {
+            return NoticeStep::Forget;
+        };
+        let deadline = self.noticed_deadline(&tracked, listed, now_ms);
+        let look_at_ms = self.notice_look_at_ms(deadline, now_ms);
+        if look_at_ms > now_ms || deadline.is_none() {
+            self.notices.reschedule(listed.id, look_at_ms);
+            return NoticeStep::LookAgain;
+        }
+        if !self.notice_pacer.try_take(now_ms) {
+            self.notices
+                .reschedule(listed.id, self.notice_pacer.next_token_at_ms(now_ms));
+            return NoticeStep::LookAgain;
+        }
+        NoticeStep::Send(self.notices.get(listed.id).and_then(|entry| entry.slot_tag))
+    }
+
+    pub fn notices(&mut self) -> &mut Notices {
+        &mut self.notices
+    }
+
+    pub fn notices_view(&self) -> &Notices {
+        &self.notices
+    }
+
+    /// A client told to leave gets the notice's lead to do so before the module closes it: a
+    /// due client that opted in is held until then (told now if it has not been yet).
+    fn notice_hold(&mut self, client_id: u64, now_ms: u64, origin: Origin) -> Option<u64> {
+        let lead_ms = self.settings.notice_lead_ms;
+        // Observe mode tells nobody about the operator's limits (see `noticed_deadline`).
+        if lead_ms == 0 || (origin == Origin::Operator && self.settings.observe_only) {
+            return None;
+        }
+        let opted_in = self.notices.get(client_id)?;
+        match opted_in.sent_at_ms {
+            Some(sent_at_ms) => {
+                let leave_by_ms = sent_at_ms.saturating_add(lead_ms);
+                (leave_by_ms > now_ms).then_some(leave_by_ms)
+            }
+            None => {
+                self.notices.look_no_later_than(client_id, now_ms);
+                Some(now_ms.saturating_add(lead_ms.min(GRACE_POLL_MS * 10)))
+            }
+        }
+    }
+
+    /// Settings changed: every opted-in client not yet told is looked at again at once (its
+    /// deadline may have moved either way).
+    fn retime_notices(&mut self) {
+        for client_id in self.notices.waiting() {
+            self.notices.reschedule(client_id, 0);
+        }
     }
 
     /// The module has asked the server to close this client (it is freed at the end of the
@@ -542,7 +701,15 @@ impl Policy {
             .next_deadline()
             .filter(|_| self.closing.has_room(Origin::Client))
             .map(|(deadline, _)| deadline.max(now_ms));
-        earliest(self.next_operator_wake_ms(now_ms), requested)
+        let notice = self
+            .notices
+            .next_look_ms()
+            .filter(|_| self.settings.notice_lead_ms > 0)
+            .map(|at_ms| at_ms.max(now_ms));
+        earliest(
+            earliest(self.next_operator_wake_ms(now_ms), requested),
+            notice,
+        )
     }
 
     fn next_operator_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
@@ -591,6 +758,7 @@ impl Policy {
             + self.deadlines.heap_bytes()
             + self.requested_deadlines.heap_bytes()
             + self.requested_max_age_ms.capacity() * REQUEST_SLOT
+            + self.notices.heap_bytes()
     }
 }
 

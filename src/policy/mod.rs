@@ -6,6 +6,7 @@ pub mod decisions;
 pub mod filter;
 pub mod filter_keywords;
 pub mod glob;
+pub mod notices;
 pub mod pass;
 pub mod registry;
 pub mod rules;

@@ -16,6 +16,7 @@ use crate::policy::config;
 use crate::policy::filter::ClientType;
 use crate::policy::pass::{PassServer, RetireNow};
 use crate::server::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
+use crate::server::notices;
 use crate::server::retire::{
     audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
 };
@@ -28,17 +29,23 @@ lazy_static! {
     static ref ARMED: MainThreadCell<Option<u64>> = MainThreadCell::new(None);
 }
 
-pub fn on_client_change(_ctx: &Context, client_id: u64, connected: bool) {
+pub fn on_client_change(ctx: &Context, client_id: u64, connected: bool) {
     let now_ms = monotonic_ms();
-    STATE.with(|policy| {
-        // Connections come and go all the time on a busy server: a moment to sample load.
-        sample_load(policy);
-        if connected {
-            policy.on_connect(client_id, monotonic_ms_ceil());
-        } else {
-            policy.on_disconnect(client_id);
-        }
-    });
+    let noticed = STATE
+        .with(|policy| {
+            // Connections come and go all the time on a busy server: a moment to sample load.
+            sample_load(policy);
+            if connected {
+                policy.on_connect(client_id, monotonic_ms_ceil());
+                None
+            } else {
+                policy.on_disconnect(client_id)
+            }
+        })
+        .flatten();
+    if let Some((opted_in, closed_by_module)) = noticed {
+        notices::on_left(ctx, client_id, opted_in, closed_by_module);
+    }
     // A disconnect can free a closing slot that clients' own requests wait for.
     rearm(now_ms);
 }
@@ -186,6 +193,7 @@ pub fn rearm(now_ms: u64) {
                 closing,
                 audit_summary_due_at_ms(),
                 kills_queued().then_some(now_ms),
+                notices::keys_to_release().then_some(now_ms),
             ]
             .into_iter()
             .flatten()
@@ -224,7 +232,9 @@ pub fn on_wakeup(ctx: &Context) {
     let started_us = monotonic_us();
     ARMED.with(|armed| *armed = None);
     close_queued_kills(ctx, monotonic_ms());
+    notices::release_keys();
     tick(ctx);
+    notices::notice_pass(ctx, monotonic_ms());
     update_event_loop_watch(ctx);
     rearm(monotonic_ms());
     let took_us = monotonic_us() - started_us;

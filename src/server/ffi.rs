@@ -833,6 +833,66 @@ pub fn client_in_transaction(client_id: u64) -> bool {
         && info.flags & u64::from(raw::REDISMODULE_CLIENTINFO_FLAG_MULTI) != 0
 }
 
+/// Whether the client has `CLIENT TRACKING` on (any mode).
+pub fn client_is_tracking(client_id: u64) -> bool {
+    // SAFETY: the structure is plain integers and bytes, for which all zeroes is valid.
+    let mut info: raw::RedisModuleClientInfo = unsafe { std::mem::zeroed() };
+    info.version = 1;
+    // SAFETY: `info` is a version-1 structure the server fills for a known id; the call only
+    // writes into it.
+    let status = unsafe {
+        raw::RedisModule_GetClientInfoById.unwrap()(ptr::addr_of_mut!(info).cast(), client_id)
+    };
+    status == raw::REDISMODULE_OK as c_int
+        && info.flags & u64::from(raw::REDISMODULE_CLIENTINFO_FLAG_TRACKING) != 0
+}
+
+/// Whether the client running the current command speaks RESP3 (and so can receive pushes).
+pub fn caller_speaks_resp3(ctx: &Context) -> bool {
+    // SAFETY: `ctx` is the context the server passed to the running command.
+    let flags = unsafe { raw::RedisModule_GetContextFlags.unwrap()(ctx.ctx) };
+    flags as u64 & u64::from(raw::REDISMODULE_CTX_FLAGS_RESP3) != 0
+}
+
+/// The server's version as `0x00MMmmpp` (0 if the server cannot say).
+pub fn server_version() -> u32 {
+    // SAFETY: the function-pointer static was filled in by RedisModule_Init; the call reads a
+    // constant.
+    match unsafe { raw::RedisModule_GetServerVersion } {
+        // SAFETY: as above.
+        Some(version) => u32::try_from(unsafe { version() }).unwrap_or(0),
+        None => 0,
+    }
+}
+
+/// Whether this server is a Redis Cluster node.
+pub fn cluster_enabled(ctx: &Context) -> bool {
+    // SAFETY: `ctx` is a live module context.
+    let flags = unsafe { raw::RedisModule_GetContextFlags.unwrap()(ctx.ctx) };
+    flags as u64 & u64::from(raw::REDISMODULE_CTX_FLAGS_CLUSTER) != 0
+}
+
+/// Tells the server a key was modified, without touching it: clients tracking the key get an
+/// invalidation (the notice). Nothing is written, replicated or counted as a keyspace event.
+pub fn signal_key_modified(key: &str) {
+    if !module_ctx_ready() {
+        return;
+    }
+    let ctx = module_ctx();
+    // SAFETY: the module context is live between load and unload and has a client with a
+    // selected database; the string is created and freed with that context, and the server
+    // copies the key before the call returns.
+    unsafe {
+        let name = raw::RedisModule_CreateString.unwrap()(ctx.ctx, key.as_ptr().cast(), key.len());
+        if name.is_null() {
+            count_failure("creating a notice key");
+            return;
+        }
+        raw::RedisModule_SignalModifiedKey.unwrap()(ctx.ctx, name);
+        raw::RedisModule_FreeString.unwrap()(ctx.ctx, name);
+    }
+}
+
 /// Registers the `CLIENT KILL` filter once; it skips the module's own `RM_Call`s (NOSELF).
 pub fn register_client_kill_filter(ctx: &Context, handler: ClientKillHandler) -> bool {
     FILTER_HANDLER.set(Some(handler));

@@ -1,6 +1,7 @@
 pub mod enforcement;
 pub mod ffi;
 pub mod next_command;
+pub mod notices;
 pub mod retire;
 pub mod server_view;
 pub mod settings_changed;

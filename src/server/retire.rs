@@ -205,6 +205,10 @@ fn record_with(
     stats::count_retirement(reason, observe_only);
     audit(ctx, now_ms, reason.origin(), || {
         let client = client();
+        let noticed = STATE
+            .with(|policy| policy.notices_view().get(client.id))
+            .flatten()
+            .is_some_and(|opted_in| opted_in.sent_at_ms.is_some());
         retirement_line(
             &RetiredClient {
                 client_id: client.id,
@@ -212,9 +216,22 @@ fn record_with(
                 user: &client.user,
                 name: &client.name,
                 age_ms,
+                noticed,
             },
             reason,
             observe_only,
+        )
+    });
+}
+
+/// Logs that a client told to leave (`MAXAGE.NOTICE`) closed its connection itself, under the
+/// clients' own audit cap: it was the client's act.
+pub fn audit_left_after_notice(ctx: &Context, client_id: u64, sent_at_ms: u64) {
+    let now_ms = ffi::monotonic_ms();
+    audit(ctx, now_ms, Origin::Client, || {
+        format!(
+            "maxage: client id={client_id} left by itself {} ms after its notice reason=left-after-notice",
+            now_ms.saturating_sub(sent_at_ms)
         )
     });
 }

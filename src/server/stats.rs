@@ -20,6 +20,11 @@ pub static CLOSED_AFTER_REPLY: AtomicU64 = AtomicU64::new(0);
 pub static CLOSED_WHILE_IDLE: AtomicU64 = AtomicU64::new(0);
 /// Of `CLOSED_AFTER_REPLY`: closed from inside their own next command (Redis 8 I/O threads).
 pub static CLOSED_IN_NEXT_COMMAND: AtomicU64 = AtomicU64::new(0);
+/// Notices (`MAXAGE.NOTICE`) sent, and how the connections told left: by themselves, or
+/// closed by the module when their time ran out (the backstop).
+pub static NOTICES_SENT: AtomicU64 = AtomicU64::new(0);
+pub static NOTICED_LEFT_THEMSELVES: AtomicU64 = AtomicU64::new(0);
+pub static NOTICED_CLOSED_BY_MODULE: AtomicU64 = AtomicU64::new(0);
 pub static OBSERVED_WOULD_EVICT: AtomicU64 = AtomicU64::new(0);
 pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
 pub static SAFE_MOMENT_POLLS: AtomicU64 = AtomicU64::new(0);
@@ -61,6 +66,7 @@ struct PolicySnapshot {
     heap_bytes: u64,
     event_loop_busy_pct: u64,
     rate_now: u64,
+    opted_in: u64,
 }
 
 impl PolicySnapshot {
@@ -83,6 +89,7 @@ impl PolicySnapshot {
             heap_bytes: policy.heap_bytes() as u64,
             event_loop_busy_pct: (policy.event_loop_busy_share() * 100.0).round() as u64,
             rate_now: policy.current_rate_per_sec(),
+            opted_in: policy.notices_view().len() as u64,
         }
     }
 }
@@ -103,6 +110,7 @@ pub fn write_info(info: &mut InfoWriter) {
         heap_bytes,
         event_loop_busy_pct,
         rate_now,
+        opted_in,
     }) = STATE.with(|policy| PolicySnapshot::of(policy, now_ms))
     else {
         return;
@@ -145,6 +153,10 @@ pub fn write_info(info: &mut InfoWriter) {
         "full_client_lists",
         get(&crate::server::server_view::FULL_CLIENT_LISTS),
     );
+    info.field_u64("notices_sent", get(&NOTICES_SENT));
+    info.field_u64("noticed_left_themselves", get(&NOTICED_LEFT_THEMSELVES));
+    info.field_u64("noticed_closed_by_module", get(&NOTICED_CLOSED_BY_MODULE));
+    info.field_u64("clients_opted_in_to_notices", opted_in);
     info.field_u64("clients_in_grace", in_grace);
     info.field_u64("clients_draining", draining);
     info.field_u64("clients_delayed_by_pacing", due);
