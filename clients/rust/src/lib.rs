@@ -29,7 +29,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use redis::aio::{AsyncPushSender, ConnectionLike, MultiplexedConnection, SendError};
@@ -37,6 +37,9 @@ use redis::{
     AsyncConnectionConfig, Client, Cmd, Pipeline, PushInfo, PushKind, RedisFuture, RedisResult,
     Value,
 };
+
+/// Assumed until an opt-in's reply says (the module's default).
+const DEFAULT_NOTICE_LEAD_MS: u64 = 200;
 
 /// Every notice key starts with this (docs/notices.md).
 pub const NOTICE_KEY_PREFIX: &[u8] = b"__maxage__:notice:";
@@ -147,6 +150,11 @@ pub struct Stats {
     pub replacements: u64,
     /// Reconnections after a connection was lost or could not be made.
     pub reconnects: u64,
+    /// Replacements swapped in before they were ready (not ready half the notice lead after
+    /// the notice: new commands waited for them).
+    pub swapped_before_ready: u64,
+    /// The longest time from a notice to its replacement being ready, in microseconds.
+    pub longest_replacement_us: u64,
 }
 
 #[derive(Default)]
@@ -156,6 +164,8 @@ struct Counters {
     notices: AtomicU64,
     replacements: AtomicU64,
     reconnects: AtomicU64,
+    swapped_before_ready: AtomicU64,
+    longest_replacement_us: AtomicU64,
 }
 
 type SharedConnection = Shared<BoxFuture<'static, RedisResult<MultiplexedConnection>>>;
@@ -180,6 +190,8 @@ struct Inner {
     slot: Mutex<Slot>,
     next_id: AtomicU64,
     counters: Counters,
+    /// The server's `notice-lead-ms`, from the last opt-in's reply.
+    notice_lead_ms: AtomicU64,
 }
 
 /// A `redis::aio::ConnectionManager` that takes redis-maxage's notices (see the crate docs).
@@ -237,6 +249,7 @@ impl ConnectionManager {
                 }),
                 next_id: AtomicU64::new(1),
                 counters: Counters::default(),
+                notice_lead_ms: AtomicU64::new(DEFAULT_NOTICE_LEAD_MS),
             }
         }));
         let first = manager.0.lock().connection.clone();
@@ -275,6 +288,8 @@ impl ConnectionManager {
             notices: c.notices.load(Ordering::Relaxed),
             replacements: c.replacements.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
+            swapped_before_ready: c.swapped_before_ready.load(Ordering::Relaxed),
+            longest_replacement_us: c.longest_replacement_us.load(Ordering::Relaxed),
         }
     }
 }
@@ -387,27 +402,50 @@ impl Inner {
         }
     }
 
+    /// Opens the replacement of connection `old_id` and swaps it in for new commands once it
+    /// is ready, or once half the notice lead has passed, whichever comes first: from then on
+    /// new commands wait for the replacement rather than go to a connection that the server may
+    /// close (it does not before the lead has passed since the notice).
     async fn replace(self: Arc<Self>, old_id: u64) {
+        let told = Instant::now();
         let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let result = connect(Arc::downgrade(&self), new_id).await;
-        let mut slot = self.lock();
-        if slot.id != old_id {
-            // Lost meanwhile and reconnected: the new connection is not needed.
-            return;
-        }
-        slot.replacing = false;
-        let Ok(connection) = result else {
-            // The old connection stays until the server closes it (the module's backstop);
-            // then the requests on it fail and the manager reconnects.
-            return;
+        let pending = connect(Arc::downgrade(&self), new_id).boxed().shared();
+        let budget = Duration::from_millis(self.notice_lead_ms.load(Ordering::Relaxed) / 2);
+        let ready = match tokio::time::timeout(budget, pending.clone()).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(_)) => {
+                // The old connection stays until the server closes it (the module's backstop);
+                // then the requests on it fail and the manager reconnects.
+                let mut slot = self.lock();
+                if slot.id == old_id {
+                    slot.replacing = false;
+                }
+                return;
+            }
+            Err(_) => false,
         };
-        slot.id = new_id;
-        // The old connection leaves the slot here; the requests in flight on it hold their own
-        // clones, and it closes when the last of them is dropped.
-        slot.connection = futures_util::future::ready(Ok(connection)).boxed().shared();
-        self.counters.replacements.fetch_add(1, Ordering::Relaxed);
-        drop(slot);
-        self.act_on_early_notice(new_id);
+        {
+            let mut slot = self.lock();
+            if slot.id != old_id {
+                // Lost meanwhile and reconnected: the new connection is not needed.
+                return;
+            }
+            slot.replacing = false;
+            slot.id = new_id;
+            // The old connection leaves the slot here; the requests in flight on it hold their
+            // own clones, and it closes when the last of them is dropped.
+            slot.connection = pending.clone();
+        }
+        let c = &self.counters;
+        c.replacements.fetch_add(1, Ordering::Relaxed);
+        if !ready {
+            c.swapped_before_ready.fetch_add(1, Ordering::Relaxed);
+        }
+        if ready || pending.await.is_ok() {
+            let took = u64::try_from(told.elapsed().as_micros()).unwrap_or(u64::MAX);
+            c.longest_replacement_us.fetch_max(took, Ordering::Relaxed);
+            self.act_on_early_notice(new_id);
+        }
     }
 
     fn forward(&self, info: PushInfo) {
@@ -447,8 +485,13 @@ async fn connect(inner: Weak<Inner>, id: u64) -> RedisResult<MultiplexedConnecti
         }
     };
     this.counters.connections.fetch_add(1, Ordering::Relaxed);
-    if this.resp3 && opt_in(&mut connection).await? {
+    if this.resp3
+        && let Some(lead_ms) = opt_in(&mut connection).await?
+    {
         this.counters.opted_in.fetch_add(1, Ordering::Relaxed);
+        if let Some(lead_ms) = lead_ms {
+            this.notice_lead_ms.store(lead_ms, Ordering::Relaxed);
+        }
     }
     Ok(connection)
 }
@@ -469,9 +512,10 @@ fn backoff(config: &ConnectionManagerConfig, attempt: usize, salt: u64) -> Durat
     ceiling.mul_f64((mixed >> 11) as f64 / (1u64 << 53) as f64)
 }
 
-/// The opt-in (docs/notices.md): true when a notice will come. A server without the module, or
-/// one that refuses, gives a plain connection; only I/O errors fail the connect.
-async fn opt_in(connection: &mut MultiplexedConnection) -> RedisResult<bool> {
+/// The opt-in (docs/notices.md): Some(the reply's notice-lead-ms) when a notice will come. A
+/// server without the module, or one that refuses, gives a plain connection; only I/O errors
+/// fail the connect.
+async fn opt_in(connection: &mut MultiplexedConnection) -> RedisResult<Option<Option<u64>>> {
     // Commands one at a time: the connection is not shared yet, so `CLIENT CACHING YES` is
     // still right before the command whose keys it tracks.
     let tracking = redis::cmd("CLIENT")
@@ -481,7 +525,7 @@ async fn opt_in(connection: &mut MultiplexedConnection) -> RedisResult<bool> {
         .query_async::<Value>(connection)
         .await;
     if !usable(tracking)? {
-        return Ok(false);
+        return Ok(None);
     }
     let mut caching = redis::cmd("CLIENT");
     caching.arg("CACHING").arg("YES");
@@ -500,35 +544,36 @@ async fn opt_in(connection: &mut MultiplexedConnection) -> RedisResult<bool> {
     let field = |name: &str| field_of(&reply, name);
     if int_of(field("push")) != Some(1) {
         // Exempt, notices off, ...: no notice will come; tracking stays on, reading nothing.
-        return Ok(false);
+        return Ok(None);
     }
     if int_of(field("key-tracked")) == Some(0) {
         // Redis 7.0: the client reads its notice key itself, tracked.
         let Some(key) = field("key").and_then(bytes_of) else {
-            return Ok(false);
+            return Ok(None);
         };
         if !usable(caching.query_async::<Value>(connection).await)? {
-            return Ok(false);
+            return Ok(None);
         }
         let mut read = redis::cmd("MAXAGE.NOTICEKEY");
         read.arg(key);
         if !usable(read.query_async::<Value>(connection).await)? {
-            return Ok(false);
+            return Ok(None);
         }
     }
-    Ok(true)
+    let lead_ms = int_of(field("notice-lead-ms")).and_then(|ms| u64::try_from(ms).ok());
+    Ok(Some(lead_ms))
 }
 
 /// Tracking off again (a server without the module): the application's own tracking settings
 /// are not touched otherwise.
-async fn plain(connection: &mut MultiplexedConnection) -> RedisResult<bool> {
+async fn plain(connection: &mut MultiplexedConnection) -> RedisResult<Option<Option<u64>>> {
     let off = redis::cmd("CLIENT")
         .arg("TRACKING")
         .arg("OFF")
         .query_async::<Value>(connection)
         .await;
     usable(off)?;
-    Ok(false)
+    Ok(None)
 }
 
 /// Ok(true) for a reply, Ok(false) for an error reply, Err for a lost connection.
