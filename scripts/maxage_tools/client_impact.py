@@ -11,6 +11,9 @@ One table row per client library x transport x server setup x retirement:
                                 reconnect, so no failure is visible; the INCR check shows
                                 whether a resend ran anything twice)
               rust-redis        the `redis` crate's ConnectionManager (multiplexed, reconnects)
+              rust-redis+adapter  the same through clients/rust (redis-maxage-client) on RESP3:
+                                it opts in to the module's notice and, when told, swaps in a
+                                new connection and lets the old one finish (docs/notices.md)
   transports  tcp, tls (a throwaway CA and server certificate made with openssl; the server
               listens on `tls-port` only, clients verify the certificate against that CA)
   setups      redis              Debian's redis-server 7.0
@@ -30,7 +33,8 @@ One table row per client library x transport x server setup x retirement:
                                  once the main thread is >= 30 % busy, which this load may not
                                  reach with `io-threads 2` alone
   retirement  module  the server loads the module with `max-age-ms 500` (jitter at its default,
-                      10 %): every connection is closed at 450-500 ms of age
+                      10 %): every connection is closed at 450-500 ms of age, and
+                      `notice-lead-ms 200` (only clients that opt in, the adapters, are told)
               native  the server without the module, and a thread of this script calling
                       `CLIENT KILL MAXAGE 1` every 100 ms (the baseline: what the server can do
                       by itself; Redis 7.0 has no such command, so these rows are Valkey and
@@ -50,7 +54,9 @@ application gets for a request.
 
 Columns:
   retired                connections the server retired during the load (module: INFO maxage
-                         maxage_evicted_connections; native: the sum of CLIENT KILL's replies)
+                         maxage_evicted_connections + maxage_noticed_left_themselves, the told
+                         connections that closed themselves; native: the sum of CLIENT KILL's
+                         replies)
   failed / 10k retired   failed requests x 10,000 / retired
   executed twice         INCRs the server executed more often than the application sent them:
                          per worker, server value - successful INCRs - failed INCRs, when that
@@ -125,6 +131,8 @@ RUST_LOAD_TARGET = os.path.join(ROOT, "target", "impact-load-rs")
 RUST_LOAD_BINARY = os.path.join(RUST_LOAD_TARGET, "release", "impact-load-rs")
 
 MODULE_MAX_AGE_MS = 500
+# The notice comes this long before the deadline, to connections that opted in (the adapters).
+MODULE_NOTICE_LEAD_MS = 200
 NATIVE_KILL_MAXAGE_S = 1
 NATIVE_KILL_INTERVAL_S = 0.1
 CONTROL_TIMEOUT_S = 5.0
@@ -171,6 +179,7 @@ CLIENTS = [
     ClientSpec("ioredis", "node", True),
     ClientSpec("ioredis-resend", "node", True),
     ClientSpec("rust-redis", "rust", True),
+    ClientSpec("rust-redis+adapter", "rust", True),
 ]
 CLIENTS_BY_NAME = {c.name: c for c in CLIENTS}
 
@@ -374,7 +383,12 @@ def server_counters(client, module):
     }
     if module:
         maxage = client.info("maxage")
-        for name in ("evicted_connections", "evicted_max_age_after_grace", "pacing_delays"):
+        for name in (
+            "evicted_connections",
+            "evicted_max_age_after_grace",
+            "pacing_delays",
+            "noticed_left_themselves",
+        ):
             counters[name] = int(maxage[f"maxage_{name}"])
     return counters
 
@@ -550,7 +564,7 @@ def measure(row, spec, server, control, tls_ca, mode, seconds, retiring, prefix)
                 killer.stop()
     deltas = counter_deltas(before, server_counters(control, module))
     if module:
-        retired = deltas["evicted_connections"]
+        retired = deltas["evicted_connections"] + deltas["noticed_left_themselves"]
     else:
         retired = killer.retired if killer is not None else 0
     keys = [f"{prefix}incr:{w}" for w in range(row.workers)]
@@ -565,6 +579,8 @@ def measure(row, spec, server, control, tls_ca, mode, seconds, retiring, prefix)
         "latency_ms": output["latency_ms"],
         "incr": incr_check(output["incr_ok"], output["incr_failed"], values),
         "errors": output["errors"],
+        # An adapter's own counters (notices, replacements, ...), when its generator reports them.
+        "adapter": output.get("adapter"),
         "server_counters": deltas,
         # From the module's audit lines (a sample under heavy load); empty for native rows.
         "retired_at_age_ms": {
@@ -663,7 +679,7 @@ def run_group(ctx, mode, setup, transport, rows):
         server = SetupServer(
             binary,
             setup.flavor,
-            module_args=["max-age-ms", MODULE_MAX_AGE_MS],
+            module_args=["max-age-ms", MODULE_MAX_AGE_MS, "notice-lead-ms", MODULE_NOTICE_LEAD_MS],
             extra_config=list(setup.config),
             load_module=mode == "module",
             tls=tls,
@@ -728,12 +744,15 @@ def run_plan(ctx, plan):
         )
     # Clients that cannot run here, and the Rust generator's build, before any server starts.
     unavailable = {c: client_unavailable(CLIENTS_BY_NAME[c]) for c in {r.client for r in results}}
-    if "rust-redis" in unavailable and unavailable["rust-redis"] is None:
-        unavailable["rust-redis"] = build_rust_load()
-        if unavailable["rust-redis"]:
+    rust = [c for c, why in unavailable.items() if CLIENTS_BY_NAME[c].runtime == "rust" and not why]
+    if rust:
+        failed_build = build_rust_load()
+        for client in rust:
+            unavailable[client] = failed_build
+        if failed_build:
             for row in results:
-                if row.client == "rust-redis":
-                    row.status, row.reason = "error", unavailable["rust-redis"]
+                if row.client in rust:
+                    row.status, row.reason = "error", failed_build
     for row in results:
         if row.status == "ok" and unavailable[row.client]:
             row.status, row.reason = "n/a", unavailable[row.client]

@@ -5,7 +5,9 @@
 //!                    --workers W --connections C --prefix P
 //!
 //! C `ConnectionManager`s (each one multiplexed connection that reconnects by itself), shared by
-//! W tokio tasks (task w uses manager w % C). Each task loops until S seconds have passed: GET or
+//! W tokio tasks (task w uses manager w % C). `--client rust-redis+adapter`: the managers are
+//! clients/rust's `redis_maxage_client::ConnectionManager` on RESP3, which opts in to the
+//! module's notice and swaps in a new connection when told (docs/notices.md). Each task loops until S seconds have passed: GET or
 //! SET on a random key `{P}key:{n}`, or INCR on its own `{P}incr:{w}`, one third each. Every error
 //! is one failed request (then the task pauses 1 ms, as an error path would). The crate has no
 //! request retry: `ConnectionManagerConfig::number_of_retries` is how often a *reconnect* is
@@ -21,6 +23,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisResult};
 
 const REDIS_CRATE: &str = "redis 1.8.1 (ConnectionManager)";
+const ADAPTER: &str = "rust-redis+adapter";
+const REDIS_CRATE_ADAPTER: &str =
+    "redis 1.8.1 + redis-maxage-client (clients/rust: ConnectionManager taking notices, RESP3)";
 const KEYSPACE: u64 = 10_000;
 const VALUE: &[u8] = &[b'v'; 100];
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,8 +97,8 @@ struct Tally {
     errors: HashMap<String, u64>,
 }
 
-async fn worker(
-    mut con: ConnectionManager,
+async fn worker<C: AsyncCommands + Send>(
+    mut con: C,
     index: usize,
     prefix: String,
     deadline: Instant,
@@ -157,20 +162,30 @@ fn percentile_ms(sorted_us: &[u32], fraction: f64) -> f64 {
     f64::from(sorted_us[rank.clamp(1, sorted_us.len()) - 1]) / 1000.0
 }
 
-async fn connect(args: &Args) -> RedisResult<Vec<ConnectionManager>> {
-    let client = match &args.tls_ca {
-        None => redis::Client::open(format!("redis://{}:{}/", args.host, args.port))?,
+fn client(args: &Args) -> RedisResult<redis::Client> {
+    // The adapter needs RESP3 for the notice push.
+    let query = if args.client == ADAPTER {
+        "?protocol=resp3"
+    } else {
+        ""
+    };
+    Ok(match &args.tls_ca {
+        None => redis::Client::open(format!("redis://{}:{}/{query}", args.host, args.port))?,
         Some(ca) => {
             let root_cert = std::fs::read(ca)?;
             redis::Client::build_with_tls(
-                format!("rediss://{}:{}/", args.host, args.port),
+                format!("rediss://{}:{}/{query}", args.host, args.port),
                 redis::TlsCertificates {
                     client_tls: None,
                     root_cert: Some(root_cert),
                 },
             )?
         }
-    };
+    })
+}
+
+async fn connect(args: &Args) -> RedisResult<Vec<ConnectionManager>> {
+    let client = client(args)?;
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(TIMEOUT))
         .set_connection_timeout(Some(TIMEOUT));
@@ -185,6 +200,36 @@ async fn connect(args: &Args) -> RedisResult<Vec<ConnectionManager>> {
     Ok(managers)
 }
 
+/// The same with the adapter (the same timeouts and reconnect defaults).
+async fn connect_adapter(args: &Args) -> RedisResult<Vec<redis_maxage_client::ConnectionManager>> {
+    let client = client(args)?;
+    let config = redis_maxage_client::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(TIMEOUT))
+        .set_connection_timeout(Some(TIMEOUT));
+    let mut managers = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        managers.push(
+            redis_maxage_client::ConnectionManager::new_with_config(client.clone(), config.clone())
+                .await?,
+        );
+    }
+    Ok(managers)
+}
+
+/// Starts the W load tasks on the C managers.
+fn spawn_workers<C: AsyncCommands + Clone + Send + Sync + 'static>(
+    managers: &[C],
+    args: &Args,
+    deadline: Instant,
+) -> Vec<tokio::task::JoinHandle<Tally>> {
+    (0..args.workers)
+        .map(|index| {
+            let con = managers[index % managers.len()].clone();
+            tokio::spawn(worker(con, index, args.prefix.clone(), deadline))
+        })
+        .collect()
+}
+
 #[tokio::main]
 async fn main() {
     let args = match parse_args() {
@@ -194,26 +239,55 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let managers = match connect(&args).await {
-        Ok(managers) => managers,
-        Err(error) => {
+    let adapter = args.client == ADAPTER;
+    let (plain, adapted) = if adapter {
+        (Ok(Vec::new()), connect_adapter(&args).await)
+    } else {
+        (connect(&args).await, Ok(Vec::new()))
+    };
+    let (plain, adapted) = match (plain, adapted) {
+        (Ok(plain), Ok(adapted)) => (plain, adapted),
+        (Err(error), _) | (_, Err(error)) => {
             eprintln!("impact-load-rs: cannot connect: {error}");
             std::process::exit(1);
         }
     };
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
-    let tasks: Vec<_> = (0..args.workers)
-        .map(|index| {
-            let con = managers[index % managers.len()].clone();
-            tokio::spawn(worker(con, index, args.prefix.clone(), deadline))
-        })
-        .collect();
+    let tasks = if adapter {
+        spawn_workers(&adapted, &args, deadline)
+    } else {
+        spawn_workers(&plain, &args, deadline)
+    };
     let mut tallies = Vec::with_capacity(tasks.len());
     for task in tasks {
         tallies.push(task.await.expect("load task panicked"));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    // The adapter's own counters, summed over its managers (the longest replacement: the max).
+    let adapter_json = if adapter {
+        let stats: Vec<_> = adapted.iter().map(|m| m.stats()).collect();
+        let sum = |f: fn(&redis_maxage_client::Stats) -> u64| stats.iter().map(f).sum::<u64>();
+        format!(
+            ", \"adapter\": {{\"connections\": {}, \"opted_in\": {}, \"notices\": {}, \
+             \"replacements\": {}, \"swapped_before_ready\": {}, \"reconnects\": {}, \
+             \"longest_replacement_ms\": {:.3}}}",
+            sum(|s| s.connections),
+            sum(|s| s.opted_in),
+            sum(|s| s.notices),
+            sum(|s| s.replacements),
+            sum(|s| s.swapped_before_ready),
+            sum(|s| s.reconnects),
+            stats
+                .iter()
+                .map(|s| s.longest_replacement_us)
+                .max()
+                .unwrap_or(0) as f64
+                / 1000.0,
+        )
+    } else {
+        String::new()
+    };
 
     let mut latencies: Vec<u32> = tallies
         .iter_mut()
@@ -242,9 +316,13 @@ async fn main() {
         "{{\"client\": {}, \"library\": {}, \"settings\": {}, \"elapsed_s\": {elapsed:.3}, \
          \"requests_ok\": {}, \"requests_failed\": {}, \"incr_ok\": [{}], \"incr_failed\": [{}], \
          \"latency_ms\": {{\"p50\": {:.3}, \"p99\": {:.3}, \"p999\": {:.3}, \"max\": {:.3}}}, \
-         \"errors\": {{{errors_json}}}}}",
+         \"errors\": {{{errors_json}}}{adapter_json}}}",
         json_string(&args.client),
-        json_string(REDIS_CRATE),
+        json_string(if adapter {
+            REDIS_CRATE_ADAPTER
+        } else {
+            REDIS_CRATE
+        }),
         json_string(
             "no request retry in the crate; reconnect: ConnectionManager default \
              (number_of_retries 6, exponential backoff); response/connection timeout 5 s"
