@@ -5,16 +5,18 @@
 //!                    --workers W --connections C --prefix P
 //!
 //! C `ConnectionManager`s (each one multiplexed connection that reconnects by itself), shared by
-//! W tokio tasks (task w uses manager w % C). `--client rust-redis+adapter`: the managers are
+//! W tokio tasks (task w uses manager w % C); with `--client rust-redis+adapter` they are
 //! clients/rust's `redis_maxage_client::ConnectionManager` on RESP3, which opts in to the
-//! module's notice and swaps in a new connection when told (docs/notices.md). Each task loops until S seconds have passed: GET or
-//! SET on a random key `{P}key:{n}`, or INCR on its own `{P}incr:{w}`, one third each. Every error
-//! is one failed request (then the task pauses 1 ms, as an error path would). The crate has no
-//! request retry: `ConnectionManagerConfig::number_of_retries` is how often a *reconnect* is
-//! attempted, and is left at its default. Response and connection timeouts are 5 s.
+//! module's notice and swaps in a new connection when told (docs/notices.md). Each task loops
+//! until S seconds have passed: GET or SET on a random key `{P}key:{n}`, or INCR on its own
+//! `{P}incr:{w}`, one third each. Every error is one failed request (then the task pauses 1 ms,
+//! as an error path would). The crate has no request retry:
+//! `ConnectionManagerConfig::number_of_retries` is how often a *reconnect* is attempted, and is
+//! left at its default (the adapter's too). Response and connection timeouts are 5 s.
 //!
 //! Prints one JSON object on stdout: requests ok/failed, per-task INCR successes and failures,
-//! latency percentiles (ms, all requests) and the error messages.
+//! latency percentiles (ms, all requests), the error messages, and with the adapter its
+//! counters (`adapter`: notices, replacements, ...).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
