@@ -27,7 +27,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -150,8 +150,8 @@ pub struct Stats {
     pub replacements: u64,
     /// Reconnections after a connection was lost or could not be made.
     pub reconnects: u64,
-    /// Replacements swapped in before they were ready (not ready half the notice lead after
-    /// the notice: new commands waited for them).
+    /// Replacements swapped in before they were ready (not ready a quarter of the notice lead
+    /// after the notice: new commands waited for them).
     pub swapped_before_ready: u64,
     /// The longest time from a notice to its replacement being ready, in microseconds.
     pub longest_replacement_us: u64,
@@ -403,14 +403,15 @@ impl Inner {
     }
 
     /// Opens the replacement of connection `old_id` and swaps it in for new commands once it
-    /// is ready, or once half the notice lead has passed, whichever comes first: from then on
-    /// new commands wait for the replacement rather than go to a connection that the server may
-    /// close (it does not before the lead has passed since the notice).
+    /// is ready, or once a quarter of the notice lead has passed, whichever comes first: from
+    /// then on new commands wait for the replacement rather than go to a connection that the
+    /// server may close (it does not before the lead has passed since the notice), and the
+    /// requests in flight on the old one have the rest of the lead to finish.
     async fn replace(self: Arc<Self>, old_id: u64) {
         let told = Instant::now();
         let new_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pending = connect(Arc::downgrade(&self), new_id).boxed().shared();
-        let budget = Duration::from_millis(self.notice_lead_ms.load(Ordering::Relaxed) / 2);
+        let budget = Duration::from_millis(self.notice_lead_ms.load(Ordering::Relaxed) / 4);
         let ready = match tokio::time::timeout(budget, pending.clone()).await {
             Ok(Ok(_)) => true,
             Ok(Err(_)) => {
@@ -460,6 +461,28 @@ async fn connect(inner: Weak<Inner>, id: u64) -> RedisResult<MultiplexedConnecti
     let Some(this) = inner.upgrade() else {
         return Err((redis::ErrorKind::Io, "the connection manager was dropped").into());
     };
+    let mut attempt = 0;
+    loop {
+        match connect_once(&this, &inner, id).await {
+            Ok(connection) => return Ok(connection),
+            Err(error) if attempt >= this.config.number_of_retries => return Err(error),
+            Err(_) => {
+                tokio::time::sleep(backoff(&this.config, attempt, id)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// One attempt: connect and opt in. A connection lost during the opt-in (on a loaded machine
+/// a slow handshake can outlast the connection's max age) fails the attempt and is tried
+/// again, which is safe: no application command has been sent on it.
+async fn connect_once(
+    this: &Arc<Inner>,
+    inner: &Weak<Inner>,
+    id: u64,
+) -> RedisResult<MultiplexedConnection> {
+    let established = Arc::new(AtomicBool::new(false));
     let mut config = AsyncConnectionConfig::new()
         .set_connection_timeout(this.config.connection_timeout)
         .set_response_timeout(this.config.response_timeout);
@@ -467,23 +490,13 @@ async fn connect(inner: Weak<Inner>, id: u64) -> RedisResult<MultiplexedConnecti
         config = config.set_push_sender(PushHandler {
             inner: inner.clone(),
             id,
+            established: established.clone(),
         });
     }
-    let mut attempt = 0;
-    let mut connection = loop {
-        match this
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            Ok(connection) => break connection,
-            Err(error) if attempt >= this.config.number_of_retries => return Err(error),
-            Err(_) => {
-                tokio::time::sleep(backoff(&this.config, attempt, id)).await;
-                attempt += 1;
-            }
-        }
-    };
+    let mut connection = this
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     this.counters.connections.fetch_add(1, Ordering::Relaxed);
     if this.resp3
         && let Some(lead_ms) = opt_in(&mut connection).await?
@@ -493,6 +506,7 @@ async fn connect(inner: Weak<Inner>, id: u64) -> RedisResult<MultiplexedConnecti
             this.notice_lead_ms.store(lead_ms, Ordering::Relaxed);
         }
     }
+    established.store(true, Ordering::Relaxed);
     Ok(connection)
 }
 
@@ -657,6 +671,8 @@ fn split_notice(info: PushInfo) -> (bool, Option<PushInfo>) {
 struct PushHandler {
     inner: Weak<Inner>,
     id: u64,
+    /// Its connect attempt succeeded (the loss of a failed attempt is the attempt's concern).
+    established: Arc<AtomicBool>,
 }
 
 impl AsyncPushSender for PushHandler {
@@ -677,7 +693,7 @@ impl AsyncPushSender for PushHandler {
             PushKind::Disconnection => {
                 // The connection in use is lost: reconnect now, as the redis crate's manager
                 // does on RESP3. A retired connection's loss is nobody's concern.
-                if inner.lock().id == self.id {
+                if self.established.load(Ordering::Relaxed) && inner.lock().id == self.id {
                     inner.reconnect(self.id);
                     inner.forward(info);
                 }

@@ -348,13 +348,12 @@ async fn other_invalidations_are_not_notices(flavor: Flavor) {
         invalidated_keys(&push),
         vec![Value::BulkString(b"cached".to_vec())]
     );
-    let stats = con.stats();
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "too slow to be sure"
-    );
-    assert_eq!(stats.notices, 0, "{stats:?}");
-    assert_eq!(stats.replacements, 0, "{stats:?}");
+    // Well before the first notice (at 600-700 ms of age), unless the machine stalled us.
+    if started.elapsed() < Duration::from_millis(500) {
+        let stats = con.stats();
+        assert_eq!(stats.notices, 0, "{stats:?}");
+        assert_eq!(stats.replacements, 0, "{stats:?}");
+    }
     // The notices still come and are not passed on.
     let deadline = Instant::now() + Duration::from_secs(3);
     while con.stats().replacements < 2 && Instant::now() < deadline {
