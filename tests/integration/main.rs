@@ -13,5 +13,6 @@ mod enforcement;
 mod faults;
 mod hardening;
 mod lifecycle;
+mod notices;
 mod operations;
 mod self_request;
