@@ -632,12 +632,18 @@ mod tests {
         assert!(quoted(&long).chars().count() < 80);
     }
 
-    /// `conf/maxage.conf` and the README's settings table list exactly the table's settings,
-    /// and the example states each default.
+    /// `conf/maxage.conf`, the settings table of docs/enforcement.md and the README's settings
+    /// at a glance list exactly the table's settings, and the example states each default.
     #[test]
-    fn the_example_config_and_the_readme_follow_the_table() {
+    fn the_example_config_and_the_docs_follow_the_table() {
         let example = include_str!("../../conf/maxage.conf");
-        let readme = include_str!("../../README.md");
+        let docs = [
+            (
+                "docs/enforcement.md",
+                include_str!("../../docs/enforcement.md"),
+            ),
+            ("README.md", include_str!("../../README.md")),
+        ];
         let in_example: Vec<(&str, &str)> = example
             .lines()
             .filter_map(|line| line.strip_prefix("maxage."))
@@ -664,21 +670,25 @@ mod tests {
                 "default of {} in conf/maxage.conf",
                 def.name
             );
-            assert!(
-                readme.contains(&format!("| `maxage.{}` |", def.name)),
-                "the README's settings table lacks maxage.{}",
-                def.name
+            for (file, doc) in docs {
+                assert!(
+                    doc.contains(&format!("| `maxage.{}` |", def.name)),
+                    "the settings table of {file} lacks maxage.{}",
+                    def.name
+                );
+            }
+        }
+        for (file, doc) in docs {
+            let documented = doc
+                .lines()
+                .filter(|line| line.starts_with("| `maxage."))
+                .count();
+            assert_eq!(
+                documented,
+                SETTINGS.len(),
+                "{file}: rows for unknown settings"
             );
         }
-        let documented = readme
-            .lines()
-            .filter(|line| line.starts_with("| `maxage."))
-            .count();
-        assert_eq!(
-            documented,
-            SETTINGS.len(),
-            "README rows for unknown settings"
-        );
     }
 
     // The only test that stores into the process-wide values.

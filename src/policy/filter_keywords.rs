@@ -3,7 +3,7 @@
 //! commands take it, whether servers have it natively (and how to probe for it), and its
 //! `COMMAND DOCS` line. The parser (filter.rs) takes arity and acceptance from here, the
 //! compatibility probe (compat.rs), `COMMAND DOCS` (docs.rs) and the load log read it, and unit
-//! tests tie the README's filter table and the wire fuzzer's grammar to it. A new keyword is a
+//! tests tie the filter table of docs/commands.md and the wire fuzzer's grammar to it. A new keyword is a
 //! row here plus what it means (its field in `ClientFilter` and its test in `matches`).
 
 /// What a keyword takes after it.
@@ -218,17 +218,17 @@ mod tests {
         assert_eq!(spellings().count(), 32);
     }
 
-    /// The README's filter table and the wire fuzzer's grammar name every spelling.
+    /// The filter table of docs/commands.md and the wire fuzzer's grammar name every spelling.
     #[test]
-    fn the_readme_and_the_fuzzer_know_every_keyword() {
+    fn the_docs_and_the_fuzzer_know_every_keyword() {
         let root = env!("CARGO_MANIFEST_DIR");
-        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        let doc = std::fs::read_to_string(format!("{root}/docs/commands.md")).unwrap();
         let fuzzer =
             std::fs::read_to_string(format!("{root}/scripts/maxage_tools/wire_fuzz.py")).unwrap();
         for (spelling, _) in spellings() {
             assert!(
-                readme.contains(&format!("`{spelling}")),
-                "the README's filter table lacks {spelling}"
+                doc.contains(&format!("`{spelling}")),
+                "docs/commands.md's filter table lacks {spelling}"
             );
             assert!(
                 fuzzer.contains(&format!("b\"{spelling}\"")),

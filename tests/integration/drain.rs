@@ -177,7 +177,7 @@ print(ok[0], failed[0])
         assert!(scheduled as usize > IDLE, "{flavor:?}: {scheduled}");
         assert_eq!(failed, "0", "{flavor:?}: requests failed during the drain");
         // (The worst PING is printed, not asserted: with other tests running, a machine stall
-        // outweighs what is measured; the README shows a quiet run.)
+        // outweighs what is measured; docs/commands.md shows a quiet run.)
         assert!(
             wait_until(Duration::from_secs(20), || {
                 info_field(&mut admin, "maxage_clients_draining") == Some(0)

@@ -108,7 +108,7 @@ fn idle_clients_are_closed_within_five_ms_of_their_deadline() {
         );
         assert!(ages[0] >= 500, "{flavor:?}: closed early: {ages:?}");
         // This shared 2-core machine stalls for 5-15 ms now and then whatever runs (see the
-        // README's Performance section), and a stall delays a whole round of 16: so 505 ms
+        // docs/performance.md), and a stall delays a whole round of 16: so 505 ms
         // must hold for 90 % of the closes (all but one round), and every round but the odd
         // stall within 520 ms.
         let age_p90 = ages[(ages.len() * 90).div_ceil(100) - 1];

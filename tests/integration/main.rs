@@ -7,6 +7,7 @@ mod application_user;
 mod cluster;
 mod commands;
 mod differential;
+mod docs_examples;
 mod drain;
 mod ecosystem;
 mod enforcement;

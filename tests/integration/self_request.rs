@@ -9,7 +9,7 @@ use crate::harness::{
     login, maxage_list_ids, python, raw_command, run, wait_until,
 };
 
-/// The README's redis-py example (`examples/redis_py_pool.py`): a pool whose connections ask
+/// The redis-py example of docs/commands.md (`examples/redis_py_pool.py`): a pool whose connections ask
 /// for 500 ms, eight threads of INCRs with retries off, with the operator's max age off and at
 /// five minutes. Every connection is retired for its own request, none early, right after the
 /// reply that follows its deadline, and no request is executed twice or lost. A request that
@@ -202,7 +202,7 @@ fn application_users_may_set_their_own_max_age_only() {
     }
 }
 
-/// The README's node-redis and ioredis examples (`examples/node_clients.js`): each client asks
+/// The node-redis and ioredis examples of docs/commands.md (`examples/node_clients.js`): each client asks
 /// for 300 ms on every (re)connection, runs INCRs for 2 s, and is retired and reconnects again
 /// and again; nothing is executed twice (ioredis resends unanswered commands by itself).
 #[test]
@@ -237,7 +237,7 @@ fn the_node_redis_and_ioredis_examples_get_their_max_age() {
     }
 }
 
-/// The README's Rust example.
+/// The Rust example of docs/commands.md.
 fn connect_with_max_age(
     client: &redis::Client,
     max_age_ms: u64,
@@ -274,20 +274,20 @@ fn the_rust_example_gets_its_max_age() {
     }
 }
 
-/// The README shows the examples these tests run, word for word.
+/// docs/commands.md shows the examples these tests run, word for word.
 #[test]
-fn the_readme_shows_the_examples_the_tests_run() {
-    let readme = include_str!("../../README.md");
+fn the_docs_show_the_examples_the_tests_run() {
+    let doc = include_str!("../../docs/commands.md");
     let redis_py = include_str!("../../examples/redis_py_pool.py");
     assert!(
-        readme.contains(redis_py.trim()),
-        "README lacks examples/redis_py_pool.py"
+        doc.contains(redis_py.trim()),
+        "docs/commands.md lacks examples/redis_py_pool.py"
     );
     let node = include_str!("../../examples/node_clients.js");
     let shown = node[..node.find("module.exports").unwrap()].trim();
     assert!(
-        readme.contains(shown),
-        "README lacks examples/node_clients.js"
+        doc.contains(shown),
+        "docs/commands.md lacks examples/node_clients.js"
     );
-    assert!(readme.contains("fn connect_with_max_age(client: &redis::Client, max_age_ms: u64)"));
+    assert!(doc.contains("fn connect_with_max_age(client: &redis::Client, max_age_ms: u64)"));
 }
