@@ -42,11 +42,11 @@ import sys
 import time
 import traceback
 
-from maxage_tools import servers
+from maxage_tools import processes, servers
 from maxage_tools.resp import ConnClosed, ReplyTimeout, RespConn, RespError, encode
 
-CRASH_DIR = os.path.join(servers.ROOT, "fuzz", "wire-crashes")
-REGRESSION_DIR = os.path.join(servers.ROOT, "fuzz", "wire-regressions")
+CRASH_DIR = os.path.join(processes.ROOT, "fuzz", "wire-crashes")
+REGRESSION_DIR = os.path.join(processes.ROOT, "fuzz", "wire-regressions")
 HISTORY = 50
 # In a regression file, this argument stands for the module's path on this machine.
 MODULE_PATH_TOKEN = b"@MODULE_PATH@"
@@ -1216,7 +1216,7 @@ class Fuzzer:
             return
         node.module_loaded = False
         self.config_state = {}
-        path = servers.module_path().encode()
+        path = processes.module_path().encode()
         reply = self.control([b"MODULE", b"LOAD", path] + self.gen.module_args())
         if reply != b"OK":
             # A refused load must leave nothing behind: let a client connect and run a command
@@ -1668,7 +1668,7 @@ def load_regressions(directory=REGRESSION_DIR):
             if isinstance(command, dict):
                 conn, argv = command.get("conn", "w0"), command["argv"]
             argv = [decode(a) for a in argv]
-            argv = [servers.module_path().encode() if a == MODULE_PATH_TOKEN else a for a in argv]
+            argv = [processes.module_path().encode() if a == MODULE_PATH_TOKEN else a for a in argv]
             steps.append({"conn": conn, "action": "command", "argv": argv})
         out.append((name[: -len(".json")], data, steps))
     return out
@@ -1790,14 +1790,14 @@ def main(argv=None):
     if unknown:
         parser.error(f"--skip: unknown actions {sorted(unknown)}")
 
-    if not os.path.exists(servers.module_path()):
-        print(f"wire-fuzz: {servers.module_path()} is missing (cargo build --release)")
+    if not os.path.exists(processes.module_path()):
+        print(f"wire-fuzz: {processes.module_path()} is missing (cargo build --release)")
         return 2
     if args.replay:
         return replay_file(args.replay, None if args.server == "both" else args.server)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     flavors = ["redis", "valkey"] if args.server == "both" else [args.server]
-    print(f"wire-fuzz: seed {seed}, module {servers.module_path()}")
+    print(f"wire-fuzz: seed {seed}, module {processes.module_path()}")
     bad = 0
     for flavor in flavors:
         if not args.no_regressions:
