@@ -96,7 +96,6 @@ server failed) or nothing could run; 130 / 143 when interrupted by SIGINT / SIGT
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import importlib.util
@@ -116,9 +115,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import matrix, servers
+from . import matrix, processes, report, servers
+from .processes import CannotRun, Terminated
 
-ROOT = servers.ROOT
+ROOT = processes.ROOT
 EXAMPLES = os.path.join(ROOT, "examples")
 RUST_LOAD_MANIFEST = os.path.join(EXAMPLES, "impact-load-rs", "Cargo.toml")
 RUST_LOAD_TARGET = os.path.join(ROOT, "target", "impact-load-rs")
@@ -139,16 +139,8 @@ DEFAULT_WORKERS = 32
 WORKERS_PER_MULTIPLEXED_CONNECTION = 2
 
 
-class CannotRun(Exception):
-    """The whole measurement could not be set up."""
-
-
 class RowFailed(Exception):
     """One row could not be measured (status "error")."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so every finally block runs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,14 +422,6 @@ class NativeKiller:
 # ---------------------------------------------------------------------------------------------
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent():
-    """preexec_fn: the load generator gets SIGKILL when this script dies."""
-    _libc.prctl(servers.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def client_unavailable(spec):
     """Why the client cannot run here (None when it can); for the n/a rows."""
     if spec.name == "glide" and importlib.util.find_spec("glide") is None:
@@ -490,7 +474,7 @@ def load_process(argv):
         stderr=subprocess.PIPE,
         text=True,
         cwd=EXAMPLES,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 -- started before any thread of ours
+        preexec_fn=processes.die_with_parent,  # noqa: PLW1509 -- started before any thread of ours
     )
     try:
         yield process
@@ -795,16 +779,11 @@ def table_row(row):
 
 
 def markdown_table(results):
-    def cell(text):
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(TABLE_HEADERS) + " |"]
-    count = len(TABLE_HEADERS)
-    lines.append(
-        "|" + "|".join("---:" if 4 <= i < count - 1 else "---" for i in range(count)) + "|"
+    return report.markdown_table(
+        TABLE_HEADERS,
+        [table_row(r) for r in results],
+        right_aligned=range(4, len(TABLE_HEADERS) - 1),
     )
-    lines.extend("| " + " | ".join(cell(c) for c in table_row(r)) + " |" for r in results)
-    return "\n".join(lines)
 
 
 def print_report(ctx, results, module):
@@ -859,12 +838,7 @@ def write_json(path, ctx, results, module, wall_s):
 
 def frozen_module(directory):
     """A copy of the module for this run (a rebuild while it runs changes nothing)."""
-    path = servers.module_path()
-    if not os.environ.get("MAXAGE_MODULE_PATH") and not os.path.isfile(path):
-        log("building the module: cargo build --release --quiet")
-        subprocess.run(["cargo", "build", "--release", "--quiet"], check=False, cwd=ROOT)
-    if not os.path.isfile(path):
-        raise CannotRun(f"the module {path} does not exist (cargo build --release)")
+    path = processes.built_module_path(log)
     copy = os.path.join(directory, "libredis_maxage.so")
     shutil.copy2(path, copy)
     with open(copy, "rb") as so:
@@ -946,17 +920,13 @@ def select_plan(args):
     ]
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None):
     args = parse_args(argv)
     plan = select_plan(args)
     if not plan:
         log("no row matches the selection")
         return 1
-    signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGTERM, processes.raise_terminated)
     started = time.monotonic()
     work_dir = tempfile.mkdtemp(prefix="client-impact-")
     try:
