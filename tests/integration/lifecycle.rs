@@ -12,6 +12,7 @@ fn runtime_load_seeds_existing_clients_with_approximate_ages() {
         let server = Server::builder(flavor).without_module().start();
         let mut early = server.idle_socket();
         let early_id = raw_client_id(&mut early);
+        // A fixed time on purpose: the clients age 3.1 s before the module is loaded.
         sleep(Duration::from_millis(3100));
         let mut admin = server.conn();
         let module = module_path();

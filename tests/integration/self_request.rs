@@ -159,6 +159,8 @@ fn requests_only_shorten_and_are_reported() {
         assert!(wait_until(Duration::from_secs(3), || is_closed(
             &mut exempt
         )));
+        // A fixed time on purpose: the withdrawn request was due with `exempt`'s, and nothing
+        // must close its client during these 300 ms.
         sleep(Duration::from_millis(300));
         assert!(
             !is_closed(&mut withdrawn),
@@ -183,6 +185,7 @@ fn application_users_may_set_their_own_max_age_only() {
         let mut admin = server.conn();
         create_user(&mut admin, "app", &["+@all", "-@admin", "-@dangerous"]);
         let mut app = login(&server, "app");
+        let app_id = crate::harness::client_id(&mut app);
         run::<()>(&mut app, &["MAXAGE.SELF", "300"]).unwrap();
         assert!(error_of(&mut app, &["MAXAGE.KILL", "TYPE", "normal"]).contains("NOPERM"));
         assert!(error_of(&mut app, &["MAXAGE.LIST"]).contains("NOPERM"));
@@ -191,7 +194,15 @@ fn application_users_may_set_their_own_max_age_only() {
             field(&fields, "set-by"),
             redis::Value::BulkString(b"client-requested".to_vec())
         );
-        sleep(Duration::from_millis(1500));
+        // Retired for its request: gone from the server, and audited. (Polling on `app` itself
+        // would keep the client busy and move its moment.)
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                !crate::harness::listed_ids(&mut admin).contains(&app_id)
+                    && !audit_ages(&server, "client-requested").is_empty()
+            }),
+            "{flavor:?}: not retired"
+        );
         assert!(
             run::<String>(&mut app, &["PING"]).is_err(),
             "{flavor:?}: not retired"
@@ -262,6 +273,7 @@ fn the_rust_example_gets_its_max_age() {
                 reconnects += 1;
                 conn = connect_with_max_age(&client, 200).unwrap();
             }
+            // The example's own pace of INCRs over a fixed 2 s: the time passing is the point.
             sleep(Duration::from_millis(5));
         }
         let retired = audit_ages(&server, "client-requested");
