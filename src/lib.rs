@@ -8,7 +8,7 @@ mod policy;
 mod server;
 
 // The fuzz targets (fuzz/) drive the pure parsers directly.
-pub use policy::{client_list, filter, glob};
+pub use policy::{client_list, filter, filter_keywords, glob};
 
 use commands::{compat, docs, kill, notice, preview, self_request};
 use policy::config;

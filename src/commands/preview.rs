@@ -7,7 +7,7 @@ use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 use crate::policy::client_list::ListedClient;
 use crate::policy::config::Settings;
 use crate::policy::decisions::exemption;
-use crate::policy::filter::parse_strict_i64;
+use crate::policy::integers::parse_strict_i64;
 use crate::policy::registry::TrackedClient;
 use crate::policy::rules::{MAX_RULES_TEXT_BYTES, Rules};
 use crate::policy::schedule::deadline_ms;

@@ -230,7 +230,7 @@ impl Kind {
         let text = std::str::from_utf8(raw).map_err(|_| "not valid UTF-8".to_string())?;
         let value = match self {
             Kind::Number { .. } => Value::Number(
-                crate::policy::filter::parse_strict_i64(raw)
+                crate::policy::integers::parse_strict_i64(raw)
                     .ok_or_else(|| format!("'{}' is not an integer", quoted(text)))?,
             ),
             Kind::Text { .. } => Value::Text(text.to_string()),

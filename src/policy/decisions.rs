@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::policy::audit::{Origin, Reason};
 use crate::policy::client_list::ListedClient;
+use crate::policy::client_type::ClientType;
 use crate::policy::closing::ClosingSet;
 use crate::policy::config::Settings;
-use crate::policy::filter::ClientType;
 use crate::policy::notices::{Notices, OptedIn, notice_at_ms};
 use crate::policy::registry::{Registry, TrackedClient};
 use crate::policy::schedule::{

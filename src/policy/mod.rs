@@ -1,11 +1,13 @@
 pub mod audit;
 pub mod client_list;
+pub mod client_type;
 pub mod closing;
 pub mod config;
 pub mod decisions;
 pub mod filter;
 pub mod filter_keywords;
 pub mod glob;
+pub mod integers;
 pub mod notices;
 pub mod pass;
 pub mod registry;

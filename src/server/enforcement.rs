@@ -11,9 +11,9 @@ use redis_module::{Context, RedisValue};
 
 use crate::policy::audit::Reason;
 use crate::policy::client_list::ListedClient;
+use crate::policy::client_type::ClientType;
 use crate::policy::closing::{CloseMode, Look};
 use crate::policy::config;
-use crate::policy::filter::ClientType;
 use crate::policy::pass::{PassServer, RetireNow};
 use crate::server::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::server::notices;
