@@ -225,7 +225,7 @@ mod tests {
         let settings = Settings {
             max_age_ms: 600_000,
             jitter_pct: 0,
-            ..Settings::default()
+            ..Settings::table_defaults()
         };
         let rules = Rules::parse("name:web-*=120000 name:monitoring-*=0").unwrap();
         let now = 10_000_000;

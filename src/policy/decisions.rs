@@ -776,7 +776,7 @@ mod tests {
             jitter_pct: 0,
             max_evictions_per_sec: 0,
             grace_ms: 100,
-            ..Settings::default()
+            ..Settings::table_defaults()
         }
     }
 

@@ -294,7 +294,7 @@ mod tests {
             jitter_pct: 0,
             max_evictions_per_sec: rate,
             grace_ms: 100,
-            ..Settings::default()
+            ..Settings::table_defaults()
         }
     }
 
