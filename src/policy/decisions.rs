@@ -15,6 +15,7 @@ use crate::policy::registry::{Registry, TrackedClient};
 use crate::policy::schedule::{
     DeadlineQueue, LoadGauge, Pacer, PassBudget, adaptive_rate, deadline_ms, pass_budget,
 };
+use crate::policy::thread_load::BusyCounter;
 
 /// How often a client in the middle of a request is looked at again.
 pub const GRACE_POLL_MS: u64 = 10;
@@ -403,12 +404,20 @@ impl Policy {
 
     /// With adaptive pacing, samples `(now_us, event_loop_busy_us)` and sets the rate from the
     /// load. Fixed pacing measures nothing, so the readings are only taken when needed (this
-    /// runs on every connect and disconnect).
-    pub fn observe_load(&mut self, readings: impl FnOnce() -> (u64, u64)) {
+    /// runs on every connect and disconnect). `threads` reads the server's other busy-time
+    /// counters (thread_load.rs; none without I/O threads), at most every 250 ms.
+    pub fn observe_load(
+        &mut self,
+        readings: impl FnOnce() -> (u64, u64),
+        threads: impl FnOnce() -> Vec<BusyCounter>,
+    ) {
         if !self.settings.adaptive_pacing {
             return;
         }
         let (now_us, event_loop_busy_us) = readings();
+        if self.load.threads_due(now_us) {
+            self.load.sample_threads(now_us, threads());
+        }
         let busy_share = self.load.sample(now_us, event_loop_busy_us);
         let rate = adaptive_rate(
             self.settings.max_evictions_per_sec,
@@ -861,8 +870,8 @@ mod tests {
         config.max_overdue_ms = 500;
         let mut policy = Policy::new(config, 1, 0);
         // A loop that never sleeps.
-        policy.observe_load(|| (1_000_000, 0));
-        policy.observe_load(|| (2_000_000, 1_000_000));
+        policy.observe_load(|| (1_000_000, 0), Vec::new);
+        policy.observe_load(|| (2_000_000, 1_000_000), Vec::new);
         assert_eq!(policy.start_pass().closes, 1);
         // A client held back past the slack needs no token and makes the next pass full-size.
         while policy.try_take_token(1_500, Some(100)) {}
@@ -872,9 +881,44 @@ mod tests {
         // That pass met nobody past the slack: back to one close a pass.
         assert_eq!(policy.start_pass().closes, 1);
         let mut fixed = Policy::new(settings(100), 1, 0);
-        fixed.observe_load(|| (1_000_000, 0));
-        fixed.observe_load(|| (2_000_000, 1_000_000));
+        fixed.observe_load(|| (1_000_000, 0), Vec::new);
+        fixed.observe_load(|| (2_000_000, 1_000_000), Vec::new);
         assert_eq!(fixed.start_pass(), FULL_PASS);
+    }
+
+    #[test]
+    fn a_busy_io_thread_slows_retirement_while_the_hooks_read_idle() {
+        let mut config = settings(100);
+        config.adaptive_pacing = true;
+        config.max_evictions_per_sec = 1000;
+        config.min_evictions_per_sec = 20;
+        let mut policy = Policy::new(config.clone(), 1, 0);
+        let io = |busy_us| {
+            move || {
+                vec![
+                    BusyCounter {
+                        thread: 0,
+                        busy_us: 0,
+                    },
+                    BusyCounter { thread: 1, busy_us },
+                ]
+            }
+        };
+        policy.observe_load(|| (1_000_000, 0), io(0));
+        // The hooks see an idle main thread; I/O thread 1 was busy 80 % of the second.
+        policy.observe_load(|| (2_000_000, 0), io(800_000));
+        assert!((policy.event_loop_busy_share() - 0.8).abs() < 1e-9);
+        assert_eq!(policy.current_rate_per_sec(), 200);
+        // Counters are not read again within 250 ms (they cost an INFO section or /proc).
+        policy.observe_load(|| (2_100_000, 0), || panic!("read too soon"));
+        // Idle I/O thread: back to the full rate.
+        policy.observe_load(|| (3_000_000, 0), io(800_000));
+        assert_eq!(policy.current_rate_per_sec(), 1000);
+        // Without counters (no I/O threads) the hooks alone decide, as before.
+        let mut plain = Policy::new(config, 1, 0);
+        plain.observe_load(|| (1_000_000, 0), Vec::new);
+        plain.observe_load(|| (2_000_000, 500_000), Vec::new);
+        assert_eq!(plain.current_rate_per_sec(), 500);
     }
 
     #[test]

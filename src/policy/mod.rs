@@ -13,3 +13,4 @@ pub mod pass;
 pub mod registry;
 pub mod rules;
 pub mod schedule;
+pub mod thread_load;

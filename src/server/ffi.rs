@@ -1036,6 +1036,36 @@ pub fn tracking_clients(ctx: &Context) -> u64 {
     }
 }
 
+/// Reads fields of one INFO section (`RM_GetServerInfo`): `read` gets a lookup that returns a
+/// field's text, or `None` if the section has no such field. `None` if the server built no
+/// section. Main thread only (the server builds the section there), as everything here.
+pub fn read_server_info<T>(
+    section: &CStr,
+    read: impl FnOnce(&dyn Fn(&str) -> Option<String>) -> T,
+) -> Option<T> {
+    // SAFETY: a NULL context is allowed (the data is then not auto-freed, and is freed below
+    // with a NULL context, as the API asks); the section name is a valid C string.
+    let info =
+        unsafe { raw::RedisModule_GetServerInfo.unwrap()(ptr::null_mut(), section.as_ptr()) };
+    if info.is_null() {
+        return None;
+    }
+    let field = |name: &str| {
+        let name = CString::new(name).ok()?;
+        // SAFETY: `info` lives until the FreeServerInfo below, after the last use of this
+        // closure; the returned text (NULL if there is no such field) belongs to `info` and
+        // is copied at once.
+        unsafe {
+            let text = raw::RedisModule_ServerInfoGetFieldC.unwrap()(info, name.as_ptr());
+            (!text.is_null()).then(|| CStr::from_ptr(text).to_string_lossy().into_owned())
+        }
+    };
+    let value = read(&field);
+    // SAFETY: `info` came from GetServerInfo with a NULL context and is freed once.
+    unsafe { raw::RedisModule_FreeServerInfo.unwrap()(ptr::null_mut(), info) };
+    Some(value)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Settings. The module registers them itself rather than through the crate's macro: the
 // crate's callbacks turn values and errors into C strings with `unwrap`, so a NUL byte from

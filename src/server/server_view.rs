@@ -13,6 +13,7 @@ use crate::policy::client_list::{ListedClient, parse_client_list};
 use crate::policy::decisions::Policy;
 use crate::server::ffi::{self, LogLevel, monotonic_us};
 use crate::server::state::MainThreadCell;
+use crate::server::thread_load;
 
 lazy_static! {
     /// Tracking redirects seen in the last full `CLIENT LIST`: target id -> the clients whose
@@ -62,9 +63,13 @@ pub fn tracking_sources_of(
         .unwrap_or_default()
 }
 
-/// Feeds the event loop's busy time to adaptive pacing.
+/// Feeds the event loop's busy time to adaptive pacing, and where the server has I/O threads
+/// its other busy-time counters (thread_load.rs, read at most every 250 ms).
 pub fn sample_load(policy: &mut Policy) {
-    policy.observe_load(|| (monotonic_us(), ffi::event_loop_busy_us()));
+    policy.observe_load(
+        || (monotonic_us(), ffi::event_loop_busy_us()),
+        thread_load::counters,
+    );
 }
 
 /// `CLIENT LIST`, or `CLIENT LIST ID ...` for just the given clients.
