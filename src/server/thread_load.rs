@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use redis_module::{Context, RedisValue};
 
+use crate::policy::decisions::Policy;
 use crate::policy::thread_load::{
     BusyCounter, LoadSource, ServerFacts, io_thread_number, load_source, parse_seconds_us,
     schedstat_cpu_us,
 };
-use crate::server::ffi;
+use crate::server::ffi::{self, monotonic_us};
 use crate::server::server_view::reply_text;
 
 static SOURCE: AtomicU8 = AtomicU8::new(0);
@@ -134,4 +135,10 @@ fn io_thread_cpu_times() -> Vec<BusyCounter> {
             Some(BusyCounter { thread, busy_us })
         })
         .collect()
+}
+
+/// Feeds the event loop's busy time to adaptive pacing, and where the server has I/O threads
+/// its other busy-time counters (read at most every 250 ms).
+pub fn sample_load(policy: &mut Policy) {
+    policy.observe_load(|| (monotonic_us(), ffi::event_loop_busy_us()), counters);
 }
