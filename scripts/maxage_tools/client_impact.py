@@ -11,6 +11,10 @@ One table row per client library x transport x server setup x retirement:
                                 reconnect, so no failure is visible; the INCR check shows
                                 whether a resend ran anything twice)
               rust-redis        the `redis` crate's ConnectionManager (multiplexed, reconnects)
+              redis-py+adapter  redis-py with clients/python's adapter (redis_maxage's
+                                ConnectionPool: its connections opt in to the module's
+                                notices and retire themselves, docs/notices.md)
+              redis-py-asyncio+adapter  the same for redis.asyncio (redis_maxage.asyncio)
   transports  tcp, tls (a throwaway CA and server certificate made with openssl; the server
               listens on `tls-port` only, clients verify the certificate against that CA)
   setups      redis              Debian's redis-server 7.0
@@ -30,7 +34,9 @@ One table row per client library x transport x server setup x retirement:
                                  once the main thread is >= 30 % busy, which this load may not
                                  reach with `io-threads 2` alone
   retirement  module  the server loads the module with `max-age-ms 500` (jitter at its default,
-                      10 %): every connection is closed at 450-500 ms of age
+                      10 %): every connection is closed at 450-500 ms of age; and with
+                      `notice-lead-ms 200`, which changes nothing for clients that do not opt
+                      in to notices (the adapters' do: they leave by themselves 200 ms before)
               native  the server without the module, and a thread of this script calling
                       `CLIENT KILL MAXAGE 1` every 100 ms (the baseline: what the server can do
                       by itself; Redis 7.0 has no such command, so these rows are Valkey and
@@ -50,7 +56,9 @@ application gets for a request.
 
 Columns:
   retired                connections the server retired during the load (module: INFO maxage
-                         maxage_evicted_connections; native: the sum of CLIENT KILL's replies)
+                         maxage_evicted_connections + maxage_noticed_left_themselves, the
+                         connections told by a notice that then closed themselves; native: the
+                         sum of CLIENT KILL's replies)
   failed / 10k retired   failed requests x 10,000 / retired
   executed twice         INCRs the server executed more often than the application sent them:
                          per worker, server value - successful INCRs - failed INCRs, when that
@@ -125,6 +133,8 @@ RUST_LOAD_TARGET = os.path.join(ROOT, "target", "impact-load-rs")
 RUST_LOAD_BINARY = os.path.join(RUST_LOAD_TARGET, "release", "impact-load-rs")
 
 MODULE_MAX_AGE_MS = 500
+# The module's notice lead (docs/notices.md): only clients that opt in (the adapters) see it.
+MODULE_NOTICE_LEAD_MS = 200
 NATIVE_KILL_MAXAGE_S = 1
 NATIVE_KILL_INTERVAL_S = 0.1
 CONTROL_TIMEOUT_S = 5.0
@@ -163,6 +173,8 @@ CLIENTS = [
     ClientSpec("ioredis", "node", True),
     ClientSpec("ioredis-resend", "node", True),
     ClientSpec("rust-redis", "rust", True),
+    ClientSpec("redis-py+adapter", "python", False),
+    ClientSpec("redis-py-asyncio+adapter", "python", False),
 ]
 CLIENTS_BY_NAME = {c.name: c for c in CLIENTS}
 
@@ -366,7 +378,12 @@ def server_counters(client, module):
     }
     if module:
         maxage = client.info("maxage")
-        for name in ("evicted_connections", "evicted_max_age_after_grace", "pacing_delays"):
+        for name in (
+            "evicted_connections",
+            "evicted_max_age_after_grace",
+            "pacing_delays",
+            "noticed_left_themselves",
+        ):
             counters[name] = int(maxage[f"maxage_{name}"])
     return counters
 
@@ -534,7 +551,8 @@ def measure(row, spec, server, control, tls_ca, mode, seconds, retiring, prefix)
                 killer.stop()
     deltas = counter_deltas(before, server_counters(control, module))
     if module:
-        retired = deltas["evicted_connections"]
+        # A connection told by a notice that closed itself was retired too (adapter rows).
+        retired = deltas["evicted_connections"] + deltas["noticed_left_themselves"]
     else:
         retired = killer.retired if killer is not None else 0
     keys = [f"{prefix}incr:{w}" for w in range(row.workers)]
@@ -647,7 +665,7 @@ def run_group(ctx, mode, setup, transport, rows):
         server = SetupServer(
             binary,
             setup.flavor,
-            module_args=["max-age-ms", MODULE_MAX_AGE_MS],
+            module_args=["max-age-ms", MODULE_MAX_AGE_MS, "notice-lead-ms", MODULE_NOTICE_LEAD_MS],
             extra_config=list(setup.config),
             load_module=mode == "module",
             tls=tls,
