@@ -438,7 +438,24 @@ class Gen:
         return argv
 
     def self_request(self):
-        """MAXAGE.SELF: nothing, a max age (small ones so that they fall due), junk, too many."""
+        """MAXAGE.SELF: nothing, a max age (small ones so that they fall due), junk, too many;
+        a third of the time the notice commands instead (MAXAGE.NOTICE with its words or junk,
+        the tracking it needs, MAXAGE.NOTICEKEY with any key)."""
+        if self.chance(1 / 3):
+            return self.pick(
+                [
+                    [b"MAXAGE.NOTICE"],
+                    [b"MAXAGE.NOTICE", self.value([b"ON", b"off", b"On"])],
+                    [b"MAXAGE.NOTICE", self.junk()],
+                    [b"MAXAGE.NOTICE", b"ON", self.junk()],
+                    [b"CLIENT", b"TRACKING", b"ON", b"OPTIN"],
+                    [b"CLIENT", b"CACHING", b"YES"],
+                    [b"HELLO", self.value([b"3", b"2"])],
+                    [b"MAXAGE.NOTICEKEY", self.junk()],
+                    [b"MAXAGE.NOTICEKEY"],
+                    [b"MAXAGE.NOTICEKEY", self.junk(), self.junk()],
+                ]
+            )
         r = self.rng.random()
         if r < 0.25:
             return [b"MAXAGE.SELF"]
