@@ -104,6 +104,7 @@ CONFIG_NUMERIC = {
     b"min-evictions-per-sec": (0, 1000),
     b"max-overdue-ms": (0, 60000),
     b"grace-ms": (0, 5000),
+    b"notice-lead-ms": (0, 2000),
 }
 CONFIG_ENUMS = {
     b"client-kill-compat": [b"yes", b"no"],

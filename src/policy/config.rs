@@ -604,6 +604,19 @@ mod tests {
         assert!(quoted(&long).chars().count() < 80);
     }
 
+    /// The wire fuzzer sets every setting (its `CONFIG_*` tables name each one).
+    #[test]
+    fn the_fuzzer_knows_every_setting() {
+        let fuzzer = include_str!("../../scripts/maxage_tools/wire_fuzz.py");
+        for def in &SETTINGS {
+            assert!(
+                fuzzer.contains(&format!("b\"{}\"", def.name)),
+                "wire_fuzz.py does not set {}",
+                def.name
+            );
+        }
+    }
+
     /// `conf/maxage.conf`, the settings table of docs/enforcement.md and the README's settings
     /// at a glance list exactly the table's settings, and the example states each default.
     #[test]
