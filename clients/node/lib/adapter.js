@@ -228,13 +228,16 @@ class NoticeAdapter extends EventEmitter {
     return state.resolveFirst();
   }
 
-  // RESP2 (or tracking refused): retire at deadline - lead, re-asking every recheckMs.
+  // RESP2 (or tracking refused): retire by deadline - lead, re-asking every recheckMs. Without a
+  // push the adapter chooses the moment, so it starts opening the replacement one lead earlier
+  // still: under load (TLS handshakes on a busy event loop) opening one can take most of a
+  // 200 ms lead, and the old connection must be closed before the module's deadline.
   _plan(client, reply) {
     const state = this._states.get(client);
     clearTimeout(state.timer);
     if (reply.noPushReason === "notices-off" || this._closing) return; // the operator's choice
     const recheck = this._options.recheckMs;
-    const retireIn = reply.deadlineInMs === null ? Infinity : reply.deadlineInMs - reply.leadMs;
+    const retireIn = reply.deadlineInMs === null ? Infinity : reply.deadlineInMs - 2 * reply.leadMs;
     if (recheck > 0 && retireIn > recheck) {
       state.timer = later(recheck, () => this._reask(client));
     } else if (retireIn !== Infinity) {
@@ -273,8 +276,9 @@ class NoticeAdapter extends EventEmitter {
     try {
       next = this._attach(driver.duplicate(old));
       this._pending.add(next);
+      // Connected (handshake done): its opt-in is written before any command moved to it, and
+      // its reply is not waited for (one round trip less before the old connection can go).
       await driver.connect(next);
-      await this._states.get(next).firstOptIn;
     } catch {
       this._stats.replacementFailures++;
       if (next) {
