@@ -36,6 +36,6 @@ if (require.main === module) {
     const executed = Number(await clients[0].get("adapter-example"));
     const replaced = clients.reduce((n, c) => n + c.maxage.retiredAfterNotice + c.maxage.retiredBeforeDeadline, 0);
     console.log(failed, ok, executed, replaced);
-    await Promise.all(clients.map((c) => c.close?.() ?? c.quit()));
+    await Promise.all(clients.map((c) => c.close()));
   })();
 }

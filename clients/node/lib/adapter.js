@@ -324,7 +324,7 @@ class NoticeAdapter extends EventEmitter {
     return this._current;
   }
 
-  close() { return this._stop().close(); }
+  close() { return this._driver.closeAfterReplies(this._stop()); } // ioredis: QUIT
   quit() { return this._stop().quit(); }
   QUIT() { return this.quit(); }
   destroy() { return this._stop().destroy(); }
