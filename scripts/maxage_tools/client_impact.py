@@ -15,6 +15,10 @@ One table row per client library x transport x server setup x retirement:
                                 ConnectionPool: its connections opt in to the module's
                                 notices and retire themselves, docs/notices.md)
               redis-py-asyncio+adapter  the same for redis.asyncio (redis_maxage.asyncio)
+              node-redis+adapter  node-redis with clients/node's adapter (its pool; RESP3: the
+                                connection is replaced on the module's notice, docs/notices.md)
+              ioredis+adapter   ioredis with clients/node's adapter (RESP2, no push: replaced at
+                                deadline - notice-lead-ms from MAXAGE.NOTICE's reply)
   transports  tcp, tls (a throwaway CA and server certificate made with openssl; the server
               listens on `tls-port` only, clients verify the certificate against that CA)
   setups      redis              Debian's redis-server 7.0
@@ -34,9 +38,9 @@ One table row per client library x transport x server setup x retirement:
                                  once the main thread is >= 30 % busy, which this load may not
                                  reach with `io-threads 2` alone
   retirement  module  the server loads the module with `max-age-ms 500` (jitter at its default,
-                      10 %): every connection is closed at 450-500 ms of age; and with
-                      `notice-lead-ms 200`, which changes nothing for clients that do not opt
-                      in to notices (the adapters' do: they leave by themselves 200 ms before)
+                      10 %) and `notice-lead-ms 200`: every connection is closed at 450-500 ms
+                      of age, and one that opted in to notices (the adapter rows) is told
+                      200 ms before
               native  the server without the module, and a thread of this script calling
                       `CLIENT KILL MAXAGE 1` every 100 ms (the baseline: what the server can do
                       by itself; Redis 7.0 has no such command, so these rows are Valkey and
@@ -56,9 +60,9 @@ application gets for a request.
 
 Columns:
   retired                connections the server retired during the load (module: INFO maxage
-                         maxage_evicted_connections + maxage_noticed_left_themselves, the
-                         connections told by a notice that then closed themselves; native: the
-                         sum of CLIENT KILL's replies)
+                         maxage_evicted_connections, plus maxage_noticed_left_themselves and the
+                         adapter's own count of RESP2 connections it replaced before their
+                         deadline; native: the sum of CLIENT KILL's replies)
   failed / 10k retired   failed requests x 10,000 / retired
   executed twice         INCRs the server executed more often than the application sent them:
                          per worker, server value - successful INCRs - failed INCRs, when that
@@ -85,7 +89,7 @@ lost write; the JSON has it as incr.acknowledged_but_missing, and the row's note
 
     scripts/client-impact                  # all 196 rows (168 run here), 8 s a row (+3 s
                                            # without retirement), about 12 s a row in all
-    scripts/client-impact --quick          # CI: 4 rows, 4 s each (+2 s), about 30 s in all
+    scripts/client-impact --quick          # CI: 5 rows, 4 s each (+2 s), about 40 s in all
     scripts/client-impact --clients redis-py,ioredis --setups redis --transports tls
     scripts/client-impact --clients redis-py --modes module --setups redis-8.0-io
                                            # redis-py on Redis 8 with I/O threads, TCP and TLS
@@ -133,7 +137,7 @@ RUST_LOAD_TARGET = os.path.join(ROOT, "target", "impact-load-rs")
 RUST_LOAD_BINARY = os.path.join(RUST_LOAD_TARGET, "release", "impact-load-rs")
 
 MODULE_MAX_AGE_MS = 500
-# The module's notice lead (docs/notices.md): only clients that opt in (the adapters) see it.
+# Connections that opt in (MAXAGE.NOTICE, the adapter rows) are told this long before.
 MODULE_NOTICE_LEAD_MS = 200
 NATIVE_KILL_MAXAGE_S = 1
 NATIVE_KILL_INTERVAL_S = 0.1
@@ -175,6 +179,8 @@ CLIENTS = [
     ClientSpec("rust-redis", "rust", True),
     ClientSpec("redis-py+adapter", "python", False),
     ClientSpec("redis-py-asyncio+adapter", "python", False),
+    ClientSpec("node-redis+adapter", "node", False),
+    ClientSpec("ioredis+adapter", "node", True),
 ]
 CLIENTS_BY_NAME = {c.name: c for c in CLIENTS}
 
@@ -281,6 +287,7 @@ def full_plan():
 QUICK_PLAN = [
     RowSpec("redis-py", "redis", "tcp", "module"),
     RowSpec("node-redis", "redis", "tcp", "module"),
+    RowSpec("node-redis+adapter", "redis", "tcp", "module"),
     RowSpec("redis-py", "redis", "tls", "module"),
     RowSpec("redis-py", "valkey", "tcp", "native"),
 ]
@@ -446,7 +453,7 @@ def client_unavailable(spec):
     if spec.runtime == "node":
         if not shutil.which("node"):
             return "node is not installed (scripts/setup --test installs it)"
-        package = "redis" if spec.name == "node-redis" else "ioredis"
+        package = "redis" if spec.name.startswith("node-redis") else "ioredis"
         if not os.path.isdir(os.path.join(EXAMPLES, "node_modules", package)):
             return f"examples/node_modules/{package} is missing (scripts/setup --test)"
     if spec.runtime == "rust" and not shutil.which("cargo"):
@@ -551,8 +558,12 @@ def measure(row, spec, server, control, tls_ca, mode, seconds, retiring, prefix)
                 killer.stop()
     deltas = counter_deltas(before, server_counters(control, module))
     if module:
-        # A connection told by a notice that closed itself was retired too (adapter rows).
-        retired = deltas["evicted_connections"] + deltas["noticed_left_themselves"]
+        # Connections told to leave that did, and the RESP2 adapter's own before the deadline.
+        retired = (
+            deltas["evicted_connections"]
+            + deltas["noticed_left_themselves"]
+            + output.get("retired_before_deadline", 0)
+        )
     else:
         retired = killer.retired if killer is not None else 0
     keys = [f"{prefix}incr:{w}" for w in range(row.workers)]
@@ -881,7 +892,7 @@ def parse_args(argv=None):
         f"when connections are retired (module max-age-ms {MODULE_MAX_AGE_MS} vs the server's "
         "native CLIENT KILL MAXAGE loop).",
     )
-    parser.add_argument("--quick", action="store_true", help="CI's short run (4 rows)")
+    parser.add_argument("--quick", action="store_true", help="CI's short run (5 rows)")
     parser.add_argument("--seconds", type=float, help="load per row with retirement (default 8)")
     parser.add_argument(
         "--control-seconds", type=float, help="load per row without retirement (default 3)"
