@@ -1,6 +1,6 @@
 // The node clients of scripts/client-impact under its GET/SET/INCR load.
 //
-//   node examples/impact_load.js --client node-redis|ioredis|ioredis-resend --port N
+//   node examples/impact_load.js --client node-redis|ioredis|ioredis-resend|node-redis+adapter|ioredis+adapter --port N
 //       [--host H] [--tls-ca PEM] --seconds S --workers W --connections C --prefix P
 //
 // Every worker loops until S seconds have passed: GET or SET on a random key `{P}key:{n}`, or
@@ -23,8 +23,20 @@
 //                   the connection closed are sent again on the next connection, so the
 //                   application sees no failure; whether any of them had already run is what
 //                   the INCR check shows.
+//   node-redis+adapter  node-redis with this repository's adapter (clients/node, docs/notices.md):
+//                   its pool (createPool: the same minimum = maximum = C and acquire timeout),
+//                   RESP3; a connection told by the module (MAXAGE.NOTICE's push) is replaced
+//                   first, then closed after its replies.
+//   ioredis+adapter     ioredis (maxRetriesPerRequest 0) with the adapter: ioredis 5 speaks RESP2
+//                   only, so each connection is replaced at its deadline minus notice-lead-ms,
+//                   from MAXAGE.NOTICE's reply (re-asked every second).
 "use strict";
 const fs = require("node:fs");
+const path = require("node:path");
+
+// The adapters (npm install ./clients/node in an application; here from the repository).
+const adapters = () => require(path.join(__dirname, "..", "clients", "node"));
+const CLIENTS = ["node-redis", "ioredis", "ioredis-resend", "node-redis+adapter", "ioredis+adapter"];
 
 const KEYSPACE = 10000;
 const VALUE = "v".repeat(100);
@@ -55,8 +67,8 @@ function parseArgs(argv) {
       default: throw new Error(`unknown option ${flag}`);
     }
   }
-  if (!["node-redis", "ioredis", "ioredis-resend"].includes(args.client)) {
-    throw new Error(`--client must be node-redis, ioredis or ioredis-resend`);
+  if (!CLIENTS.includes(args.client)) {
+    throw new Error(`--client must be one of ${CLIENTS.join(", ")}`);
   }
   if (!(args.port > 0 && args.workers > 0 && args.connections > 0)) {
     throw new Error("--port, --workers and --connections must be positive");
@@ -81,26 +93,32 @@ function rng(seed) {
   };
 }
 
-async function nodeRedis(args, ca) {
-  const { createClientPool } = require("redis");
+async function nodeRedis(args, ca, adapter) {
+  const { createClient, createClientPool } = require("redis");
   const version = require("redis/package.json").version;
   const socket = { host: args.host, port: args.port, connectTimeout: TIMEOUT_MS };
   if (ca) Object.assign(socket, { tls: true, ca: [ca] });
-  const pool = createClientPool(
-    { socket },
-    { minimum: args.connections, maximum: args.connections, acquireTimeout: TIMEOUT_MS },
-  );
+  const poolOptions = {
+    minimum: args.connections, maximum: args.connections, acquireTimeout: TIMEOUT_MS,
+  };
+  const pool = adapter
+    ? adapters().createPool(createClient({ socket }), poolOptions)
+    : createClientPool({ socket }, poolOptions);
   pool.on("error", () => {}); // a retired connection reconnects by itself
   await pool.connect();
   return {
-    library: `node-redis ${version} (createClientPool)`,
-    settings: "no request retry in node-redis; reconnectStrategy default; connectTimeout 5 s",
+    library: adapter
+      ? `node-redis ${version} (redis-maxage createPool, RESP3)`
+      : `node-redis ${version} (createClientPool)`,
+    settings: "no request retry in node-redis; reconnectStrategy default; connectTimeout 5 s" +
+      (adapter ? "; adapter: replaced on the notice push" : ""),
     forWorker: () => pool,
+    adapterStats: adapter ? () => pool.maxage : null,
     close: () => pool.close().catch(() => pool.destroy()),
   };
 }
 
-async function ioredis(args, ca, resend) {
+async function ioredis(args, ca, resend, adapter) {
   const Redis = require("ioredis");
   const version = require("ioredis/package.json").version;
   const options = {
@@ -113,7 +131,7 @@ async function ioredis(args, ca, resend) {
   if (ca) options.tls = { ca: [ca] };
   const clients = [];
   for (let i = 0; i < args.connections; i++) {
-    const client = new Redis(options);
+    const client = adapter ? adapters().withNotices(new Redis(options)) : new Redis(options);
     client.on("error", () => {});
     await client.connect();
     clients.push(client);
@@ -122,8 +140,20 @@ async function ioredis(args, ca, resend) {
     library: `ioredis ${version} (${args.connections} clients)`,
     settings: resend
       ? "defaults: maxRetriesPerRequest 20, autoResendUnfulfilledCommands true, retryStrategy default"
-      : "maxRetriesPerRequest 0; autoResendUnfulfilledCommands and retryStrategy default",
+      : "maxRetriesPerRequest 0; autoResendUnfulfilledCommands and retryStrategy default" +
+        (adapter ? "; adapter (RESP2): replaced at deadline - notice-lead-ms" : ""),
     forWorker: (i) => clients[i % clients.length],
+    adapterStats: adapter
+      ? () => {
+        const sum = {};
+        for (const client of clients) {
+          for (const [name, value] of Object.entries(client.maxage)) {
+            if (typeof value === "number") sum[name] = (sum[name] || 0) + value;
+          }
+        }
+        return sum;
+      }
+      : null,
     close: async () => {
       for (const client of clients) client.disconnect();
     },
@@ -133,10 +163,10 @@ async function ioredis(args, ca, resend) {
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const ca = args.tlsCa ? fs.readFileSync(args.tlsCa) : null;
-  const setup =
-    args.client === "node-redis"
-      ? await nodeRedis(args, ca)
-      : await ioredis(args, ca, args.client === "ioredis-resend");
+  const adapter = args.client.endsWith("+adapter");
+  const setup = args.client.startsWith("node-redis")
+    ? await nodeRedis(args, ca, adapter)
+    : await ioredis(args, ca, args.client === "ioredis-resend", adapter);
   const tallies = [];
   const started = process.hrtime.bigint();
   const deadline = Date.now() + args.seconds * 1000;
@@ -172,6 +202,9 @@ async function main() {
 
   await Promise.all(Array.from({ length: args.workers }, (_, i) => work(i)));
   const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
+  // What the adapter did (its count of RESP2 connections replaced without a notice is the
+  // part of the retirements that the module's INFO cannot see).
+  const adapterStats = setup.adapterStats ? setup.adapterStats() : null;
   await setup.close();
 
   const latencies = tallies.flatMap((t) => t.latencies).sort((a, b) => a - b);
@@ -197,6 +230,8 @@ async function main() {
         max: latencies.length ? Math.round(latencies[latencies.length - 1] * 1000) / 1000 : 0,
       },
       errors,
+      adapter: adapterStats,
+      retired_before_deadline: adapterStats ? adapterStats.retiredBeforeDeadline : 0,
     }) + "\n",
   );
   // Sockets of clients still reconnecting must not keep the process alive.

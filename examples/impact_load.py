@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The Python clients of scripts/client-impact under its GET/SET/INCR load.
 
-    python3 examples/impact_load.py --client redis-py|redis-py-asyncio|glide --port N
+    python3 examples/impact_load.py --client redis-py|redis-py-asyncio|glide
+        |redis-py+adapter|redis-py-asyncio+adapter --port N
         [--host H] [--tls-ca PEM] --seconds S --workers W --connections C --prefix P
 
 Every worker loops until S seconds have passed: GET or SET on a random key `{P}key:{n}`, or INCR
@@ -14,6 +15,10 @@ failures, latency percentiles (ms, all requests) and the error messages.
   redis-py-asyncio  redis.asyncio ConnectionPool (up to C connections) shared by W tasks
   glide             valkey-glide (async): C GlideClients, each one multiplexed connection,
                     shared by W tasks (task w uses client w % C)
+  redis-py+adapter, redis-py-asyncio+adapter
+                    the same pools from clients/python's adapter (redis_maxage, imported from
+                    this checkout): connections opt in to the module's notices and retire
+                    themselves after their request in flight
 
 Retries: redis-py (both) with Retry(NoBackoff(), 0) and retry_on_error=[] (redis-py 6+ retries
 3-10 times by default); the pool still replaces a connection that was closed while idle, which
@@ -35,6 +40,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+# The adapter of +adapter rows, from this checkout (ahead of an installed redis-maxage).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients" / "python"))
 from maxage_tools.stats import percentile
 
 KEYSPACE = 10_000
@@ -120,6 +127,11 @@ def redis_py_options(args, retry_module):
     return options
 
 
+def adapter_label(pools):
+    """The adapter's module in a row's library label (empty for plain redis-py)."""
+    return f" of {pools.__name__}" if pools.__name__.startswith("redis_maxage") else ""
+
+
 def check_no_retry(pool):
     connection = pool.connection_class(**pool.connection_kwargs)  # not connected
     if connection.retry.get_retries() != 0 or connection.retry_on_error:
@@ -130,13 +142,17 @@ def run_redis_py(args):
     import redis
     import redis.retry
 
+    pools = redis
+    if args.client.endswith("+adapter"):
+        import redis_maxage as pools  # its pools take redis-py's connection classes
+
     options = redis_py_options(args, redis.retry)
     if args.tls_ca:
         options["connection_class"] = redis.SSLConnection
     # A plain ConnectionPool refuses a checkout past max_connections; the blocking one waits.
-    pool_class = redis.ConnectionPool
+    pool_class = pools.ConnectionPool
     if args.workers > args.connections:
-        pool_class = redis.BlockingConnectionPool
+        pool_class = pools.BlockingConnectionPool
         options["timeout"] = TIMEOUT_S
     pool = pool_class(**options)
     check_no_retry(pool)
@@ -174,7 +190,7 @@ def run_redis_py(args):
     pool.disconnect()
     return report(
         args,
-        f"redis-py {redis.__version__} (sync {pool_class.__name__})",
+        f"redis-py {redis.__version__} (sync {pool_class.__name__}{adapter_label(pools)})",
         "Retry(NoBackoff(), 0), retry_on_error=[], socket timeouts 5 s",
         elapsed,
         tallies,
@@ -216,12 +232,18 @@ async def run_redis_py_asyncio(args):
     import redis.asyncio
     import redis.asyncio.retry
 
+    pools = redis.asyncio
+    if args.client.endswith("+adapter"):
+        import redis_maxage.asyncio
+
+        pools = redis_maxage.asyncio
+
     options = redis_py_options(args, redis.asyncio.retry)
     if args.tls_ca:
         options["connection_class"] = redis.asyncio.SSLConnection
-    pool_class = redis.asyncio.ConnectionPool
+    pool_class = pools.ConnectionPool
     if args.workers > args.connections:
-        pool_class = redis.asyncio.BlockingConnectionPool
+        pool_class = pools.BlockingConnectionPool
         options["timeout"] = TIMEOUT_S
     pool = pool_class(**options)
     check_no_retry(pool)
@@ -233,7 +255,7 @@ async def run_redis_py_asyncio(args):
     await pool.disconnect()
     return report(
         args,
-        f"redis-py {redis.__version__} (redis.asyncio {pool_class.__name__})",
+        f"redis-py {redis.__version__} (redis.asyncio {pool_class.__name__}{adapter_label(pools)})",
         "Retry(NoBackoff(), 0), retry_on_error=[], socket timeouts 5 s",
         elapsed,
         tallies,
@@ -275,7 +297,15 @@ async def run_glide(args, ca_pem):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--client", required=True, choices=["redis-py", "redis-py-asyncio", "glide"]
+        "--client",
+        required=True,
+        choices=[
+            "redis-py",
+            "redis-py-asyncio",
+            "glide",
+            "redis-py+adapter",
+            "redis-py-asyncio+adapter",
+        ],
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -289,9 +319,9 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.client == "redis-py":
+    if args.client in ("redis-py", "redis-py+adapter"):
         result = run_redis_py(args)
-    elif args.client == "redis-py-asyncio":
+    elif args.client in ("redis-py-asyncio", "redis-py-asyncio+adapter"):
         result = asyncio.run(run_redis_py_asyncio(args))
     else:
         ca_pem = None

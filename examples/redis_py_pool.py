@@ -1,5 +1,14 @@
 """A redis-py pool whose connections live at most MAX_AGE_MS: every new connection asks the
-server to retire it at that age (MAXAGE.SELF), and the pool replaces retired ones by itself."""
+server to retire it at that age (MAXAGE.SELF), and the pool replaces retired ones by itself.
+
+With the adapter in clients/python (`pip install ./clients/python`), connections also leave by
+themselves `maxage.notice-lead-ms` before the module would close them, so no request fails on a
+retirement (docs/notices.md). In one line, for the server's max age:
+
+    client = redis_maxage.Redis(host="127.0.0.1", port=6379)   # instead of redis.Redis(...)
+
+make_pool(notices=True) below combines both: MAXAGE.SELF first, then the adapter opts in.
+"""
 
 import redis
 
@@ -28,9 +37,14 @@ class MaxAgeConnection(redis.Connection):
             self.request_max_age()
 
 
-def make_pool(host="127.0.0.1", port=6379, max_age_ms=MAX_AGE_MS, **kwargs):
+def make_pool(host="127.0.0.1", port=6379, max_age_ms=MAX_AGE_MS, notices=False, **kwargs):
     connection_class = type("Conn", (MaxAgeConnection,), {"max_age_ms": max_age_ms})
-    return redis.ConnectionPool(
+    pool_class = redis.ConnectionPool
+    if notices:
+        import redis_maxage  # clients/python: its pool opts each connection in to notices
+
+        pool_class = redis_maxage.ConnectionPool
+    return pool_class(
         host=host, port=port, connection_class=connection_class, max_connections=100, **kwargs
     )
 

@@ -8,11 +8,11 @@ mod policy;
 mod server;
 
 // The fuzz targets (fuzz/) drive the pure parsers directly.
-pub use policy::{client_list, filter, glob};
+pub use policy::{client_list, filter, filter_keywords, glob};
 
 use commands::{compat, docs, kill, notice, preview, self_request};
 use policy::config;
-use server::{enforcement, ffi, next_command, server_view, settings_changed, stats, unload};
+use server::{enforcement, ffi, next_command, settings_changed, stats, thread_load, unload};
 
 use redis_module::{
     Context, RedisError, RedisResult, RedisString, RedisValue, Status, redis_module,
@@ -189,6 +189,9 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
     if !compat::start_filter(ctx, compat_possible) {
         return refuse(ctx, "cannot register the CLIENT KILL compatibility filter");
     }
+    if let Some(load) = thread_load::describe(thread_load::decide(ctx)) {
+        ffi::log(ctx, LogLevel::Notice, &format!("maxage: {load}"));
+    }
     if !watch_io_thread_clients(ctx) {
         return refuse(ctx, "cannot register the next-command filter");
     }
@@ -219,14 +222,7 @@ fn load(ctx: &Context, args: &[RedisString]) -> Status {
 /// With I/O threads that own their clients (Redis 8), due clients are closed inside their next
 /// command (next_command.rs), which needs a filter that knows the client (Redis 7.4+).
 fn watch_io_thread_clients(ctx: &Context) -> bool {
-    let io_threads = match ctx.call("CONFIG", &["GET", "io-threads"][..]) {
-        Ok(RedisValue::Array(pair)) => pair
-            .get(1)
-            .map(|value| server_view::reply_text(value.clone()))
-            .and_then(|text| text.parse::<i64>().ok())
-            .unwrap_or(1),
-        _ => 1,
-    };
+    let io_threads = thread_load::io_threads(ctx);
     if io_threads <= 1 {
         return true;
     }

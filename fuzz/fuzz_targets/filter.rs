@@ -5,7 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use redis_maxage::client_list::{parse_client_line, parse_client_list};
-use redis_maxage::filter::{Candidate, Command, ServerFacts, parse};
+use redis_maxage::filter::{Candidate, Command, parse};
+use redis_maxage::filter_keywords::ServerFacts;
 use redis_maxage::glob::glob_matches;
 
 struct Facts;

@@ -59,14 +59,12 @@ module (the latency noise floor; memory and on-time checks are skipped there).
 
 import argparse
 import collections
-import ctypes
 import json
 import multiprocessing
 import os
 import random
 import select
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -75,7 +73,7 @@ import time
 import traceback
 from array import array
 
-from maxage_tools import servers
+from maxage_tools import processes, servers
 from maxage_tools.resp import ConnClosed, Push, ReplyTimeout, RespConn, RespError, encode
 from maxage_tools.stats import percentile
 
@@ -97,7 +95,6 @@ PROBE_CYCLE_EVERY = 20
 PROBE_GIVE_UP_S = 60.0
 MULTI_HOLDERS = 32
 CHURN_CONNECTIONS = 200
-PR_SET_PDEATHSIG = 1
 
 SELF_FORMS = [
     [b"MAXAGE.SELF"],
@@ -116,14 +113,6 @@ SELF_FORMS = [
     # Last: the server closes the connection after this one (at its next request or idle).
     [b"MAXAGE.SELF", b"1"],
 ]
-
-
-def _die_with_parent():
-    """A child process of the harness must not outlive it (nor keep hammering a server)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def info_fields(text):
@@ -200,7 +189,7 @@ class Admin:
 def probe_main(port, stop, quiet, out):
     """PING on one connection in a loop; every PROBE_CYCLE_EVERY rounds also a fresh
     connect + PING + close. Sends {"pings": [(t, latency)...], "cycles": ..., "errors": [...]}."""
-    _die_with_parent()
+    processes.die_with_parent()
     pings = array("d")
     cycles = array("d")
     errors = []
@@ -259,7 +248,7 @@ def probe_main(port, stop, quiet, out):
 def watcher_main(port, wave_size, stop, quiet, out):
     """Opens a wave of wave_size idle default-user connections every WAVE_PERIOD_S until stop,
     then waits for the last ones. Sends {"closes": [(wave, opened_at, age or None)], ...}."""
-    _die_with_parent()
+    processes.die_with_parent()
     servers.raise_open_file_limit()
     selector = selectors.DefaultSelector()
     closes = []
@@ -778,7 +767,7 @@ class AbuseRun:
 def abuser_main(port, flavor, options, quiet, out):
     """The application user's abuse, in a child process at nice 10 (so that the measuring
     processes get a core first on a small box). Sends its figures and phase times."""
-    _die_with_parent()
+    processes.die_with_parent()
     os.nice(10)
     servers.raise_open_file_limit()
     run = AbuseRun(port, flavor, options["seed"])
@@ -1341,7 +1330,7 @@ def print_figures(flavor, figures, options):
 
 def git_commit():
     done = subprocess.run(
-        ["git", "-C", servers.ROOT, "rev-parse", "--short", "HEAD"],
+        ["git", "-C", processes.ROOT, "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=False,
@@ -1421,11 +1410,11 @@ def main(argv=None):
     unknown = set(flavors) - set(servers.FLAVORS)
     if unknown or not flavors:
         parser.error(f"--servers: expected some of {','.join(servers.FLAVORS)}")
-    if not args.stock and not os.path.exists(servers.module_path()):
-        print(f"abuse: {servers.module_path()} is missing (cargo build --release)")
+    if not args.stock and not os.path.exists(processes.module_path()):
+        print(f"abuse: {processes.module_path()} is missing (cargo build --release)")
         return 2
     mode = "quick" if quick else "long"
-    print(f"abuse: {mode} run, module {servers.module_path()}, options {options}")
+    print(f"abuse: {mode} run, module {processes.module_path()}, options {options}")
     report = {"mode": mode, "commit": git_commit(), "options": options, "servers": {}}
     status = 0
     for flavor in flavors:

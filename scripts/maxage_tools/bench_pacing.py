@@ -51,7 +51,6 @@ interrupted.
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import itertools
@@ -71,13 +70,12 @@ import time
 
 import redis
 
-from maxage_tools import servers
+from maxage_tools import processes, report, servers
+from maxage_tools.processes import CannotRun, Terminated
 from maxage_tools.servers import ServerError, find_server
 from maxage_tools.stats import percentile
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_MODULE_PATH = os.path.join(REPO_ROOT, "target", "release", "libredis_maxage.so")
-DEFAULT_JSON_PATH = os.path.join(REPO_ROOT, "target", "bench-pacing.json")
+DEFAULT_JSON_PATH = os.path.join(processes.ROOT, "target", "bench-pacing.json")
 HOST = "127.0.0.1"
 MAX_CLIENTS = 15_000
 
@@ -112,14 +110,6 @@ SLICE_S = 0.1
 PROBE_START_TIMEOUT_S = 10.0
 SERVER_START_TIMEOUT_S = 10.0
 SERVER_STOP_TIMEOUT_S = 10.0
-
-
-class CannotRun(Exception):
-    """The measurement could not be set up (missing binary, server refused to start, ...)."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so every finally block runs."""
 
 
 def log(message):
@@ -164,19 +154,11 @@ def cpu_split():
 SERVER_CPUS, CLIENT_CPUS = cpu_split()
 
 
-def die_with_parent():
-    """Runs in a child before exec: if this script is SIGKILLed, the child gets SIGTERM, so no
-    server or benchmark outlives the script even when its finally blocks cannot run."""
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def start_child(argv, cpus=None, **popen_args):
     """Starts a child (on `cpus` if given; else on this script's CPUs)."""
 
     def before_exec():
-        die_with_parent()
+        processes.die_with_parent(signal.SIGTERM)
         if cpus:
             os.sched_setaffinity(0, cpus)
 
@@ -804,30 +786,11 @@ TABLE_HEADER = [
 
 
 def text_table(summary):
-    rows = [TABLE_HEADER, *table_rows(summary)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return report.text_table([TABLE_HEADER, *table_rows(summary)])
 
 
 def markdown_table(summary):
-    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
-    return "\n".join(lines)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return report.markdown_table(TABLE_HEADER, table_rows(summary))
 
 
 def machine_description():
@@ -835,7 +798,7 @@ def machine_description():
         "nproc": os.cpu_count(),
         "server_cpus": sorted(SERVER_CPUS),
         "client_cpus": sorted(CLIENT_CPUS),
-        "cpu_model": cpu_model(),
+        "cpu_model": report.cpu_model(platform.processor() or "unknown"),
         "kernel": f"{platform.system()} {platform.release()}",
         "loadavg_at_start": os.getloadavg()[0],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -923,23 +886,6 @@ def write_json(path, plan, machine, server_version, summary, results):
 # ---------------------------------------------------------------------------------------------
 
 
-def module_path():
-    """The module .so; built with cargo when it is missing (unless the path was given)."""
-    override = os.environ.get("MAXAGE_MODULE_PATH")
-    if override:
-        if not os.path.isfile(override):
-            raise CannotRun(f"MAXAGE_MODULE_PATH={override} does not exist")
-        return override
-    if not os.path.isfile(DEFAULT_MODULE_PATH):
-        log("building the module: cargo build --release --quiet")
-        build = subprocess.run(
-            ["cargo", "build", "--release", "--quiet"], cwd=REPO_ROOT, check=False
-        )
-        if build.returncode != 0 or not os.path.isfile(DEFAULT_MODULE_PATH):
-            raise CannotRun(f"cargo build did not produce {DEFAULT_MODULE_PATH}")
-    return DEFAULT_MODULE_PATH
-
-
 def required_binary(name):
     path = shutil.which(name)
     if not path:
@@ -980,7 +926,7 @@ def run(args):
     except ServerError as err:
         raise CannotRun(str(err)) from err
     required_binary("redis-benchmark")
-    module = module_path()
+    module = processes.built_module_path(log)
     server_version = server_version_of(server_binary)
     servers.raise_open_file_limit()
     # The workload and the probe are this script's children and inherit its CPUs.
@@ -1000,13 +946,9 @@ def run(args):
     write_json(args.json, plan, machine, server_version, summary, results)
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main():
     args = parse_args()
-    signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGTERM, processes.raise_terminated)
     try:
         run(args)
     except CannotRun as error:

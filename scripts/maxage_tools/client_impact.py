@@ -14,6 +14,14 @@ One table row per client library x transport x server setup x retirement:
               rust-redis+adapter  the same through clients/rust (redis-maxage-client) on RESP3:
                                 it opts in to the module's notice and, when told, swaps in a
                                 new connection and lets the old one finish (docs/notices.md)
+              redis-py+adapter  redis-py with clients/python's adapter (redis_maxage's
+                                ConnectionPool: its connections opt in to the module's
+                                notices and retire themselves, docs/notices.md)
+              redis-py-asyncio+adapter  the same for redis.asyncio (redis_maxage.asyncio)
+              node-redis+adapter  node-redis with clients/node's adapter (its pool; RESP3: the
+                                connection is replaced on the module's notice, docs/notices.md)
+              ioredis+adapter   ioredis with clients/node's adapter (RESP2, no push: replaced at
+                                deadline - notice-lead-ms from MAXAGE.NOTICE's reply)
   transports  tcp, tls (a throwaway CA and server certificate made with openssl; the server
               listens on `tls-port` only, clients verify the certificate against that CA)
   setups      redis              Debian's redis-server 7.0
@@ -33,8 +41,9 @@ One table row per client library x transport x server setup x retirement:
                                  once the main thread is >= 30 % busy, which this load may not
                                  reach with `io-threads 2` alone
   retirement  module  the server loads the module with `max-age-ms 500` (jitter at its default,
-                      10 %): every connection is closed at 450-500 ms of age, and
-                      `notice-lead-ms 200` (only clients that opt in, the adapters, are told)
+                      10 %) and `notice-lead-ms 200`: every connection is closed at 450-500 ms
+                      of age, and one that opted in to notices (the adapter rows) is told
+                      200 ms before
               native  the server without the module, and a thread of this script calling
                       `CLIENT KILL MAXAGE 1` every 100 ms (the baseline: what the server can do
                       by itself; Redis 7.0 has no such command, so these rows are Valkey and
@@ -54,9 +63,9 @@ application gets for a request.
 
 Columns:
   retired                connections the server retired during the load (module: INFO maxage
-                         maxage_evicted_connections + maxage_noticed_left_themselves, the told
-                         connections that closed themselves; native: the sum of CLIENT KILL's
-                         replies)
+                         maxage_evicted_connections, plus maxage_noticed_left_themselves and the
+                         adapter's own count of RESP2 connections it replaced before their
+                         deadline; native: the sum of CLIENT KILL's replies)
   failed / 10k retired   failed requests x 10,000 / retired
   executed twice         INCRs the server executed more often than the application sent them:
                          per worker, server value - successful INCRs - failed INCRs, when that
@@ -83,7 +92,7 @@ lost write; the JSON has it as incr.acknowledged_but_missing, and the row's note
 
     scripts/client-impact                  # all 196 rows (168 run here), 8 s a row (+3 s
                                            # without retirement), about 12 s a row in all
-    scripts/client-impact --quick          # CI: 4 rows, 4 s each (+2 s), about 30 s in all
+    scripts/client-impact --quick          # CI: 5 rows, 4 s each (+2 s), about 40 s in all
     scripts/client-impact --clients redis-py,ioredis --setups redis --transports tls
     scripts/client-impact --clients redis-py --modes module --setups redis-8.0-io
                                            # redis-py on Redis 8 with I/O threads, TCP and TLS
@@ -102,7 +111,6 @@ server failed) or nothing could run; 130 / 143 when interrupted by SIGINT / SIGT
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import importlib.util
@@ -122,16 +130,17 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import matrix, servers
+from . import matrix, processes, report, servers
+from .processes import CannotRun, Terminated
 
-ROOT = servers.ROOT
+ROOT = processes.ROOT
 EXAMPLES = os.path.join(ROOT, "examples")
 RUST_LOAD_MANIFEST = os.path.join(EXAMPLES, "impact-load-rs", "Cargo.toml")
 RUST_LOAD_TARGET = os.path.join(ROOT, "target", "impact-load-rs")
 RUST_LOAD_BINARY = os.path.join(RUST_LOAD_TARGET, "release", "impact-load-rs")
 
 MODULE_MAX_AGE_MS = 500
-# The notice comes this long before the deadline, to connections that opted in (the adapters).
+# Connections that opt in (MAXAGE.NOTICE, the adapter rows) are told this long before.
 MODULE_NOTICE_LEAD_MS = 200
 NATIVE_KILL_MAXAGE_S = 1
 NATIVE_KILL_INTERVAL_S = 0.1
@@ -147,16 +156,8 @@ DEFAULT_WORKERS = 32
 WORKERS_PER_MULTIPLEXED_CONNECTION = 2
 
 
-class CannotRun(Exception):
-    """The whole measurement could not be set up."""
-
-
 class RowFailed(Exception):
     """One row could not be measured (status "error")."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so every finally block runs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +181,10 @@ CLIENTS = [
     ClientSpec("ioredis-resend", "node", True),
     ClientSpec("rust-redis", "rust", True),
     ClientSpec("rust-redis+adapter", "rust", True),
+    ClientSpec("redis-py+adapter", "python", False),
+    ClientSpec("redis-py-asyncio+adapter", "python", False),
+    ClientSpec("node-redis+adapter", "node", False),
+    ClientSpec("ioredis+adapter", "node", True),
 ]
 CLIENTS_BY_NAME = {c.name: c for c in CLIENTS}
 
@@ -286,6 +291,7 @@ def full_plan():
 QUICK_PLAN = [
     RowSpec("redis-py", "redis", "tcp", "module"),
     RowSpec("node-redis", "redis", "tcp", "module"),
+    RowSpec("node-redis+adapter", "redis", "tcp", "module"),
     RowSpec("redis-py", "redis", "tls", "module"),
     RowSpec("redis-py", "valkey", "tcp", "native"),
 ]
@@ -444,14 +450,6 @@ class NativeKiller:
 # ---------------------------------------------------------------------------------------------
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent():
-    """preexec_fn: the load generator gets SIGKILL when this script dies."""
-    _libc.prctl(servers.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def client_unavailable(spec):
     """Why the client cannot run here (None when it can); for the n/a rows."""
     if spec.name == "glide" and importlib.util.find_spec("glide") is None:
@@ -459,7 +457,7 @@ def client_unavailable(spec):
     if spec.runtime == "node":
         if not shutil.which("node"):
             return "node is not installed (scripts/setup --test installs it)"
-        package = "redis" if spec.name == "node-redis" else "ioredis"
+        package = "redis" if spec.name.startswith("node-redis") else "ioredis"
         if not os.path.isdir(os.path.join(EXAMPLES, "node_modules", package)):
             return f"examples/node_modules/{package} is missing (scripts/setup --test)"
     if spec.runtime == "rust" and not shutil.which("cargo"):
@@ -504,7 +502,7 @@ def load_process(argv):
         stderr=subprocess.PIPE,
         text=True,
         cwd=EXAMPLES,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 -- started before any thread of ours
+        preexec_fn=processes.die_with_parent,  # noqa: PLW1509 -- started before any thread of ours
     )
     try:
         yield process
@@ -564,7 +562,12 @@ def measure(row, spec, server, control, tls_ca, mode, seconds, retiring, prefix)
                 killer.stop()
     deltas = counter_deltas(before, server_counters(control, module))
     if module:
-        retired = deltas["evicted_connections"] + deltas["noticed_left_themselves"]
+        # Connections told to leave that did, and the RESP2 adapter's own before the deadline.
+        retired = (
+            deltas["evicted_connections"]
+            + deltas["noticed_left_themselves"]
+            + output.get("retired_before_deadline", 0)
+        )
     else:
         retired = killer.retired if killer is not None else 0
     keys = [f"{prefix}incr:{w}" for w in range(row.workers)]
@@ -814,16 +817,11 @@ def table_row(row):
 
 
 def markdown_table(results):
-    def cell(text):
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(TABLE_HEADERS) + " |"]
-    count = len(TABLE_HEADERS)
-    lines.append(
-        "|" + "|".join("---:" if 4 <= i < count - 1 else "---" for i in range(count)) + "|"
+    return report.markdown_table(
+        TABLE_HEADERS,
+        [table_row(r) for r in results],
+        right_aligned=range(4, len(TABLE_HEADERS) - 1),
     )
-    lines.extend("| " + " | ".join(cell(c) for c in table_row(r)) + " |" for r in results)
-    return "\n".join(lines)
 
 
 def print_report(ctx, results, module):
@@ -878,12 +876,7 @@ def write_json(path, ctx, results, module, wall_s):
 
 def frozen_module(directory):
     """A copy of the module for this run (a rebuild while it runs changes nothing)."""
-    path = servers.module_path()
-    if not os.environ.get("MAXAGE_MODULE_PATH") and not os.path.isfile(path):
-        log("building the module: cargo build --release --quiet")
-        subprocess.run(["cargo", "build", "--release", "--quiet"], check=False, cwd=ROOT)
-    if not os.path.isfile(path):
-        raise CannotRun(f"the module {path} does not exist (cargo build --release)")
+    path = processes.built_module_path(log)
     copy = os.path.join(directory, "libredis_maxage.so")
     shutil.copy2(path, copy)
     with open(copy, "rb") as so:
@@ -908,7 +901,7 @@ def parse_args(argv=None):
         f"when connections are retired (module max-age-ms {MODULE_MAX_AGE_MS} vs the server's "
         "native CLIENT KILL MAXAGE loop).",
     )
-    parser.add_argument("--quick", action="store_true", help="CI's short run (4 rows)")
+    parser.add_argument("--quick", action="store_true", help="CI's short run (5 rows)")
     parser.add_argument("--seconds", type=float, help="load per row with retirement (default 8)")
     parser.add_argument(
         "--control-seconds", type=float, help="load per row without retirement (default 3)"
@@ -965,17 +958,13 @@ def select_plan(args):
     ]
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None):
     args = parse_args(argv)
     plan = select_plan(args)
     if not plan:
         log("no row matches the selection")
         return 1
-    signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGTERM, processes.raise_terminated)
     started = time.monotonic()
     work_dir = tempfile.mkdtemp(prefix="client-impact-")
     try:

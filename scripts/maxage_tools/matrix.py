@@ -48,6 +48,8 @@ import sys
 import time
 from pathlib import Path
 
+from maxage_tools import report
+
 REPO = Path(__file__).resolve().parents[2]
 LOG_DIR = REPO / "target" / "matrix"
 
@@ -444,12 +446,8 @@ def print_table(outcomes: list[Outcome], closing_line: bool) -> None:
                 f"{o.test_s:.0f}" if o.test_s else "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
-    for n, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print(report.text_table(rows))
     for o in outcomes:
         if o.detail:
             print(f"{o.run.name}: {o.status}: {o.detail}")

@@ -38,7 +38,12 @@ import sys
 import tempfile
 import time
 
-from maxage_tools import bench, servers
+from maxage_tools import processes, servers
+from maxage_tools.bench.clients import fill_all, grow_fd_tables, rotated
+from maxage_tools.bench.model import FULL, LONG_MAX_AGE_MS, QUICK
+from maxage_tools.bench.run import Bench
+from maxage_tools.bench.server import proc_runtime_seconds
+from maxage_tools.bench.stall import DUE_AGE_MS, wakeup_counters
 
 FREQUENCY_HZ = 4999
 MODULE_DSO = "libredis_maxage.so"
@@ -176,29 +181,29 @@ def record_window(server, holder, window, n, window_s, workdir):
     """One window on the module server (see the module docstring); returns its Samples and
     how many clients the module retired in it."""
     control = server.control
-    control.config_set("maxage.max-age-ms", bench.LONG_MAX_AGE_MS)
-    bench.fill_all([holder], n)
-    time.sleep(bench.DUE_AGE_MS * 1.5 / 1000)
-    evicted_before = bench.wakeup_counters(server)["evicted_connections"]
+    control.config_set("maxage.max-age-ms", LONG_MAX_AGE_MS)
+    fill_all([holder], n)
+    time.sleep(DUE_AGE_MS * 1.5 / 1000)
+    evicted_before = wakeup_counters(server)["evicted_connections"]
     recording = Recording(server.pid, window_s, workdir)
     time.sleep(0.3)  # perf is attached
     if window == "nothing due":
-        control.config_set("maxage.max-age-ms", bench.LONG_MAX_AGE_MS - 1000)
+        control.config_set("maxage.max-age-ms", LONG_MAX_AGE_MS - 1000)
     elif window == "module retires":
-        control.config_set("maxage.max-age-ms", bench.DUE_AGE_MS)
+        control.config_set("maxage.max-age-ms", DUE_AGE_MS)
     elif window == "clients leave":
         holder.start_close_paced(1000)
     samples = recording.samples()
     if window == "clients leave":
         holder.wait_closed_paced()
-    evicted = bench.wakeup_counters(server)["evicted_connections"] - evicted_before
+    evicted = wakeup_counters(server)["evicted_connections"] - evicted_before
     return samples, evicted
 
 
 def record_idle(server, window_s, workdir):
-    before = bench.wakeup_counters(server)["wakeups"] if server.module else 0
+    before = wakeup_counters(server)["wakeups"] if server.module else 0
     samples = Recording(server.pid, window_s, workdir).samples()
-    after = bench.wakeup_counters(server)["wakeups"] if server.module else 0
+    after = wakeup_counters(server)["wakeups"] if server.module else 0
     return samples, after - before
 
 
@@ -217,12 +222,12 @@ def idle_at_once(sides, window_s, rounds):
     totals = {side: [0.0, 0] for side in sides}
     for _ in range(rounds):
         before = {
-            side: (bench.proc_runtime_seconds(s.pid), main_thread_wakeups(s.pid))
+            side: (proc_runtime_seconds(s.pid), main_thread_wakeups(s.pid))
             for side, s in sides.items()
         }
         time.sleep(window_s)
         for side, s in sides.items():
-            totals[side][0] += bench.proc_runtime_seconds(s.pid) - before[side][0]
+            totals[side][0] += proc_runtime_seconds(s.pid) - before[side][0]
             totals[side][1] += main_thread_wakeups(s.pid) - before[side][1]
     return totals
 
@@ -318,8 +323,8 @@ def main():
     args = parse_args()
     if not shutil.which("perf"):
         sys.exit("profile: perf is not installed (scripts/setup --test installs linux-perf)")
-    signal.signal(signal.SIGTERM, bench.exit_on_signal)
-    signal.signal(signal.SIGHUP, bench.exit_on_signal)
+    signal.signal(signal.SIGTERM, processes.exit_on_signal)
+    signal.signal(signal.SIGHUP, processes.exit_on_signal)
     multiprocessing.set_start_method("fork")
     servers.raise_open_file_limit()
     n, rounds = (500, 1) if args.quick else (5000, 3)
@@ -327,19 +332,19 @@ def main():
     idle_s = 2 * window_s
     with tempfile.TemporaryDirectory(prefix="maxage-profile-") as workdir:
         # A private copy named as perf reports it: a rebuild meanwhile changes nothing here.
-        module = shutil.copy(bench.module_path(), os.path.join(workdir, MODULE_DSO))
-        env = bench.Bench(bench.QUICK if args.quick else bench.FULL, module, False)
+        module = shutil.copy(processes.built_module_path(log), os.path.join(workdir, MODULE_DSO))
+        env = Bench(QUICK if args.quick else FULL, module, False)
         try:
             server = env.start_redis(
                 "profile-module",
                 with_module=True,
-                module_args=("max-age-ms", bench.LONG_MAX_AGE_MS),
+                module_args=("max-age-ms", LONG_MAX_AGE_MS),
             )
             stock = {side: env.start_redis(f"profile-{side}") for side in ("stock", "stock-aa")}
             idle_sides = {"module": server, **stock}
             holders = {side: env.holder(s) for side, s in idle_sides.items()}
-            bench.grow_fd_tables(holders.values(), n)
-            bench.fill_all(holders.values(), n)
+            grow_fd_tables(holders.values(), n)
+            fill_all(holders.values(), n)
             for side in idle_sides.values():
                 side.drop_control()
             log(f"idle: {rounds} window(s) of {idle_s:.1f} s on all 3 servers at once")
@@ -348,7 +353,7 @@ def main():
             idle = {f"idle, {side}": Samples() for side in idle_sides}
             idle_wakeups = 0
             for round_number in range(rounds):
-                for side in bench.rotated(list(idle_sides), round_number):
+                for side in rotated(list(idle_sides), round_number):
                     samples, wakeups = record_idle(idle_sides[side], idle_s, workdir)
                     idle[f"idle, {side}"].merge(samples)
                     idle_wakeups += wakeups
@@ -357,7 +362,7 @@ def main():
             windows = {window: Samples() for window in WINDOWS}
             log(f"{rounds} round(s) x {len(WINDOWS)} windows of {window_s:.1f} s, {n:,} clients")
             for round_number in range(rounds):
-                for window in bench.rotated(list(WINDOWS), round_number):
+                for window in rotated(list(WINDOWS), round_number):
                     samples, evicted = record_window(
                         server, holders["module"], window, n, window_s, workdir
                     )

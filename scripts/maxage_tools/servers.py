@@ -11,20 +11,22 @@ Only loopback, never port 6379. The server gets PR_SET_PDEATHSIG so it dies with
 that started it, and stop() only ever signals the process it started.
 """
 
-import ctypes
 import os
 import resource
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PR_SET_PDEATHSIG = 1
+if not __package__:  # run as a script (scripts/test, the Rust test harness): find maxage_tools
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from maxage_tools.processes import die_with_parent, free_port, module_path
+
 FLAVORS = ("redis", "valkey")
 
 
@@ -54,24 +56,6 @@ def find_server(flavor):
     raise ValueError(f"unknown server flavor {flavor!r} (expected one of {FLAVORS})")
 
 
-def module_path():
-    """The module to load: MAXAGE_MODULE_PATH or the release build."""
-    return os.environ.get("MAXAGE_MODULE_PATH") or os.path.join(
-        ROOT, "target", "release", "libredis_maxage.so"
-    )
-
-
-def free_port():
-    """A loopback port nobody listens on right now (the OS picks it); never 6379. The window
-    before the server binds it is covered by Server's retry on "Address already in use"."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port != 6379:
-            return port
-
-
 def raise_open_file_limit():
     """Soft RLIMIT_NOFILE up to the hard limit (servers started afterwards inherit it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -80,15 +64,6 @@ def raise_open_file_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
-
-
-_libc = None
-
-
-def _die_with_parent():
-    """preexec_fn: SIGKILL this child when the process that started it dies."""
-    if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _config_quote(text):
@@ -248,9 +223,6 @@ class Server:
     # Lifecycle ------------------------------------------------------------------------------
 
     def start(self):
-        global _libc
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
         raise_open_file_limit()
         last_log = ""
         for _attempt in range(6):
@@ -281,7 +253,7 @@ class Server:
         raise ServerError(f"{self.flavor} server did not start:\n{last_log[-4000:]}")
 
     def _before_exec(self):
-        _die_with_parent()
+        die_with_parent()
         if self.cpus:
             os.sched_setaffinity(0, self.cpus)
 
@@ -360,8 +332,6 @@ class Server:
 if __name__ == "__main__":
     # `python3 scripts/maxage_tools/servers.py valkey` prints the binary the scripts use, so the
     # shell wrappers and the Rust test harness find the same one.
-    import sys
-
     try:
         print(find_server(sys.argv[1] if len(sys.argv) > 1 else "redis"))
     except (ServerError, ValueError) as err:

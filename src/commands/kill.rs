@@ -4,8 +4,10 @@ use redis_module::{Context, ContextFlags, RedisError, RedisResult, RedisString, 
 
 use crate::commands::acl::{self, Needs};
 use crate::policy::client_list::ListedClient;
+use crate::policy::client_type::ClientType;
 use crate::policy::decisions::exemption;
-use crate::policy::filter::{self, ClientFilter, ClientType, Command, ServerFacts};
+use crate::policy::filter::{self, ClientFilter, Command};
+use crate::policy::filter_keywords::ServerFacts;
 use crate::server::ffi::{self, Reply, monotonic_ms};
 use crate::server::retire::{KillTarget, kill_spread};
 use crate::server::server_view::{list_clients, reply_text};

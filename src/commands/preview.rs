@@ -7,7 +7,7 @@ use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 use crate::policy::client_list::ListedClient;
 use crate::policy::config::Settings;
 use crate::policy::decisions::exemption;
-use crate::policy::filter::parse_strict_i64;
+use crate::policy::integers::parse_strict_i64;
 use crate::policy::registry::TrackedClient;
 use crate::policy::rules::{MAX_RULES_TEXT_BYTES, Rules};
 use crate::policy::schedule::deadline_ms;
@@ -225,7 +225,7 @@ mod tests {
         let settings = Settings {
             max_age_ms: 600_000,
             jitter_pct: 0,
-            ..Settings::default()
+            ..Settings::table_defaults()
         };
         let rules = Rules::parse("name:web-*=120000 name:monitoring-*=0").unwrap();
         let now = 10_000_000;

@@ -9,7 +9,7 @@
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::policy::decisions::exemption;
-use crate::policy::filter::parse_strict_i64;
+use crate::policy::integers::parse_strict_i64;
 use crate::server::enforcement::rearm;
 use crate::server::ffi::{self, Reply, monotonic_ms};
 use crate::server::server_view::list_clients;

@@ -44,6 +44,8 @@ pub struct SettingDef {
     /// Without the `maxage.` prefix the server adds.
     pub name: &'static str,
     pub kind: Kind,
+    /// Where the value goes in `Settings`, the parsed snapshot the policy works from.
+    pub apply: fn(&mut Settings, &Value),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,25 +54,6 @@ pub enum Value {
     Text(String),
     Flag(bool),
     Choice(i32),
-}
-
-/// Positions in `SETTINGS`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Id {
-    MaxAgeMs = 0,
-    JitterPct,
-    MaxEvictionsPerSec,
-    MinEvictionsPerSec,
-    MaxOverdueMs,
-    GraceMs,
-    ExemptTypes,
-    ExemptUsers,
-    ExemptNames,
-    Rules,
-    ClientKillCompat,
-    Mode,
-    Pacing,
-    NoticeLeadMs,
 }
 
 pub const MODE_OPTIONS: &[&str] = &["enforce", "observe"];
@@ -88,6 +71,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             min: 0,
             max: MAX_AGE_MS_MAX,
         },
+        apply: |s, v| s.max_age_ms = number(v),
     },
     SettingDef {
         name: "jitter-pct",
@@ -96,6 +80,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             min: 0,
             max: 100,
         },
+        apply: |s, v| s.jitter_pct = number(v),
     },
     SettingDef {
         name: "max-evictions-per-sec",
@@ -104,6 +89,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             min: 0,
             max: 1_000_000,
         },
+        apply: |s, v| s.max_evictions_per_sec = number(v),
     },
     SettingDef {
         name: "min-evictions-per-sec",
@@ -112,6 +98,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             min: 1,
             max: 1_000_000,
         },
+        apply: |s, v| s.min_evictions_per_sec = number(v),
     },
     SettingDef {
         name: "max-overdue-ms",
@@ -120,6 +107,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             min: 0,
             max: 86_400_000,
         },
+        apply: |s, v| s.max_overdue_ms = number(v),
     },
     SettingDef {
         name: "grace-ms",
@@ -128,6 +116,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             min: 0,
             max: 3_600_000,
         },
+        apply: |s, v| s.grace_ms = number(v),
     },
     SettingDef {
         name: "exempt-types",
@@ -135,6 +124,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             default: "master replica no-evict",
             validate: |v| ExemptTypes::parse(v).map(|_| ()),
         },
+        apply: |s, v| s.exempt_types = ExemptTypes::parse(text(v)).unwrap_or_default(),
     },
     SettingDef {
         name: "exempt-users",
@@ -142,6 +132,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             default: "",
             validate: any_patterns,
         },
+        apply: |s, v| s.exempt_users = Patterns::parse(text(v)),
     },
     SettingDef {
         name: "exempt-names",
@@ -152,6 +143,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             default: "sentinel-*",
             validate: any_patterns,
         },
+        apply: |s, v| s.exempt_names = Patterns::parse(text(v)),
     },
     SettingDef {
         name: "rules",
@@ -159,10 +151,12 @@ pub const SETTINGS: [SettingDef; 14] = [
             default: "",
             validate: |v| Rules::parse(v).map(|_| ()),
         },
+        apply: |s, v| s.rules = Rules::parse(text(v)).unwrap_or_default(),
     },
     SettingDef {
         name: "client-kill-compat",
         kind: Kind::Flag { default: true },
+        apply: |s, v| s.client_kill_compat = *v == Value::Flag(true),
     },
     SettingDef {
         name: "mode",
@@ -170,6 +164,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             default: 0,
             options: MODE_OPTIONS,
         },
+        apply: |s, v| s.observe_only = chosen(v, MODE_OPTIONS) == "observe",
     },
     SettingDef {
         name: "pacing",
@@ -177,6 +172,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             default: 0,
             options: PACING_OPTIONS,
         },
+        apply: |s, v| s.adaptive_pacing = chosen(v, PACING_OPTIONS) == "adaptive",
     },
     SettingDef {
         name: "notice-lead-ms",
@@ -185,6 +181,7 @@ pub const SETTINGS: [SettingDef; 14] = [
             min: 0,
             max: MAX_AGE_MS_MAX,
         },
+        apply: |s, v| s.notice_lead_ms = number(v),
     },
 ];
 
@@ -230,7 +227,7 @@ impl Kind {
         let text = std::str::from_utf8(raw).map_err(|_| "not valid UTF-8".to_string())?;
         let value = match self {
             Kind::Number { .. } => Value::Number(
-                crate::policy::filter::parse_strict_i64(raw)
+                crate::policy::integers::parse_strict_i64(raw)
                     .ok_or_else(|| format!("'{}' is not an integer", quoted(text)))?,
             ),
             Kind::Text { .. } => Value::Text(text.to_string()),
@@ -296,32 +293,37 @@ pub fn set(index: usize, value: Value) -> Result<(), String> {
     Ok(())
 }
 
-fn number(values: &[Value], id: Id) -> u64 {
-    match values.get(id as usize) {
-        Some(Value::Number(n)) => (*n).max(0) as u64,
+fn number(value: &Value) -> u64 {
+    match value {
+        Value::Number(n) => (*n).max(0) as u64,
         _ => 0,
     }
 }
 
-fn text(values: &[Value], id: Id) -> &str {
-    match values.get(id as usize) {
-        Some(Value::Text(text)) => text,
+fn text(value: &Value) -> &str {
+    match value {
+        Value::Text(text) => text,
         _ => "",
     }
 }
 
-fn choice(values: &[Value], id: Id) -> i32 {
-    match values.get(id as usize) {
-        Some(Value::Choice(i)) => *i,
-        _ => 0,
+fn chosen(value: &Value, options: &[&'static str]) -> &'static str {
+    match value {
+        Value::Choice(i) => options.get(*i as usize).copied().unwrap_or_default(),
+        _ => "",
     }
 }
 
+/// The position of a setting in `SETTINGS` (the server's handle for it).
+pub fn position(name: &str) -> Option<usize> {
+    SETTINGS.iter().position(|def| def.name == name)
+}
+
+/// `maxage.client-kill-compat`, read alone (the whole snapshot parses the rules).
 pub fn client_kill_compat() -> bool {
-    matches!(
-        values().get(Id::ClientKillCompat as usize),
-        Some(Value::Flag(true))
-    )
+    position("client-kill-compat")
+        .and_then(|index| values().get(index).cloned())
+        .is_some_and(|value| value == Value::Flag(true))
 }
 
 /// Every setting as INFO shows it, in table order: `max_age_ms`, `mode`, ... (the server adds
@@ -429,8 +431,9 @@ impl Patterns {
     }
 }
 
-/// Every setting, parsed, as the enforcement policy sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Every setting, parsed, as the enforcement policy sees it (`Default` is all zero and empty:
+/// `table_defaults` is the table's defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
     pub max_age_ms: u64,
     pub jitter_pct: u64,
@@ -449,26 +452,24 @@ pub struct Settings {
     /// How long before its deadline a connection that opted in (`MAXAGE.NOTICE`) is told to
     /// leave; 0 turns notices off.
     pub notice_lead_ms: u64,
+    /// `CLIENT KILL` filters the server lacks are answered by the module.
+    pub client_kill_compat: bool,
 }
 
 impl Settings {
     fn from_values(values: &[Value]) -> Self {
-        Self {
-            max_age_ms: number(values, Id::MaxAgeMs),
-            jitter_pct: number(values, Id::JitterPct),
-            max_evictions_per_sec: number(values, Id::MaxEvictionsPerSec),
-            adaptive_pacing: PACING_OPTIONS.get(choice(values, Id::Pacing) as usize)
-                == Some(&"adaptive"),
-            min_evictions_per_sec: number(values, Id::MinEvictionsPerSec),
-            max_overdue_ms: number(values, Id::MaxOverdueMs),
-            grace_ms: number(values, Id::GraceMs),
-            exempt_types: ExemptTypes::parse(text(values, Id::ExemptTypes)).unwrap_or_default(),
-            exempt_users: Patterns::parse(text(values, Id::ExemptUsers)),
-            exempt_names: Patterns::parse(text(values, Id::ExemptNames)),
-            rules: Rules::parse(text(values, Id::Rules)).unwrap_or_default(),
-            observe_only: MODE_OPTIONS.get(choice(values, Id::Mode) as usize) == Some(&"observe"),
-            notice_lead_ms: number(values, Id::NoticeLeadMs),
+        let mut settings = Settings::default();
+        for (def, value) in SETTINGS.iter().zip(values) {
+            (def.apply)(&mut settings, value);
         }
+        settings
+    }
+
+    /// Every setting at the table's default (tests build their settings from it).
+    #[cfg(test)]
+    pub fn table_defaults() -> Self {
+        let defaults: Vec<Value> = SETTINGS.iter().map(|d| d.kind.default_value()).collect();
+        Self::from_values(&defaults)
     }
 
     /// The shortest max age any client can have, if enforcement is on at all.
@@ -483,13 +484,6 @@ impl Settings {
     /// `maxage.mode` as CONFIG GET spells it.
     pub fn mode_name(&self) -> &'static str {
         MODE_OPTIONS[usize::from(self.observe_only)]
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        let defaults: Vec<Value> = SETTINGS.iter().map(|d| d.kind.default_value()).collect();
-        Self::from_values(&defaults)
     }
 }
 
@@ -509,28 +503,6 @@ mod tests {
     fn defaults(words: &[Vec<u8>]) -> Result<Vec<Value>, String> {
         let slices: Vec<&[u8]> = words.iter().map(Vec::as_slice).collect();
         defaults_from_load_args(&slices)
-    }
-
-    #[test]
-    fn the_table_is_in_id_order() {
-        for (id, name) in [
-            (Id::MaxAgeMs, "max-age-ms"),
-            (Id::JitterPct, "jitter-pct"),
-            (Id::MaxEvictionsPerSec, "max-evictions-per-sec"),
-            (Id::MinEvictionsPerSec, "min-evictions-per-sec"),
-            (Id::MaxOverdueMs, "max-overdue-ms"),
-            (Id::GraceMs, "grace-ms"),
-            (Id::ExemptTypes, "exempt-types"),
-            (Id::ExemptUsers, "exempt-users"),
-            (Id::ExemptNames, "exempt-names"),
-            (Id::Rules, "rules"),
-            (Id::ClientKillCompat, "client-kill-compat"),
-            (Id::Mode, "mode"),
-            (Id::Pacing, "pacing"),
-            (Id::NoticeLeadMs, "notice-lead-ms"),
-        ] {
-            assert_eq!(SETTINGS[id as usize].name, name);
-        }
     }
 
     #[test]
@@ -600,7 +572,7 @@ mod tests {
         assert!(settings.exempt_names.any_matches("monitoring-1"));
         assert_eq!(
             Settings::from_values(&defaults(&[]).unwrap()),
-            Settings::default()
+            Settings::table_defaults()
         );
     }
 
@@ -632,12 +604,31 @@ mod tests {
         assert!(quoted(&long).chars().count() < 80);
     }
 
-    /// `conf/maxage.conf` and the README's settings table list exactly the table's settings,
-    /// and the example states each default.
+    /// The wire fuzzer sets every setting (its `CONFIG_*` tables name each one).
     #[test]
-    fn the_example_config_and_the_readme_follow_the_table() {
+    fn the_fuzzer_knows_every_setting() {
+        let fuzzer = include_str!("../../scripts/maxage_tools/wire_fuzz.py");
+        for def in &SETTINGS {
+            assert!(
+                fuzzer.contains(&format!("b\"{}\"", def.name)),
+                "wire_fuzz.py does not set {}",
+                def.name
+            );
+        }
+    }
+
+    /// `conf/maxage.conf`, the settings table of docs/enforcement.md and the README's settings
+    /// at a glance list exactly the table's settings, and the example states each default.
+    #[test]
+    fn the_example_config_and_the_docs_follow_the_table() {
         let example = include_str!("../../conf/maxage.conf");
-        let readme = include_str!("../../README.md");
+        let docs = [
+            (
+                "docs/enforcement.md",
+                include_str!("../../docs/enforcement.md"),
+            ),
+            ("README.md", include_str!("../../README.md")),
+        ];
         let in_example: Vec<(&str, &str)> = example
             .lines()
             .filter_map(|line| line.strip_prefix("maxage."))
@@ -664,34 +655,38 @@ mod tests {
                 "default of {} in conf/maxage.conf",
                 def.name
             );
-            assert!(
-                readme.contains(&format!("| `maxage.{}` |", def.name)),
-                "the README's settings table lacks maxage.{}",
-                def.name
+            for (file, doc) in docs {
+                assert!(
+                    doc.contains(&format!("| `maxage.{}` |", def.name)),
+                    "the settings table of {file} lacks maxage.{}",
+                    def.name
+                );
+            }
+        }
+        for (file, doc) in docs {
+            let documented = doc
+                .lines()
+                .filter(|line| line.starts_with("| `maxage."))
+                .count();
+            assert_eq!(
+                documented,
+                SETTINGS.len(),
+                "{file}: rows for unknown settings"
             );
         }
-        let documented = readme
-            .lines()
-            .filter(|line| line.starts_with("| `maxage."))
-            .count();
-        assert_eq!(
-            documented,
-            SETTINGS.len(),
-            "README rows for unknown settings"
-        );
     }
 
     // The only test that stores into the process-wide values.
     #[test]
     fn set_checks_before_storing() {
-        let rules = Id::Rules as usize;
+        let rules = position("rules").unwrap();
         assert!(set(rules, Value::Text("type:normal=1000".to_string())).is_ok());
         assert!(set(rules, Value::Text("type:normal=x".to_string())).is_err());
         assert!(set(rules, Value::Text("user:a\0=1".to_string())).is_err());
         assert_eq!(snapshot().rules.shortest_max_age_ms(0), Some(1000));
-        assert!(set(Id::JitterPct as usize, Value::Number(101)).is_err());
-        assert!(set(Id::Mode as usize, Value::Choice(2)).is_err());
+        assert!(set(position("jitter-pct").unwrap(), Value::Number(101)).is_err());
+        assert!(set(position("mode").unwrap(), Value::Choice(2)).is_err());
         assert!(set(rules, Value::Text(String::new())).is_ok());
-        assert_eq!(snapshot(), Settings::default());
+        assert_eq!(snapshot(), Settings::table_defaults());
     }
 }

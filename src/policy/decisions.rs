@@ -7,14 +7,15 @@ use std::collections::{HashMap, HashSet};
 
 use crate::policy::audit::{Origin, Reason};
 use crate::policy::client_list::ListedClient;
+use crate::policy::client_type::ClientType;
 use crate::policy::closing::ClosingSet;
 use crate::policy::config::Settings;
-use crate::policy::filter::ClientType;
 use crate::policy::notices::{Notices, OptedIn, notice_at_ms};
+use crate::policy::pacing::Pacing;
 use crate::policy::registry::{Registry, TrackedClient};
-use crate::policy::schedule::{
-    DeadlineQueue, LoadGauge, Pacer, PassBudget, adaptive_rate, deadline_ms, pass_budget,
-};
+use crate::policy::schedule::{DeadlineQueue, PassBudget, deadline_ms};
+use crate::policy::self_requests::SelfRequests;
+use crate::policy::thread_load::BusyCounter;
 
 /// How often a client in the middle of a request is looked at again.
 pub const GRACE_POLL_MS: u64 = 10;
@@ -87,12 +88,9 @@ pub struct Policy {
     /// When each client is next looked at for the operator's limits (max age, rules, graceful
     /// kills, exemption rechecks): one entry per client.
     deadlines: DeadlineQueue,
-    /// When each client that asked with `MAXAGE.SELF` reaches the age it asked for: one entry
-    /// per such client, in a queue of its own so that however many clients ask, and whenever,
-    /// their requests are served after the operator's retirements, never ahead of them.
-    requested_deadlines: DeadlineQueue,
-    pacer: Pacer,
-    load: LoadGauge,
+    /// Clients' own requests (`MAXAGE.SELF`), in a queue of their own.
+    self_requests: SelfRequests,
+    pacing: Pacing,
     /// Due clients waiting for the moment right after a reply to be closed.
     closing: ClosingSet,
     /// Clients an operator's `MAXAGE.KILL ... GRACEFUL` scheduled for retirement.
@@ -102,25 +100,12 @@ pub struct Policy {
     closed_pending: HashSet<u64>,
     /// When each client-side-caching redirect target began waiting for its sources.
     tracking_hold_since_ms: HashMap<u64, u64>,
-    /// Max ages clients asked for with `MAXAGE.SELF` (client id -> ms), only those that asked.
-    requested_max_age_ms: HashMap<u64, u64>,
-    /// Since when pacing has been holding due clients back (cleared by a pass that retires
-    /// everyone due). The slack counts from the later of a client's deadline and this moment,
-    /// so clients that were overdue long before pacing began (after lowering the max age, or a
-    /// runtime load into a long-running server) are paced too.
-    backlog_since_ms: Option<u64>,
     /// Clients to retire now whatever their own deadline: the tracking clients whose
     /// invalidations go to a client that is being retired.
     retire_early: HashSet<u64>,
     seed: u64,
-    /// The last pass met a client past `max-overdue-ms`: the slack outranks the load, so
-    /// passes are full-size until one meets none.
-    behind_slack: bool,
     /// Connections that asked to be told before their deadline (`MAXAGE.NOTICE`).
     notices: Notices,
-    /// Notices go out no faster than retirements may: a mass of clients told at once would
-    /// all reconnect at once, the herd pacing exists to prevent.
-    notice_pacer: Pacer,
 }
 
 impl Policy {
@@ -133,25 +118,19 @@ impl Policy {
     }
 
     pub fn new(settings: Settings, seed: u64, now_ms: u64) -> Self {
-        let rate_per_sec = settings.max_evictions_per_sec;
         Self {
             registry: Registry::new(),
-            pacer: Pacer::new(settings.max_evictions_per_sec, now_ms),
+            pacing: Pacing::new(&settings, now_ms),
             settings,
             deadlines: DeadlineQueue::default(),
-            requested_deadlines: DeadlineQueue::default(),
-            load: LoadGauge::default(),
+            self_requests: SelfRequests::default(),
             closing: ClosingSet::default(),
             drain: HashSet::new(),
             closed_pending: HashSet::new(),
-            backlog_since_ms: None,
-            requested_max_age_ms: HashMap::new(),
             tracking_hold_since_ms: HashMap::new(),
             retire_early: HashSet::new(),
             seed,
-            behind_slack: false,
             notices: Notices::default(),
-            notice_pacer: Pacer::new(rate_per_sec, now_ms),
         }
     }
 
@@ -166,13 +145,11 @@ impl Policy {
 
     /// The deadline the client asked for with `MAXAGE.SELF` (no jitter: it asked for an age).
     pub fn requested_deadline(&self, client: &TrackedClient) -> Option<u64> {
-        self.requested_max_age_ms
-            .get(&client.client_id)
-            .map(|ms| client.connected_at_ms.saturating_add(*ms))
+        self.self_requests.deadline(client)
     }
 
     pub fn requested_max_age_ms(&self, client_id: u64) -> Option<u64> {
-        self.requested_max_age_ms.get(&client_id).copied()
+        self.self_requests.max_age_ms(client_id)
     }
 
     /// `MAXAGE.SELF <ms>` (0 withdraws): schedules the client for the age it asked for, in
@@ -182,16 +159,8 @@ impl Policy {
     /// Returns a socket whose corked reply the caller must release.
     pub fn request_max_age(&mut self, client_id: u64, max_age_ms: u64, now_ms: u64) -> Option<i32> {
         let client = self.registry.get(client_id)?;
-        self.requested_deadlines.remove(client_id);
-        let deadline = if max_age_ms == 0 {
-            self.requested_max_age_ms.remove(&client_id);
-            None
-        } else {
-            self.requested_max_age_ms.insert(client_id, max_age_ms);
-            self.requested_deadline(&client)
-        };
+        let deadline = self.self_requests.request(&client, max_age_ms);
         if let Some(deadline) = deadline {
-            self.requested_deadlines.push(deadline, client_id);
             let lead_ms = self.settings.notice_lead_ms;
             self.notices
                 .look_no_later_than(client_id, notice_at_ms(deadline, lead_ms, now_ms));
@@ -273,33 +242,21 @@ impl Policy {
             .map(|opted_in| (opted_in, self.closed_pending.contains(&client_id)));
         self.registry.remove(client_id);
         self.deadlines.remove(client_id);
-        self.requested_deadlines.remove(client_id);
+        self.self_requests.forget(client_id);
         self.closing.remove(client_id);
         self.drain.remove(&client_id);
         self.closed_pending.remove(&client_id);
         self.retire_early.remove(&client_id);
-        self.requested_max_age_ms.remove(&client_id);
         self.tracking_hold_since_ms.remove(&client_id);
         self.deadlines.shrink_if_sparse();
-        self.requested_deadlines.shrink_if_sparse();
-        crate::policy::schedule::shrink_if_sparse(&mut self.requested_max_age_ms);
         noticed
     }
 
     /// Applies new settings to every connected client at once. Returns the sockets of clients
     /// no longer to be closed whose corked replies the caller must release.
     pub fn apply_settings(&mut self, settings: Settings, now_ms: u64) -> Vec<i32> {
-        // A new rate or mode starts a fresh bucket; otherwise adaptive pacing keeps the rate it
-        // has reached.
-        if settings.max_evictions_per_sec != self.settings.max_evictions_per_sec
-            || settings.adaptive_pacing != self.settings.adaptive_pacing
-        {
-            self.pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
-            self.notice_pacer = Pacer::new(settings.max_evictions_per_sec, now_ms);
-        }
-        if settings.adaptive_pacing != self.settings.adaptive_pacing {
-            self.load.reset();
-        }
+        self.pacing
+            .apply_settings(&self.settings, &settings, now_ms);
         self.settings = settings;
         self.retime_all()
     }
@@ -333,7 +290,7 @@ impl Policy {
     fn queue(&mut self, origin: Origin) -> &mut DeadlineQueue {
         match origin {
             Origin::Operator => &mut self.deadlines,
-            Origin::Client => &mut self.requested_deadlines,
+            Origin::Client => &mut self.self_requests.queue,
         }
     }
 
@@ -361,37 +318,25 @@ impl Policy {
     /// more (counted from its deadline, or from when pacing began holding clients back if that
     /// was later) needs none: pacing may delay a retirement, never by more than that slack.
     pub fn try_take_token(&mut self, now_ms: u64, deadline_ms: Option<u64>) -> bool {
-        let counted_from = deadline_ms
-            .unwrap_or(now_ms)
-            .max(self.backlog_since_ms.unwrap_or(now_ms));
-        if now_ms.saturating_sub(counted_from) >= self.settings.max_overdue_ms {
-            self.behind_slack = true;
-            return true;
-        }
-        let taken = self.pacer.try_take(now_ms);
-        if !taken {
-            self.hold_back(now_ms);
-        }
-        taken
+        self.pacing
+            .try_take(now_ms, deadline_ms, self.settings.max_overdue_ms)
     }
 
     /// How many due clients a pass may look up now: as many as pacing lets it close (at least
     /// one, so that a pass without a token still notes the delay and the overdue slack).
     pub fn closes_paced_now(&mut self, now_ms: u64) -> usize {
-        self.pacer.available(now_ms).max(1)
+        self.pacing.available(now_ms)
     }
 
     /// Due clients are being held back (no token, or the pass is full): the slack clock of
     /// the backlog starts now, unless it is already running.
     pub fn hold_back(&mut self, now_ms: u64) {
-        self.backlog_since_ms.get_or_insert(now_ms);
+        self.pacing.hold_back(now_ms);
     }
 
     /// A pass that dealt with everyone due leaves no backlog: pacing holds nobody now.
     pub fn end_pass(&mut self, drained: bool) {
-        if drained {
-            self.backlog_since_ms = None;
-        }
+        self.pacing.end_pass(drained);
     }
 
     /// This client's deadline now (its class's, or the earlier one it asked for).
@@ -403,27 +348,20 @@ impl Policy {
 
     /// With adaptive pacing, samples `(now_us, event_loop_busy_us)` and sets the rate from the
     /// load. Fixed pacing measures nothing, so the readings are only taken when needed (this
-    /// runs on every connect and disconnect).
-    pub fn observe_load(&mut self, readings: impl FnOnce() -> (u64, u64)) {
-        if !self.settings.adaptive_pacing {
-            return;
-        }
-        let (now_us, event_loop_busy_us) = readings();
-        let busy_share = self.load.sample(now_us, event_loop_busy_us);
-        let rate = adaptive_rate(
-            self.settings.max_evictions_per_sec,
-            self.settings.min_evictions_per_sec,
-            busy_share,
-        );
-        self.pacer.set_rate(rate, now_us / 1000);
+    /// runs on every connect and disconnect). `threads` reads the server's other busy-time
+    /// counters (thread_load.rs; none without I/O threads), at most every 250 ms.
+    pub fn observe_load(
+        &mut self,
+        readings: impl FnOnce() -> (u64, u64),
+        threads: impl FnOnce() -> Vec<BusyCounter>,
+    ) {
+        self.pacing.observe_load(&self.settings, readings, threads);
     }
 
     /// How much this wake-up may do: smaller the busier the loop (adaptive pacing), unless
     /// clients are past the slack.
     pub fn start_pass(&mut self) -> PassBudget {
-        let adaptive = self.settings.adaptive_pacing && !self.behind_slack;
-        self.behind_slack = false;
-        pass_budget(adaptive, self.load.busy_share())
+        self.pacing.start_pass(self.settings.adaptive_pacing)
     }
 
     /// The per-load seed of the jitter draws (to preview deadlines exactly).
@@ -432,11 +370,11 @@ impl Policy {
     }
 
     pub fn event_loop_busy_share(&self) -> f64 {
-        self.load.busy_share()
+        self.pacing.busy_share()
     }
 
     pub fn current_rate_per_sec(&self) -> u64 {
-        self.pacer.rate_per_sec()
+        self.pacing.rate_per_sec()
     }
 
     /// The decision for a client whose own request came due, as the server describes it now:
@@ -570,12 +508,7 @@ impl Policy {
         if self.settings.notice_lead_ms == 0 {
             return Vec::new();
         }
-        let rate = self.pacer.rate_per_sec();
-        if rate != self.notice_pacer.rate_per_sec() {
-            // Adaptive pacing moved the retirements' rate: notices follow it.
-            self.notice_pacer.set_rate(rate, now_ms);
-        }
-        let max = max.min(self.notice_pacer.available(now_ms).max(1));
+        let max = max.min(self.pacing.notices_available(now_ms));
         self.notices.take_due(now_ms, max)
     }
 
@@ -591,9 +524,8 @@ impl Policy {
             self.notices.reschedule(listed.id, look_at_ms);
             return NoticeStep::LookAgain;
         }
-        if !self.notice_pacer.try_take(now_ms) {
-            self.notices
-                .reschedule(listed.id, self.notice_pacer.next_token_at_ms(now_ms));
+        if let Err(next_token_ms) = self.pacing.try_take_notice(now_ms) {
+            self.notices.reschedule(listed.id, next_token_ms);
             return NoticeStep::LookAgain;
         }
         NoticeStep::Send(self.notices.get(listed.id).and_then(|entry| entry.slot_tag))
@@ -697,7 +629,8 @@ impl Policy {
     /// disconnect re-arms the wake-up) or by the closing set's own next look.
     pub fn next_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
         let requested = self
-            .requested_deadlines
+            .self_requests
+            .queue
             .next_deadline()
             .filter(|_| self.closing.has_room(Origin::Client))
             .map(|(deadline, _)| deadline.max(now_ms));
@@ -716,22 +649,15 @@ impl Policy {
         if !self.closing.has_room(Origin::Operator) {
             return None;
         }
-        self.deadlines.next_deadline().map(|(deadline, _)| {
-            if deadline <= now_ms && self.behind_slack {
-                // Clients past the slack need no token: carry on at the next loop pass.
-                now_ms
-            } else if deadline <= now_ms {
-                self.pacer.next_token_at_ms(now_ms)
-            } else {
-                deadline
-            }
-        })
+        let (deadline, _) = self.deadlines.next_deadline()?;
+        Some(self.pacing.next_look_ms(deadline, now_ms))
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {
         earliest(
             self.deadlines.next_deadline().map(|(deadline, _)| deadline),
-            self.requested_deadlines
+            self.self_requests
+                .queue
                 .next_deadline()
                 .map(|(deadline, _)| deadline),
         )
@@ -744,7 +670,7 @@ impl Policy {
     /// Due clients waiting (for a pacing token, or for the next tick): walks the due entries,
     /// at most one a client.
     pub fn clients_due(&self, now_ms: u64) -> usize {
-        self.deadlines.count_due(now_ms) + self.requested_deadlines.count_due(now_ms)
+        self.deadlines.count_due(now_ms) + self.self_requests.queue.count_due(now_ms)
     }
 
     pub fn oldest_age_ms(&self, now_ms: u64) -> Option<u64> {
@@ -753,11 +679,9 @@ impl Policy {
 
     /// Heap bytes of the per-client structures (registry, requests and deadline queues).
     pub fn heap_bytes(&self) -> usize {
-        const REQUEST_SLOT: usize = std::mem::size_of::<(u64, u64)>() + 1;
         self.registry.heap_bytes()
             + self.deadlines.heap_bytes()
-            + self.requested_deadlines.heap_bytes()
-            + self.requested_max_age_ms.capacity() * REQUEST_SLOT
+            + self.self_requests.heap_bytes()
             + self.notices.heap_bytes()
     }
 }
@@ -776,7 +700,7 @@ mod tests {
             jitter_pct: 0,
             max_evictions_per_sec: 0,
             grace_ms: 100,
-            ..Settings::default()
+            ..Settings::table_defaults()
         }
     }
 
@@ -861,8 +785,8 @@ mod tests {
         config.max_overdue_ms = 500;
         let mut policy = Policy::new(config, 1, 0);
         // A loop that never sleeps.
-        policy.observe_load(|| (1_000_000, 0));
-        policy.observe_load(|| (2_000_000, 1_000_000));
+        policy.observe_load(|| (1_000_000, 0), Vec::new);
+        policy.observe_load(|| (2_000_000, 1_000_000), Vec::new);
         assert_eq!(policy.start_pass().closes, 1);
         // A client held back past the slack needs no token and makes the next pass full-size.
         while policy.try_take_token(1_500, Some(100)) {}
@@ -872,9 +796,44 @@ mod tests {
         // That pass met nobody past the slack: back to one close a pass.
         assert_eq!(policy.start_pass().closes, 1);
         let mut fixed = Policy::new(settings(100), 1, 0);
-        fixed.observe_load(|| (1_000_000, 0));
-        fixed.observe_load(|| (2_000_000, 1_000_000));
+        fixed.observe_load(|| (1_000_000, 0), Vec::new);
+        fixed.observe_load(|| (2_000_000, 1_000_000), Vec::new);
         assert_eq!(fixed.start_pass(), FULL_PASS);
+    }
+
+    #[test]
+    fn a_busy_io_thread_slows_retirement_while_the_hooks_read_idle() {
+        let mut config = settings(100);
+        config.adaptive_pacing = true;
+        config.max_evictions_per_sec = 1000;
+        config.min_evictions_per_sec = 20;
+        let mut policy = Policy::new(config.clone(), 1, 0);
+        let io = |busy_us| {
+            move || {
+                vec![
+                    BusyCounter {
+                        thread: 0,
+                        busy_us: 0,
+                    },
+                    BusyCounter { thread: 1, busy_us },
+                ]
+            }
+        };
+        policy.observe_load(|| (1_000_000, 0), io(0));
+        // The hooks see an idle main thread; I/O thread 1 was busy 80 % of the second.
+        policy.observe_load(|| (2_000_000, 0), io(800_000));
+        assert!((policy.event_loop_busy_share() - 0.8).abs() < 1e-9);
+        assert_eq!(policy.current_rate_per_sec(), 200);
+        // Counters are not read again within 250 ms (they cost an INFO section or /proc).
+        policy.observe_load(|| (2_100_000, 0), || panic!("read too soon"));
+        // Idle I/O thread: back to the full rate.
+        policy.observe_load(|| (3_000_000, 0), io(800_000));
+        assert_eq!(policy.current_rate_per_sec(), 1000);
+        // Without counters (no I/O threads) the hooks alone decide, as before.
+        let mut plain = Policy::new(config, 1, 0);
+        plain.observe_load(|| (1_000_000, 0), Vec::new);
+        plain.observe_load(|| (2_000_000, 500_000), Vec::new);
+        assert_eq!(plain.current_rate_per_sec(), 500);
     }
 
     #[test]

@@ -10,10 +10,8 @@
 use std::collections::BTreeSet;
 
 use crate::policy::client_list::ListedClient;
-use crate::policy::filter_keywords::{Takes, lookup};
-
-/// The flag letters a `FLAGS`/`NOT-FLAGS` filter may use (Valkey 9.1's set).
-const KNOWN_FLAG_LETTERS: &str = "bcdeirtuxABEIMNOPRSTU";
+use crate::policy::filter_keywords::{ClientTest, ServerFacts, Takes, TestValue, lookup, positive};
+use crate::policy::integers::parse_strict_i64;
 
 pub const ERR_SYNTAX: &str = "ERR syntax error";
 pub const ERR_CLIENT_ID: &str = "ERR client-id should be greater than 0";
@@ -24,76 +22,36 @@ pub enum Command {
     List,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientType {
-    Normal,
-    Master,
-    Replica,
-    PubSub,
+/// One client test of the filter: a keyword's test (its row in filter_keywords.rs), in its
+/// plain or `NOT-` form, with its value.
+#[derive(Clone)]
+pub struct Condition {
+    pub keyword: &'static str,
+    pub negated: bool,
+    pub value: TestValue,
+    test: ClientTest,
 }
 
-impl ClientType {
-    pub fn parse(value: &str) -> Option<Self> {
-        match value.to_ascii_lowercase().as_str() {
-            "normal" => Some(Self::Normal),
-            "master" | "primary" => Some(Self::Master),
-            "replica" | "slave" => Some(Self::Replica),
-            "pubsub" => Some(Self::PubSub),
-            _ => None,
-        }
-    }
-
-    /// The server's `getClientType`: a MONITOR client (flag `O`) is normal, not a replica.
-    pub fn of(client: &ListedClient) -> Self {
-        if client.has_flag('M') {
-            Self::Master
-        } else if client.has_flag('S') {
-            Self::Replica
-        } else if client.has_flag('P') {
-            Self::PubSub
-        } else {
-            Self::Normal
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Normal => "normal",
-            Self::Master => "master",
-            Self::Replica => "replica",
-            Self::PubSub => "pubsub",
-        }
+impl Condition {
+    fn holds(&self, client: &ListedClient) -> bool {
+        (self.test.holds)(&self.value, client) != self.negated
     }
 }
 
-/// A positive filter value and its `NOT-` twin; both apply when both are given.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pair<T> {
-    pub is: Option<T>,
-    pub is_not: Option<T>,
-}
-
-impl<T> Pair<T> {
-    pub fn is_unset(&self) -> bool {
-        self.is.is_none() && self.is_not.is_none()
+impl std::fmt::Debug for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let not = if self.negated { "NOT-" } else { "" };
+        write!(f, "{not}{} {:?}", self.keyword, self.value)
     }
 }
 
-impl<T> Default for Pair<T> {
-    fn default() -> Self {
-        Self {
-            is: None,
-            is_not: None,
-        }
+impl PartialEq for Condition {
+    fn eq(&self, other: &Self) -> bool {
+        (self.keyword, self.negated, &self.value) == (other.keyword, other.negated, &other.value)
     }
 }
 
-impl<T> Pair<T> {
-    fn holds(&self, predicate: impl Fn(&T) -> bool) -> bool {
-        self.is.as_ref().is_none_or(&predicate)
-            && self.is_not.as_ref().is_none_or(|v| !predicate(v))
-    }
-}
+impl Eq for Condition {}
 
 /// A parsed filter list. `None` fields were not given and constrain nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -101,21 +59,12 @@ pub struct ClientFilter {
     /// `Some(empty)` when `ID` was given without ids: it matches nothing, as in the server.
     pub ids: Option<BTreeSet<u64>>,
     pub not_ids: BTreeSet<u64>,
-    pub client_type: Pair<ClientType>,
-    pub user: Pair<String>,
-    pub addr: Pair<String>,
-    pub laddr: Pair<String>,
-    pub ip: Pair<String>,
-    pub name: Pair<String>,
-    pub lib_name: Pair<String>,
-    pub lib_ver: Pair<String>,
-    pub flags: Pair<String>,
-    pub capa: Pair<String>,
-    pub db: Pair<i64>,
+    /// The client tests (`TYPE`, `NAME`, `NOT-DB`, `IDLE`, ...), each keyword and form at most
+    /// once: a later occurrence replaces an earlier one, as in the server.
+    pub tests: Vec<Condition>,
     pub skip_me: bool,
     /// Minimum age in milliseconds (`MAXAGE n` is `n * 1000`, `MAXAGE-MS n` is `n`).
     pub min_age_ms: Option<u64>,
-    pub min_idle_s: Option<u64>,
     pub dry_run: bool,
     pub limit: Option<u64>,
     /// `GRACEFUL` (`MAXAGE.KILL` only): retire through enforcement instead of at once.
@@ -128,18 +77,21 @@ impl ClientFilter {
     /// Whether the module's registry alone can answer the filter: it selects by id and age
     /// only, so no `CLIENT LIST` of every client is needed.
     pub fn needs_only_ids_and_age(&self) -> bool {
-        self.client_type.is_unset()
-            && self.user.is_unset()
-            && self.addr.is_unset()
-            && self.laddr.is_unset()
-            && self.ip.is_unset()
-            && self.name.is_unset()
-            && self.lib_name.is_unset()
-            && self.lib_ver.is_unset()
-            && self.flags.is_unset()
-            && self.capa.is_unset()
-            && self.db.is_unset()
-            && self.min_idle_s.is_none()
+        self.tests.is_empty()
+    }
+
+    /// The test a keyword (in one form) sets, if given.
+    pub fn test_of(&self, keyword: &str, negated: bool) -> Option<&TestValue> {
+        self.tests
+            .iter()
+            .find(|test| test.keyword == keyword && test.negated == negated)
+            .map(|test| &test.value)
+    }
+
+    fn set_test(&mut self, condition: Condition) {
+        self.tests
+            .retain(|t| t.keyword != condition.keyword || t.negated != condition.negated);
+        self.tests.push(condition);
     }
 
     /// Keeps what `LIMIT` and then `PERCENT` allow of a selection sorted oldest first.
@@ -158,64 +110,6 @@ impl ClientFilter {
 fn share_of(count: usize, percent: u64) -> usize {
     let percent = percent.min(100) as usize;
     (count * percent).div_ceil(100)
-}
-
-/// What the parser needs to ask the server: whether an ACL user exists, how many databases.
-pub trait ServerFacts {
-    fn user_exists(&mut self, name: &str) -> bool;
-    fn databases(&mut self) -> i64;
-}
-
-/// The server's `string2ll`: optional `-`, digits, no `+`, no leading zeros, no `-0`, fits i64.
-pub fn parse_strict_i64(bytes: &[u8]) -> Option<i64> {
-    let digits = bytes.strip_prefix(b"-").unwrap_or(bytes);
-    let negative = digits.len() != bytes.len();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    if digits[0] == b'0' && (digits.len() > 1 || negative) {
-        return None;
-    }
-    std::str::from_utf8(bytes).ok()?.parse().ok()
-}
-
-/// Replaces CR and LF the way the server does when it echoes a value in an error.
-fn echo(value: &[u8]) -> String {
-    String::from_utf8_lossy(value).replace(['\r', '\n'], " ")
-}
-
-fn text(value: &[u8]) -> String {
-    String::from_utf8_lossy(value).into_owned()
-}
-
-fn positive(value: &[u8], what: &str) -> Result<u64, String> {
-    match parse_strict_i64(value) {
-        None => Err(format!("ERR {what} is not an integer or out of range")),
-        Some(n) if n <= 0 => Err(format!("ERR {what} should be greater than 0")),
-        Some(n) => Ok(n as u64),
-    }
-}
-
-fn db_number(value: &[u8], what: &str, facts: &mut dyn ServerFacts) -> Result<i64, String> {
-    let n = parse_strict_i64(value)
-        .filter(|n| i32::try_from(*n).is_ok())
-        .ok_or_else(|| format!("ERR {what} is not an integer or out of range"))?;
-    let databases = facts.databases();
-    if n < 0 || n >= databases {
-        return Err(format!(
-            "ERR {what} number should be between 0 and {}",
-            databases - 1
-        ));
-    }
-    Ok(n)
-}
-
-fn checked_letters(value: &[u8], allowed: &str, error_prefix: &str) -> Result<String, String> {
-    if value.iter().all(|b| allowed.as_bytes().contains(b)) {
-        Ok(text(value))
-    } else {
-        Err(format!("{error_prefix}{}", echo(value)))
-    }
 }
 
 /// Parses the filter arguments that follow the command name.
@@ -271,59 +165,17 @@ pub fn parse(
             return Err(ERR_SYNTAX.to_string());
         };
         i += 1;
+        if let Some(test) = spec.test {
+            let negated = keyword.starts_with(b"NOT-");
+            filter.set_test(Condition {
+                keyword: spec.name,
+                negated,
+                value: (test.read)(value, negated, facts)?,
+                test,
+            });
+            continue;
+        }
         match keyword.as_slice() {
-            b"TYPE" | b"NOT-TYPE" => {
-                let parsed = ClientType::parse(&text(value))
-                    .ok_or_else(|| format!("ERR Unknown client type '{}'", echo(value)))?;
-                set(&mut filter.client_type, &keyword, parsed);
-            }
-            b"USER" | b"NOT-USER" => {
-                let user = text(value);
-                if !facts.user_exists(&user) {
-                    return Err(format!("ERR No such user '{}'", echo(value)));
-                }
-                set(&mut filter.user, &keyword, user);
-            }
-            b"ADDR" | b"NOT-ADDR" => set(&mut filter.addr, &keyword, text(value)),
-            b"LADDR" | b"NOT-LADDR" => set(&mut filter.laddr, &keyword, text(value)),
-            b"IP" | b"NOT-IP" => set(&mut filter.ip, &keyword, text(value)),
-            b"NAME" | b"NOT-NAME" => set(&mut filter.name, &keyword, text(value)),
-            b"LIB-NAME" | b"NOT-LIB-NAME" => set(&mut filter.lib_name, &keyword, text(value)),
-            b"LIB-VER" | b"NOT-LIB-VER" => set(&mut filter.lib_ver, &keyword, text(value)),
-            b"FLAGS" => {
-                let flags = checked_letters(
-                    value,
-                    KNOWN_FLAG_LETTERS,
-                    "ERR Unknown flags found in the provided filter: ",
-                )?;
-                filter.flags.is = Some(flags);
-            }
-            b"NOT-FLAGS" => {
-                let flags = checked_letters(
-                    value,
-                    KNOWN_FLAG_LETTERS,
-                    "ERR Unknown flags found in the NOT-FLAGS filter: ",
-                )?;
-                filter.flags.is_not = Some(flags);
-            }
-            b"CAPA" => {
-                let capa = checked_letters(
-                    value,
-                    "r",
-                    "ERR Unknown capa found in the provided filter: ",
-                )?;
-                filter.capa.is = Some(capa);
-            }
-            b"NOT-CAPA" => {
-                let capa = checked_letters(
-                    value,
-                    "r",
-                    "ERR Unknown capa found in the NOT-CAPA filter: ",
-                )?;
-                filter.capa.is_not = Some(capa);
-            }
-            b"DB" => filter.db.is = Some(db_number(value, "DB", facts)?),
-            b"NOT-DB" => filter.db.is_not = Some(db_number(value, "NOT-DB", facts)?),
             b"SKIPME" => {
                 filter.skip_me = match value.to_ascii_lowercase().as_slice() {
                     b"yes" => true,
@@ -333,7 +185,6 @@ pub fn parse(
             }
             b"MAXAGE" => filter.min_age_ms = Some(positive(value, "maxage")?.saturating_mul(1000)),
             b"MAXAGE-MS" => filter.min_age_ms = Some(positive(value, "maxage-ms")?),
-            b"IDLE" => filter.min_idle_s = Some(positive(value, "idle")?),
             b"LIMIT" => filter.limit = Some(positive(value, "limit")?),
             b"PERCENT" => {
                 let percent = positive(value, "percent")?;
@@ -346,14 +197,6 @@ pub fn parse(
         }
     }
     Ok(filter)
-}
-
-fn set<T>(pair: &mut Pair<T>, keyword: &[u8], value: T) {
-    if keyword.starts_with(b"NOT-") {
-        pair.is_not = Some(value);
-    } else {
-        pair.is = Some(value);
-    }
 }
 
 /// Everything a filter tests about one client.
@@ -379,52 +222,18 @@ impl ClientFilter {
         {
             return false;
         }
-        if self.min_age_ms.is_some_and(|min| candidate.age_ms < min)
-            || self.min_idle_s.is_some_and(|min| client.idle_s < min)
-        {
+        if self.min_age_ms.is_some_and(|min| candidate.age_ms < min) {
             return false;
         }
-        self.client_type.holds(|t| ClientType::of(client) == *t)
-            // The primary link has no ACL user: it never matches USER, so NOT-USER keeps it.
-            && self.user.holds(|u| !client.has_flag('M') && client.user == *u)
-            && self.addr.holds(|a| client.addr == *a)
-            && self.laddr.holds(|a| client.laddr == *a)
-            && self.ip.holds(|ip| ip_matches(&client.addr, ip))
-            // An unset name, lib-name or lib-ver never equals anything, not even "".
-            && self.name.holds(|n| !client.name.is_empty() && client.name == *n)
-            && self.lib_name.holds(|n| !client.lib_name.is_empty() && client.lib_name == *n)
-            && self.lib_ver.holds(|v| !client.lib_ver.is_empty() && client.lib_ver == *v)
-            && self.flags.holds(|letters| has_all_flags(&client.flags, letters))
-            && self.capa.holds(|letters| letters.chars().all(|c| client.capa.contains(c)))
-            && self.db.holds(|db| client.db == *db)
+        self.tests.iter().all(|test| test.holds(client))
     }
-}
-
-/// `FLAGS` needs every letter. `N` means "no other flag"; `S` is the replica flag, which MONITOR
-/// clients (shown as `O`) carry too.
-fn has_all_flags(client_flags: &str, letters: &str) -> bool {
-    letters.chars().all(|letter| match letter {
-        'N' => client_flags == "N",
-        'S' => client_flags.contains('S') || client_flags.contains('O'),
-        other => client_flags.contains(other),
-    })
-}
-
-/// The server's IP test: `addr` (with an optional leading `[`) starts with the IP, then an
-/// optional `]`, then `:` and a port that does not start with `0` (unix sockets show port 0).
-fn ip_matches(addr: &str, ip: &str) -> bool {
-    let rest = addr.strip_prefix('[').unwrap_or(addr);
-    let Some(rest) = rest.strip_prefix(ip) else {
-        return false;
-    };
-    let rest = rest.strip_prefix(']').unwrap_or(rest);
-    rest.strip_prefix(':')
-        .is_some_and(|port| !port.starts_with('0'))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::client_type::ClientType;
+    use crate::policy::filter_keywords::ip_matches;
 
     #[test]
     fn a_percent_share_rounds_up() {
@@ -644,13 +453,19 @@ mod tests {
     fn keywords_are_case_insensitive_values_are_not() {
         let filter =
             parse_kill(&["not-type", "Normal", "maxage-ms", "1500", "Skipme", "NO"]).unwrap();
-        assert_eq!(filter.client_type.is_not, Some(ClientType::Normal));
+        assert_eq!(
+            filter.test_of("TYPE", true),
+            Some(&TestValue::Type(ClientType::Normal))
+        );
         assert_eq!(filter.min_age_ms, Some(1500));
         assert!(!filter.skip_me);
         assert_eq!(parse_kill(&["MAXAGE", "2"]).unwrap().min_age_ms, Some(2000));
         assert_eq!(
-            parse_kill(&["TYPE", "primary"]).unwrap().client_type.is,
-            Some(ClientType::Master)
+            parse_kill(&["TYPE", "primary"])
+                .unwrap()
+                .test_of("TYPE", false)
+                .cloned(),
+            Some(TestValue::Type(ClientType::Master))
         );
     }
 

@@ -3,8 +3,16 @@
 //! commands take it, whether servers have it natively (and how to probe for it), and its
 //! `COMMAND DOCS` line. The parser (filter.rs) takes arity and acceptance from here, the
 //! compatibility probe (compat.rs), `COMMAND DOCS` (docs.rs) and the load log read it, and unit
-//! tests tie the README's filter table and the wire fuzzer's grammar to it. A new keyword is a
-//! row here plus what it means (its field in `ClientFilter` and its test in `matches`).
+//! tests tie the filter table of docs/commands.md and the wire fuzzer's grammar to it.
+//!
+//! A keyword that tests one thing about a client (`NAME`, `DB`, `IDLE`, ...) carries its meaning
+//! in its row (`ClientTest`: how its value is read and how a client is tested), so a new one is
+//! a row here and nothing else in `src/`. The others (`ID`, `SKIPME`, the ages, `LIMIT`,
+//! `DRYRUN`, `GRACEFUL`, `PERCENT`) shape the selection itself and are read by filter.rs.
+
+use crate::policy::client_list::ListedClient;
+use crate::policy::client_type::ClientType;
+use crate::policy::integers::parse_strict_i64;
 
 /// What a keyword takes after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +42,30 @@ pub enum Native {
     ModuleCommandsOnly,
 }
 
+/// What the parser needs to ask the server: whether an ACL user exists, how many databases.
+pub trait ServerFacts {
+    fn user_exists(&mut self, name: &str) -> bool;
+    fn databases(&mut self) -> i64;
+}
+
+/// A value a client test compares with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TestValue {
+    Text(String),
+    Integer(i64),
+    Type(ClientType),
+}
+
+/// How a keyword that tests one client attribute reads its value (`negated`: written as its
+/// `NOT-` form, which some errors name) and tests a client. The `NOT-` form holds where the
+/// test does not.
+#[derive(Clone, Copy)]
+pub struct ClientTest {
+    pub read:
+        fn(value: &[u8], negated: bool, facts: &mut dyn ServerFacts) -> Result<TestValue, String>,
+    pub holds: fn(value: &TestValue, client: &ListedClient) -> bool,
+}
+
 pub struct Keyword {
     pub name: &'static str,
     /// The `NOT-` form and its `COMMAND DOCS` name, if the keyword has one.
@@ -45,6 +77,8 @@ pub struct Keyword {
     /// The argument's name in `COMMAND DOCS`.
     pub docs_name: &'static str,
     pub docs_summary: Option<&'static str>,
+    /// What it tests about a client, if it is such a keyword.
+    pub test: Option<ClientTest>,
 }
 
 const CLIENT_TYPES: &[&str] = &["normal", "master", "primary", "replica", "slave", "pubsub"];
@@ -63,7 +97,13 @@ const fn keyword(
         native,
         docs_name,
         docs_summary: None,
+        test: None,
     }
+}
+
+const fn testing(mut keyword: Keyword, test: ClientTest) -> Keyword {
+    keyword.test = Some(test);
+    keyword
 }
 
 const fn negatable(mut keyword: Keyword, name: &'static str, docs_name: &'static str) -> Keyword {
@@ -81,6 +121,174 @@ const fn kill_only(mut keyword: Keyword) -> Keyword {
     keyword
 }
 
+/// The flag letters a `FLAGS`/`NOT-FLAGS` filter may use (Valkey 9.1's set).
+const KNOWN_FLAG_LETTERS: &str = "bcdeirtuxABEIMNOPRSTU";
+
+/// Replaces CR and LF the way the server does when it echoes a value in an error.
+pub fn echo(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).replace(['\r', '\n'], " ")
+}
+
+fn text(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).into_owned()
+}
+
+fn read_text(value: &[u8], _: bool, _: &mut dyn ServerFacts) -> Result<TestValue, String> {
+    Ok(TestValue::Text(text(value)))
+}
+
+fn text_of(value: &TestValue) -> &str {
+    match value {
+        TestValue::Text(text) => text,
+        _ => "",
+    }
+}
+
+fn integer_of(value: &TestValue) -> i64 {
+    match value {
+        TestValue::Integer(n) => *n,
+        _ => i64::MIN,
+    }
+}
+
+/// A positive integer, with the server's two errors.
+pub fn positive(value: &[u8], what: &str) -> Result<u64, String> {
+    match parse_strict_i64(value) {
+        None => Err(format!("ERR {what} is not an integer or out of range")),
+        Some(n) if n <= 0 => Err(format!("ERR {what} should be greater than 0")),
+        Some(n) => Ok(n as u64),
+    }
+}
+
+/// Letters from `allowed` only, or the server's error naming the filter.
+fn letters(value: &[u8], allowed: &str, what: &str, negated: bool) -> Result<TestValue, String> {
+    if value.iter().all(|b| allowed.as_bytes().contains(b)) {
+        return Ok(TestValue::Text(text(value)));
+    }
+    let filter = if negated {
+        format!("the NOT-{what} filter")
+    } else {
+        "the provided filter".to_string()
+    };
+    let noun = what.to_ascii_lowercase();
+    Err(format!(
+        "ERR Unknown {noun} found in {filter}: {}",
+        echo(value)
+    ))
+}
+
+/// `FLAGS` needs every letter. `N` means "no other flag"; `S` is the replica flag, which MONITOR
+/// clients (shown as `O`) carry too.
+fn has_all_flags(client_flags: &str, letters: &str) -> bool {
+    letters.chars().all(|letter| match letter {
+        'N' => client_flags == "N",
+        'S' => client_flags.contains('S') || client_flags.contains('O'),
+        other => client_flags.contains(other),
+    })
+}
+
+/// The server's IP test: `addr` (with an optional leading `[`) starts with the IP, then an
+/// optional `]`, then `:` and a port that does not start with `0` (unix sockets show port 0).
+pub fn ip_matches(addr: &str, ip: &str) -> bool {
+    let rest = addr.strip_prefix('[').unwrap_or(addr);
+    let Some(rest) = rest.strip_prefix(ip) else {
+        return false;
+    };
+    let rest = rest.strip_prefix(']').unwrap_or(rest);
+    rest.strip_prefix(':')
+        .is_some_and(|port| !port.starts_with('0'))
+}
+
+/// An unset name, lib-name or lib-ver never equals anything, not even "".
+fn set_and_equal(attribute: &str, value: &TestValue) -> bool {
+    !attribute.is_empty() && attribute == text_of(value)
+}
+
+const TYPE_TEST: ClientTest = ClientTest {
+    read: |value, _, _| {
+        ClientType::parse(&text(value))
+            .map(TestValue::Type)
+            .ok_or_else(|| format!("ERR Unknown client type '{}'", echo(value)))
+    },
+    holds: |value, client| *value == TestValue::Type(ClientType::of(client)),
+};
+
+const USER_TEST: ClientTest = ClientTest {
+    read: |value, _, facts| {
+        let user = text(value);
+        if facts.user_exists(&user) {
+            Ok(TestValue::Text(user))
+        } else {
+            Err(format!("ERR No such user '{}'", echo(value)))
+        }
+    },
+    // The primary link has no ACL user: it never matches USER, so NOT-USER keeps it.
+    holds: |value, client| !client.has_flag('M') && client.user == text_of(value),
+};
+
+const ADDR_TEST: ClientTest = ClientTest {
+    read: read_text,
+    holds: |value, client| client.addr == text_of(value),
+};
+
+const LADDR_TEST: ClientTest = ClientTest {
+    read: read_text,
+    holds: |value, client| client.laddr == text_of(value),
+};
+
+const IP_TEST: ClientTest = ClientTest {
+    read: read_text,
+    holds: |value, client| ip_matches(&client.addr, text_of(value)),
+};
+
+const NAME_TEST: ClientTest = ClientTest {
+    read: read_text,
+    holds: |value, client| set_and_equal(&client.name, value),
+};
+
+const LIB_NAME_TEST: ClientTest = ClientTest {
+    read: read_text,
+    holds: |value, client| set_and_equal(&client.lib_name, value),
+};
+
+const LIB_VER_TEST: ClientTest = ClientTest {
+    read: read_text,
+    holds: |value, client| set_and_equal(&client.lib_ver, value),
+};
+
+const FLAGS_TEST: ClientTest = ClientTest {
+    read: |value, negated, _| letters(value, KNOWN_FLAG_LETTERS, "FLAGS", negated),
+    holds: |value, client| has_all_flags(&client.flags, text_of(value)),
+};
+
+const CAPA_TEST: ClientTest = ClientTest {
+    read: |value, negated, _| letters(value, "r", "CAPA", negated),
+    holds: |value, client| text_of(value).chars().all(|c| client.capa.contains(c)),
+};
+
+const DB_TEST: ClientTest = ClientTest {
+    read: |value, negated, facts| {
+        let what = if negated { "NOT-DB" } else { "DB" };
+        let n = parse_strict_i64(value)
+            .filter(|n| i32::try_from(*n).is_ok())
+            .ok_or_else(|| format!("ERR {what} is not an integer or out of range"))?;
+        let databases = facts.databases();
+        if n < 0 || n >= databases {
+            return Err(format!(
+                "ERR {what} number should be between 0 and {}",
+                databases - 1
+            ));
+        }
+        Ok(TestValue::Integer(n))
+    },
+    holds: |value, client| client.db == integer_of(value),
+};
+
+const IDLE_TEST: ClientTest = ClientTest {
+    read: |value, _, _| positive(value, "idle").map(|n| TestValue::Integer(n as i64)),
+    holds: |value, client| client.idle_s as i64 >= integer_of(value),
+};
+
 use Native::{Always, ModuleCommandsOnly, ModuleOnly, Probed};
 use Takes::{Ids, Integer, Nothing, OneOf, Text};
 
@@ -92,57 +300,72 @@ pub const KEYWORDS: [Keyword; 20] = [
         "not-client-id",
     ),
     negatable(
-        keyword("TYPE", OneOf(CLIENT_TYPES), Always, "client-type"),
+        testing(
+            keyword("TYPE", OneOf(CLIENT_TYPES), Always, "client-type"),
+            TYPE_TEST,
+        ),
         "NOT-TYPE",
         "not-client-type",
     ),
     negatable(
-        keyword("USER", Text, Always, "username"),
+        testing(keyword("USER", Text, Always, "username"), USER_TEST),
         "NOT-USER",
         "not-username",
     ),
     negatable(
-        summary(keyword("ADDR", Text, Always, "addr"), "ip:port"),
+        testing(
+            summary(keyword("ADDR", Text, Always, "addr"), "ip:port"),
+            ADDR_TEST,
+        ),
         "NOT-ADDR",
         "not-addr",
     ),
     negatable(
-        summary(keyword("LADDR", Text, Always, "laddr"), "ip:port"),
+        testing(
+            summary(keyword("LADDR", Text, Always, "laddr"), "ip:port"),
+            LADDR_TEST,
+        ),
         "NOT-LADDR",
         "not-laddr",
     ),
     negatable(
-        keyword("IP", Text, Probed("127.0.0.1"), "ip"),
+        testing(keyword("IP", Text, Probed("127.0.0.1"), "ip"), IP_TEST),
         "NOT-IP",
         "not-ip",
     ),
     negatable(
-        keyword("NAME", Text, Probed("x"), "name"),
+        testing(keyword("NAME", Text, Probed("x"), "name"), NAME_TEST),
         "NOT-NAME",
         "not-name",
     ),
     negatable(
-        keyword("LIB-NAME", Text, Probed("x"), "lib-name"),
+        testing(
+            keyword("LIB-NAME", Text, Probed("x"), "lib-name"),
+            LIB_NAME_TEST,
+        ),
         "NOT-LIB-NAME",
         "not-lib-name",
     ),
     negatable(
-        keyword("LIB-VER", Text, Probed("x"), "lib-ver"),
+        testing(
+            keyword("LIB-VER", Text, Probed("x"), "lib-ver"),
+            LIB_VER_TEST,
+        ),
         "NOT-LIB-VER",
         "not-lib-ver",
     ),
     negatable(
-        keyword("FLAGS", Text, Probed("N"), "flags"),
+        testing(keyword("FLAGS", Text, Probed("N"), "flags"), FLAGS_TEST),
         "NOT-FLAGS",
         "not-flags",
     ),
     negatable(
-        keyword("CAPA", Text, Probed("r"), "capa"),
+        testing(keyword("CAPA", Text, Probed("r"), "capa"), CAPA_TEST),
         "NOT-CAPA",
         "not-capa",
     ),
     negatable(
-        keyword("DB", Integer, Probed("0"), "db"),
+        testing(keyword("DB", Integer, Probed("0"), "db"), DB_TEST),
         "NOT-DB",
         "not-db",
     ),
@@ -155,9 +378,12 @@ pub const KEYWORDS: [Keyword; 20] = [
         keyword("MAXAGE-MS", Integer, ModuleOnly, "maxage-ms"),
         "minimum age in milliseconds",
     ),
-    summary(
-        keyword("IDLE", Integer, Probed("1"), "idle"),
-        "minimum idle time in seconds",
+    testing(
+        summary(
+            keyword("IDLE", Integer, Probed("1"), "idle"),
+            "minimum idle time in seconds",
+        ),
+        IDLE_TEST,
     ),
     summary(
         keyword("LIMIT", Integer, ModuleOnly, "limit"),
@@ -218,17 +444,17 @@ mod tests {
         assert_eq!(spellings().count(), 32);
     }
 
-    /// The README's filter table and the wire fuzzer's grammar name every spelling.
+    /// The filter table of docs/commands.md and the wire fuzzer's grammar name every spelling.
     #[test]
-    fn the_readme_and_the_fuzzer_know_every_keyword() {
+    fn the_docs_and_the_fuzzer_know_every_keyword() {
         let root = env!("CARGO_MANIFEST_DIR");
-        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        let doc = std::fs::read_to_string(format!("{root}/docs/commands.md")).unwrap();
         let fuzzer =
             std::fs::read_to_string(format!("{root}/scripts/maxage_tools/wire_fuzz.py")).unwrap();
         for (spelling, _) in spellings() {
             assert!(
-                readme.contains(&format!("`{spelling}")),
-                "the README's filter table lacks {spelling}"
+                doc.contains(&format!("`{spelling}")),
+                "docs/commands.md's filter table lacks {spelling}"
             );
             assert!(
                 fuzzer.contains(&format!("b\"{spelling}\"")),

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 
 use crate::policy::audit::{Origin, Reason};
 use crate::policy::client_list::ListedClient;
+use crate::policy::client_type::ClientType;
 use crate::policy::closing::{CloseMode, FULL_RETRY_MS, Moment, quiet_now};
 use crate::policy::decisions::{Decision, Policy};
-use crate::policy::filter::ClientType;
 use crate::policy::schedule::PassBudget;
 
 /// At most this many due clients are looked up with one `CLIENT LIST ID ...` call, and never
@@ -294,7 +294,7 @@ mod tests {
             jitter_pct: 0,
             max_evictions_per_sec: rate,
             grace_ms: 100,
-            ..Settings::default()
+            ..Settings::table_defaults()
         }
     }
 

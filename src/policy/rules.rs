@@ -9,7 +9,7 @@
 //! `type:<normal|master|replica|pubsub>`. A max age of 0 means "never retire".
 
 use crate::policy::client_list::ListedClient;
-use crate::policy::filter::ClientType;
+use crate::policy::client_type::ClientType;
 use crate::policy::glob::glob_matches;
 
 #[derive(Clone, Debug, PartialEq, Eq)]

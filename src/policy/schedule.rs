@@ -1,5 +1,6 @@
 //! Deadline scheduling, jitter and pacing: pure logic, every function takes `now_ms` as an argument.
 
+use crate::policy::thread_load::{BusyCounter, CounterGauge};
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 
@@ -210,39 +211,54 @@ impl Pacer {
 }
 
 /// How busy the server's event loop is: the share of wall time it spends awake (handling
-/// requests, timers and this module) rather than waiting in `epoll_wait`, smoothed.
+/// requests, timers and this module) rather than waiting in `epoll_wait`, smoothed. Where the
+/// server has I/O threads, the busiest of that and the server's other counters
+/// (thread_load.rs).
 #[derive(Debug, Default, Clone)]
 pub struct LoadGauge {
     last_wall_us: u64,
     last_busy_us: u64,
-    /// 0.0 (idle) to 1.0 (never sleeps).
+    /// The event loop's own share by the module's hooks: 0.0 (idle) to 1.0 (never sleeps).
     busy_share: f64,
+    /// The server's other counters (none without I/O threads: 0).
+    threads: CounterGauge,
 }
 
 /// Shorter windows than this are too noisy to take a sample from.
 const LOAD_WINDOW_US: u64 = 20_000;
 
 impl LoadGauge {
-    /// Feeds the wall clock and the loop's busy time so far; returns the smoothed busy share.
+    /// Feeds the wall clock and the loop's busy time so far; returns the busy share.
     pub fn sample(&mut self, wall_us: u64, busy_us: u64) -> f64 {
         if self.last_wall_us == 0 {
             (self.last_wall_us, self.last_busy_us) = (wall_us, busy_us);
-            return self.busy_share;
+            return self.busy_share();
         }
         let wall = wall_us.saturating_sub(self.last_wall_us);
         if wall < LOAD_WINDOW_US {
-            return self.busy_share;
+            return self.busy_share();
         }
         let busy = (busy_us.saturating_sub(self.last_busy_us) as f64 / wall as f64).clamp(0.0, 1.0);
         // Weigh the new window by its length against a time constant of about 100 ms.
         let weight = (wall as f64 / 100_000.0).min(1.0);
         self.busy_share += (busy - self.busy_share) * weight;
         (self.last_wall_us, self.last_busy_us) = (wall_us, busy_us);
-        self.busy_share
+        self.busy_share()
     }
 
+    /// Whether the server's other counters are due to be read (at most every 250 ms).
+    pub fn threads_due(&self, wall_us: u64) -> bool {
+        self.threads.due(wall_us)
+    }
+
+    /// Feeds one reading of the server's other counters (thread_load.rs).
+    pub fn sample_threads(&mut self, wall_us: u64, counters: Vec<BusyCounter>) {
+        self.threads.sample(wall_us, counters);
+    }
+
+    /// The busiest of the event loop (by the hooks) and the server's other counters.
     pub fn busy_share(&self) -> f64 {
-        self.busy_share
+        self.busy_share.max(self.threads.busiest_share())
     }
 
     /// Forgets the history (the measurement starts or stops).

@@ -11,18 +11,19 @@ use redis_module::{Context, RedisValue};
 
 use crate::policy::audit::Reason;
 use crate::policy::client_list::ListedClient;
+use crate::policy::client_type::ClientType;
 use crate::policy::closing::{CloseMode, Look};
 use crate::policy::config;
-use crate::policy::filter::ClientType;
 use crate::policy::pass::{PassServer, RetireNow};
 use crate::server::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
 use crate::server::notices;
 use crate::server::retire::{
     audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
 };
-use crate::server::server_view::{list_clients, reply_text, sample_load, tracking_sources_of};
+use crate::server::server_view::{list_clients, reply_text, tracking_sources_of};
 use crate::server::state::{MainThreadCell, STATE};
 use crate::server::stats;
+use crate::server::thread_load::sample_load;
 
 lazy_static! {
     /// When the wake-up is armed for (monotonic ms), if it is.

@@ -7,4 +7,5 @@ pub mod server_view;
 pub mod settings_changed;
 pub mod state;
 pub mod stats;
+pub mod thread_load;
 pub mod unload;

@@ -9,7 +9,7 @@ use redis_module::{Context, RedisValue};
 
 use crate::policy::audit::{Origin, Reason, RetiredClient, retirement_line};
 use crate::policy::client_list::ListedClient;
-use crate::policy::filter::ClientType;
+use crate::policy::client_type::ClientType;
 use crate::server::ffi::{self, LogLevel};
 use crate::server::server_view::list_clients;
 use crate::server::state::{AUDIT, MainThreadCell, STATE};

@@ -10,8 +10,7 @@ use lazy_static::lazy_static;
 use redis_module::{CallOptionsBuilder, CallReply, CallResult, Context, RedisValue};
 
 use crate::policy::client_list::{ListedClient, parse_client_list};
-use crate::policy::decisions::Policy;
-use crate::server::ffi::{self, LogLevel, monotonic_us};
+use crate::server::ffi::{self, LogLevel};
 use crate::server::state::MainThreadCell;
 
 lazy_static! {
@@ -60,11 +59,6 @@ pub fn tracking_sources_of(
     REDIRECTS
         .with(|(_, redirects)| redirects.get(&target).cloned().unwrap_or_default())
         .unwrap_or_default()
-}
-
-/// Feeds the event loop's busy time to adaptive pacing.
-pub fn sample_load(policy: &mut Policy) {
-    policy.observe_load(|| (monotonic_us(), ffi::event_loop_busy_us()));
 }
 
 /// `CLIENT LIST`, or `CLIENT LIST ID ...` for just the given clients.

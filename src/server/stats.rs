@@ -72,7 +72,7 @@ struct PolicySnapshot {
 impl PolicySnapshot {
     fn of(policy: &mut crate::policy::decisions::Policy, now_ms: u64) -> Self {
         // Nothing else reads the load while no client is due; INFO shows it as of now.
-        crate::server::server_view::sample_load(policy);
+        crate::server::thread_load::sample_load(policy);
         let registry = policy.registry();
         Self {
             tracked: registry.len() as u64,

@@ -181,25 +181,33 @@ fn clients_own_requests_never_delay_the_operators_retirements() {
                             opened += 1;
                         }
                     }
+                    // The hogs' pace until the test stops them: not a wait for anything.
                     thread::sleep(Duration::from_millis(5));
                 }
                 opened
             })
         };
-        thread::sleep(Duration::from_millis(300));
+        // The hogs' transactions hold every slot of the clients' own requests.
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                info_field(&mut admin, "maxage_clients_in_grace").unwrap_or(0) >= 32
+            }),
+            "{flavor:?}: the hogs hold {:?} slots",
+            info_field(&mut admin, "maxage_clients_in_grace")
+        );
         let connected_at = Instant::now();
         let mut idle: Vec<Option<TcpStream>> =
             (0..200).map(|_| Some(server.idle_socket())).collect();
         let mut ages_ms = Vec::new();
-        while Instant::now() < connected_at + Duration::from_secs(12) && ages_ms.len() < 200 {
+        wait_until(Duration::from_secs(12), || {
             for slot in &mut idle {
                 if slot.as_mut().is_some_and(is_closed) {
                     ages_ms.push(connected_at.elapsed().as_millis() as u64);
                     *slot = None;
                 }
             }
-            thread::sleep(Duration::from_millis(2));
-        }
+            ages_ms.len() == 200
+        });
         stop.store(true, Ordering::Relaxed);
         let opened = hogs.join().unwrap();
         ages_ms.sort_unstable();
@@ -312,6 +320,8 @@ fn a_withdrawn_request_is_not_carried_out() {
         }));
         run::<()>(&mut app, &["MAXAGE.SELF", "0"]).unwrap();
         let _: redis::Value = run(&mut app, &["EXEC"]).unwrap();
+        // A fixed time on purpose: nothing must close the client during these 800 ms, well
+        // past the 300 ms it had asked for.
         thread::sleep(Duration::from_millis(800));
         let pong: redis::RedisResult<String> = run(&mut app, &["PING"]);
         assert_eq!(pong.ok().as_deref(), Some("PONG"), "{flavor:?}: closed");
@@ -389,6 +399,8 @@ fn a_cancelled_close_releases_the_held_reply() {
                 )
                 .unwrap();
             let mut due = server.conn();
+            // A fixed time on purpose: the client ages 250 ms, so it falls due (at 400 ms)
+            // soon after its PING.
             thread::sleep(Duration::from_millis(250));
             let _: String = run(&mut due, &["PING"]).unwrap();
             // Due at 400 ms, and armed: it ran a command a moment ago, so it waits for its

@@ -106,6 +106,8 @@ fn cluster_with_the_module_on_every_node() {
         for replica in &replicas {
             assert!(info(replica, "replication").contains("master_link_status:up"));
         }
+        // The checks' pace over a fixed 6 s: the cluster must stay healthy through many
+        // 700 ms max ages.
         std::thread::sleep(Duration::from_millis(300));
     }
     let output = traffic.wait_with_output().unwrap();

@@ -21,6 +21,7 @@ fn kill_by_age_in_milliseconds_takes_exactly_the_old_clients() {
         let mut admin = server.conn();
         let mut old: Vec<TcpStream> = (0..20).map(|_| server.idle_socket()).collect();
         let old_ids = ids_of(&mut old);
+        // A fixed time on purpose: the old clients age past 1.2 s.
         sleep(Duration::from_millis(1250));
         let mut young: Vec<TcpStream> = (0..10).map(|_| server.idle_socket()).collect();
         let young_ids = ids_of(&mut young);
@@ -53,6 +54,7 @@ fn maxage_in_seconds_and_limit_oldest_first() {
         let server = Server::start(flavor);
         let mut oldest = server.idle_socket();
         let oldest_id = raw_client_id(&mut oldest);
+        // Fixed times on purpose: the clients age (1.3 s and 0.7 s).
         sleep(Duration::from_millis(600));
         let mut middle = server.idle_socket();
         let middle_id = raw_client_id(&mut middle);
@@ -112,6 +114,7 @@ fn list_reports_fields_oldest_first_in_resp2_and_resp3() {
         let server = Server::start(flavor);
         let mut first = server.idle_socket();
         raw_command(&mut first, &["CLIENT", "SETNAME", "first"]);
+        // A fixed time on purpose: `first` is clearly older than `second`.
         sleep(Duration::from_millis(50));
         let mut second = server.idle_socket();
         raw_command(&mut second, &["SELECT", "3"]);
@@ -463,6 +466,7 @@ fn kills_by_id_and_age_take_no_client_list() {
             .start();
         let mut admin = server.admin();
         let mut idle = server.idle_sockets_tracked(&mut admin, 20, 1);
+        // A fixed time on purpose: the clients age past the 1 ms the kills ask for.
         sleep(Duration::from_millis(20));
         let before = client_list_calls(&mut admin);
         let counted: i64 = run(&mut admin, &["MAXAGE.KILL", "MAXAGE-MS", "1", "DRYRUN"]).unwrap();
@@ -515,6 +519,7 @@ fn a_mass_kill_logs_forty_lines_and_a_summary() {
             .start();
         let mut admin = server.admin();
         let mut idle = server.idle_sockets_tracked(&mut admin, 100, 1);
+        // A fixed time on purpose: the clients age past the 1 ms the kill asks for.
         sleep(Duration::from_millis(5));
         let killed: i64 = run(&mut admin, &["MAXAGE.KILL", "MAXAGE-MS", "1"]).unwrap();
         assert_eq!(killed, 100, "{flavor:?}");
@@ -553,6 +558,7 @@ fn a_kill_of_hundreds_is_spread_over_passes_and_counted_once() {
         .enumerate()
         {
             let mut idle = server.idle_sockets_tracked(&mut admin, 350, 1);
+            // A fixed time on purpose: the clients age past the 1 ms the kills ask for.
             sleep(Duration::from_millis(5));
             let mut pipeline = redis::pipe();
             pipeline.cmd("MAXAGE.KILL").arg(&filters);
@@ -582,13 +588,13 @@ fn a_kill_of_hundreds_is_spread_over_passes_and_counted_once() {
     }
 }
 
-/// The README's `INFO maxage` table lists exactly the fields the module writes (each field is
-/// written in one place, `stats::write_info`; the settings come from the settings table).
+/// The `INFO maxage` table of docs/operations.md lists exactly the fields the module writes (each
+/// field is written in one place, `stats::write_info`; the settings come from the settings table).
 #[test]
-fn the_readme_lists_every_info_field() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let table = readme
+fn the_docs_list_every_info_field() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let table = doc
         .split("`INFO maxage` (also in `INFO everything`")
         .nth(1)
         .expect("the INFO section")
@@ -613,6 +619,9 @@ fn the_readme_lists_every_info_field() {
             .filter_map(|(name, _)| name.strip_prefix("maxage_"))
             .map(str::to_string)
             .collect();
-        assert_eq!(written, documented, "{flavor:?}: INFO maxage vs the README");
+        assert_eq!(
+            written, documented,
+            "{flavor:?}: INFO maxage vs docs/operations.md"
+        );
     }
 }

@@ -56,6 +56,7 @@ fn build_population(server: &Server) -> Population {
         ids: BTreeMap::new(),
     };
     connect_roles(server, "old", &mut population);
+    // A fixed time on purpose: the old clients age 3.5 s before the young ones connect.
     sleep(Duration::from_millis(3500));
     connect_roles(server, "young", &mut population);
     population

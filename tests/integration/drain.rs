@@ -20,12 +20,13 @@ fn a_graceful_kill_retires_the_share_it_selects() {
             .start();
         let mut admin = server.admin();
         let mut oldest: Vec<TcpStream> = (0..10).map(|_| server.idle_socket()).collect();
+        // A fixed time on purpose: the first ten are clearly the oldest.
         std::thread::sleep(Duration::from_millis(50));
         let mut younger: Vec<TcpStream> = (0..30).map(|_| server.idle_socket()).collect();
         assert!(wait_until(Duration::from_secs(5), || {
             info_field(&mut admin, "maxage_tracked_clients") == Some(41)
         }));
-        // Every one older than the 1 ms the filter asks for.
+        // A fixed time on purpose: every one older than the 1 ms the filter asks for.
         std::thread::sleep(Duration::from_millis(20));
         let dry: i64 = run(
             &mut admin,
@@ -106,6 +107,7 @@ fn a_graceful_drain_of_thousands_fails_no_request_and_spreads_the_closes() {
                 let sent = Instant::now();
                 let _: String = redis::cmd("PING").query(&mut probe).expect("PING");
                 worst = worst.max(sent.elapsed());
+                // The probe's pace over a fixed 1.5 s: not a wait for anything.
                 std::thread::sleep(Duration::from_micros(500));
             }
             worst
@@ -177,7 +179,7 @@ print(ok[0], failed[0])
         assert!(scheduled as usize > IDLE, "{flavor:?}: {scheduled}");
         assert_eq!(failed, "0", "{flavor:?}: requests failed during the drain");
         // (The worst PING is printed, not asserted: with other tests running, a machine stall
-        // outweighs what is measured; the README shows a quiet run.)
+        // outweighs what is measured; docs/commands.md shows a quiet run.)
         assert!(
             wait_until(Duration::from_secs(20), || {
                 info_field(&mut admin, "maxage_clients_draining") == Some(0)

@@ -16,6 +16,7 @@ use crate::harness::*;
 fn aged_clients(server: &Server) -> (BTreeSet<u64>, BTreeSet<u64>, Vec<TcpStream>) {
     let mut old: Vec<TcpStream> = (0..3).map(|_| server.idle_socket()).collect();
     let old_ids = old.iter_mut().map(raw_client_id).collect();
+    // A fixed time on purpose: the old clients age past `KILL_AGE_S`.
     sleep(Duration::from_millis(KILL_AGE_S * 1000 + 200));
     let mut young: Vec<TcpStream> = (0..2).map(|_| server.idle_socket()).collect();
     let young_ids = young.iter_mut().map(raw_client_id).collect();
@@ -54,7 +55,8 @@ fn redis_py_client_kill_filter_maxage_works_on_redis_70() {
         "{:?}",
         server.info()
     );
-    // redis-cli too: the two young ones are now older than a second.
+    // redis-cli too: the two young ones are now older than a second (a fixed time on purpose:
+    // they age).
     drop(admin);
     sleep(Duration::from_millis(1100));
     let port = server.port.to_string();
@@ -491,6 +493,7 @@ fn replication_role_changes_keep_links_exempt() {
                 "{flavor:?}: link down after {:?}",
                 started.elapsed()
             );
+            // The rounds' pace over a fixed 3 s: the link must stay up through many max ages.
             sleep(Duration::from_millis(200));
         }
         assert!(wait_until(Duration::from_secs(2), || {

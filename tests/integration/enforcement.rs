@@ -108,7 +108,7 @@ fn idle_clients_are_closed_within_five_ms_of_their_deadline() {
         );
         assert!(ages[0] >= 500, "{flavor:?}: closed early: {ages:?}");
         // This shared 2-core machine stalls for 5-15 ms now and then whatever runs (see the
-        // README's Performance section), and a stall delays a whole round of 16: so 505 ms
+        // docs/performance.md), and a stall delays a whole round of 16: so 505 ms
         // must hold for 90 % of the closes (all but one round), and every round but the odd
         // stall within 520 ms.
         let age_p90 = ages[(ages.len() * 90).div_ceil(100) - 1];
@@ -160,13 +160,20 @@ fn multi_and_blocked_clients_finish_their_request_first() {
         let mut blocked = server.idle_socket();
         blocked.write_all_resp(&["BLPOP", "queue", "0"]);
         let mut idle = server.idle_socket();
-        sleep(Duration::from_millis(100));
+        // The BLPOP was sent without reading a reply: the server has run it once it counts
+        // the client as blocked.
+        assert!(
+            wait_until(Duration::from_secs(5), || blocked_clients(&mut admin) == 1),
+            "{flavor:?}: BLPOP never blocked"
+        );
         config_set(&mut admin, "maxage.jitter-pct", "0");
         config_set(&mut admin, "maxage.max-age-ms", "200");
         assert!(
             wait_until(Duration::from_secs(2), || is_closed(&mut idle)),
             "{flavor:?}"
         );
+        // A fixed time on purpose: both are past their deadline, and nothing must close them
+        // during these 500 ms while grace (5 s) holds them.
         sleep(Duration::from_millis(500));
         assert!(
             !is_closed(&mut in_multi),
@@ -249,6 +256,8 @@ fn exempt_users_names_and_no_evict_clients_survive() {
             wait_until(Duration::from_secs(2), || is_closed(&mut web)),
             "{flavor:?}"
         );
+        // A fixed time on purpose: the exempt clients are past their deadline too (they
+        // connected before `web`), and nothing must close them during these 300 ms.
         sleep(Duration::from_millis(300));
         for (what, socket) in [
             ("name", &mut monitoring),
@@ -312,6 +321,8 @@ fn replication_links_survive_a_tiny_max_age() {
                 link_up(&replica),
                 "{flavor:?}: link went down in round {round}"
             );
+            // The rounds' pace over a fixed 5 s: the link must stay up through many 200 ms
+            // max ages, so the time passing is the point.
             sleep(Duration::from_millis(250));
         }
         assert_eq!(
@@ -348,6 +359,8 @@ fn observe_mode_closes_nothing_and_counts_everything() {
         assert!(wait_until(Duration::from_secs(2), || {
             info_field(&mut admin, "maxage_observed_would_evict").unwrap_or(0) >= 10
         }));
+        // A fixed time on purpose: all are counted as due, and nothing must close them during
+        // these 200 ms in observe mode.
         sleep(Duration::from_millis(200));
         assert!(idle.iter_mut().all(|s| !is_closed(s)), "{flavor:?}");
         assert_eq!(
@@ -372,6 +385,8 @@ fn config_set_retimes_connected_clients() {
         config_set(&mut admin, "maxage.max-age-ms", "60000");
         let started = Instant::now();
         let mut idle = server.idle_socket();
+        // A fixed time on purpose: the client ages 200 ms before the limit is lowered, so that
+        // it is closed 600 ms after its connect, not after the CONFIG SET.
         sleep(Duration::from_millis(200));
         assert!(!is_closed(&mut idle));
         assert!(info_field(&mut admin, "maxage_next_deadline_in_ms").unwrap() > 50_000);
@@ -386,6 +401,8 @@ fn config_set_retimes_connected_clients() {
         // Turning enforcement off stops it.
         config_set(&mut admin, "maxage.max-age-ms", "0");
         let mut spared = server.idle_socket();
+        // A fixed time on purpose: with enforcement off nothing must close the client during
+        // these 800 ms (longer than the 600 ms max age it would have had).
         sleep(Duration::from_millis(800));
         assert!(!is_closed(&mut spared));
         assert_eq!(
@@ -512,6 +529,15 @@ fn info_and_log_show_every_retirement() {
         let stats: String = run(&mut admin, &["INFO", "stats"]).unwrap();
         assert!(stats.contains("rejected_connections"));
     }
+}
+
+/// `blocked_clients` from `INFO clients`.
+fn blocked_clients(conn: &mut redis::Connection) -> i64 {
+    let info: String = run(conn, &["INFO", "clients"]).unwrap_or_default();
+    info.lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(-1)
 }
 
 trait WriteResp {
@@ -653,17 +679,15 @@ fn tracking_redirect_pairs_are_retired_together() {
             run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "60000"]).unwrap();
             let started = Instant::now();
             let (mut data_closed, mut target_closed) = (None, None);
-            while started.elapsed() < Duration::from_secs(5)
-                && (data_closed.is_none() || target_closed.is_none())
-            {
+            wait_until(Duration::from_secs(5), || {
                 if data_closed.is_none() && is_closed(&mut data) {
                     data_closed = Some(started.elapsed());
                 }
                 if target_closed.is_none() && is_closed(&mut target) {
                     target_closed = Some(started.elapsed());
                 }
-                sleep(Duration::from_millis(2));
-            }
+                data_closed.is_some() && target_closed.is_some()
+            });
             let (data_closed, target_closed) = (
                 data_closed.unwrap_or_else(|| {
                     panic!("{flavor:?} {subscribe:?}: the tracking client was left connected")
@@ -739,9 +763,18 @@ fn adaptive_pacing_slows_down_under_load_within_the_slack() {
                 }
             })
         };
-        sleep(Duration::from_millis(400));
+        // The module reads the busy loop before it is asked to retire anyone.
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                info_field(&mut admin, "maxage_event_loop_busy_pct").unwrap_or(0) >= 50
+            }),
+            "{flavor:?}: the busy loop did not register: {:?}%",
+            info_field(&mut admin, "maxage_event_loop_busy_pct")
+        );
         run::<()>(&mut admin, &["CONFIG", "SET", "maxage.max-age-ms", "100"]).unwrap();
         let set_at = Instant::now();
+        // A fixed time on purpose: the test counts the retirements of the first second
+        // under load.
         sleep(Duration::from_millis(1000));
         let retired_under_load = info_field(&mut admin, "maxage_evicted_max_age").unwrap();
         let utilization = info_field(&mut admin, "maxage_event_loop_busy_pct").unwrap();
@@ -808,6 +841,8 @@ fn preview_reports_a_proposed_rule_set_and_changes_nothing() {
         }
         let mut job = server.idle_socket();
         raw_command(&mut job, &["CLIENT", "SETNAME", "job"]);
+        // A fixed time on purpose: the web clients age past the proposed 500 ms, so that a
+        // preview that applied its rules would have them closed.
         sleep(Duration::from_millis(600));
         let mut admin = server.admin();
         let reply: redis::Value = run(

@@ -108,7 +108,22 @@ fn at_maxclients_the_module_frees_room() {
             .start();
         let mut admin = server.admin();
         let mut sockets: Vec<TcpStream> = (0..45).map(|_| server.idle_socket()).collect();
-        sleep(Duration::from_millis(200));
+        // The server has taken or refused every connect (the admin's included).
+        let handled = |admin: &mut redis::Connection| {
+            let info: String = run(admin, &["INFO", "everything"]).unwrap_or_default();
+            let number = |name: &str| -> i64 {
+                info.lines()
+                    .find_map(|line| line.strip_prefix(&format!("{name}:")))
+                    .and_then(|value| value.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            number("connected_clients") + number("rejected_connections")
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || handled(&mut admin) >= 46),
+            "{flavor:?}: {} of 46 connects handled",
+            handled(&mut admin)
+        );
         // A refused client is told "max number of clients reached" and closed.
         let refused = |socket: &mut TcpStream| {
             let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
@@ -187,6 +202,8 @@ fn unload_while_clients_are_in_grace() {
             info_field(&mut admin, "maxage_clients_in_grace") == Some(1)
         }));
         run::<()>(&mut admin, &["MODULE", "UNLOAD", "maxage"]).unwrap();
+        // A fixed time on purpose: nothing must close the client during these 300 ms after
+        // the unload.
         sleep(Duration::from_millis(300));
         assert!(!is_closed(&mut in_multi), "{flavor:?}");
         assert_eq!(raw_command(&mut in_multi, &["EXEC"]), "*0\r\n");

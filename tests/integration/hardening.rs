@@ -135,7 +135,9 @@ fn client_bytes_in_errors_and_settings_never_abort_the_server() {
             run(&mut admin, &["CONFIG", "GET", "maxage.exempt-types"]).unwrap();
         assert_eq!(types[1], "master replica no-evict", "{flavor:?}");
         let all: Vec<String> = run(&mut admin, &["CONFIG", "GET", "maxage.*"]).unwrap();
-        assert_eq!(all.len(), 26, "{flavor:?}: {all:?}");
+        let example = include_str!("../../conf/maxage.conf");
+        let settings = example.lines().filter(|l| l.starts_with("maxage.")).count();
+        assert_eq!(all.len(), 2 * settings, "{flavor:?}: {all:?}");
         assert!(server.alive());
     }
 }
@@ -245,6 +247,8 @@ fn killing_the_master_link_keeps_replication_applying_writes() {
         // announces neither its connect nor its disconnect, so it is not tracked.
         config_set(&mut operator, "maxage.exempt-types", "replica no-evict");
         let syncs_before = replication_info(&mut operator);
+        // A fixed time on purpose: the link must stay up through these 800 ms, four of the
+        // replica's 200 ms max ages.
         sleep(Duration::from_millis(800));
         run::<()>(&mut writer, &["SET", "after", "v"]).unwrap();
         assert!(wait_until(Duration::from_secs(5), || {
@@ -341,9 +345,18 @@ fn huge_max_ages_neither_wrap_nor_spin() {
         assert!(error.contains("from 0 to 315360000000"), "{error}");
         config_set(&mut admin, "maxage.rules", "type:normal=315360000000");
         config_set(&mut admin, "maxage.max-age-ms", "315360000000");
-        let _idle = server.idle_socket();
-        sleep(Duration::from_millis(200));
+        // Tracked, and its one wake-up armed far away.
+        let _idle = server.idle_sockets_tracked(&mut admin, 1, 1);
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                info_field(&mut admin, "maxage_next_deadline_in_ms")
+                    .is_some_and(|next| next > 315_000_000_000)
+            }),
+            "{flavor:?}: next deadline {:?}",
+            info_field(&mut admin, "maxage_next_deadline_in_ms")
+        );
         let wakeups_before = info_field(&mut admin, "maxage_wakeups").unwrap();
+        // A fixed time on purpose: the test counts the wake-ups of one second.
         sleep(Duration::from_millis(1000));
         let wakeups = info_field(&mut admin, "maxage_wakeups").unwrap() - wakeups_before;
         assert!(wakeups <= 2, "{flavor:?}: {wakeups} wake-ups in a second");
@@ -378,6 +391,7 @@ fn skipme_no_closes_the_caller_after_its_reply_and_runs_nothing_behind_it() {
         // The compatibility form behaves the same.
         let mut socket = server.idle_socket();
         let id = raw_client_id(&mut socket).to_string();
+        // A fixed time on purpose: the client ages past the 1 ms the kill asks for.
         sleep(Duration::from_millis(5));
         let mut pipeline = resp(&[
             b"CLIENT",
@@ -453,10 +467,12 @@ fn lowering_the_max_age_on_old_clients_is_paced() {
             .start();
         let mut admin = server.admin();
         let mut sockets: Vec<TcpStream> = (0..300).map(|_| server.idle_socket()).collect();
+        // A fixed time on purpose: the clients age 3 s under a max age of 300 s.
         sleep(Duration::from_millis(3000));
         // Every client is now ~2.5 s past the new deadline, beyond the 2 s slack.
         config_set(&mut admin, "maxage.max-age-ms", "500");
         let set_at = Instant::now();
+        // A fixed time on purpose: the test counts the retirements of the first second.
         sleep(Duration::from_millis(1000));
         let retired = info_field(&mut admin, "maxage_evicted_max_age").unwrap();
         assert!(

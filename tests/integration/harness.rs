@@ -556,7 +556,8 @@ impl ServerBuilder {
     }
 }
 
-fn free_port() -> u16 {
+/// A free loopback port (for a server or a helper process a test starts).
+pub fn free_port() -> u16 {
     // The OS picks an unused ephemeral port; the tiny window before the server binds it is
     // covered by retrying on "Address already in use". Never 6379.
     loop {

@@ -12,6 +12,7 @@ fn runtime_load_seeds_existing_clients_with_approximate_ages() {
         let server = Server::builder(flavor).without_module().start();
         let mut early = server.idle_socket();
         let early_id = raw_client_id(&mut early);
+        // A fixed time on purpose: the clients age 3.1 s before the module is loaded.
         sleep(Duration::from_millis(3100));
         let mut admin = server.conn();
         let module = module_path();
@@ -322,7 +323,6 @@ fn the_example_config_loads_and_states_the_defaults() {
         .lines()
         .filter(|line| line.starts_with("maxage."))
         .collect();
-    assert_eq!(settings.len(), 13, "every setting is in the example");
     for flavor in BOTH {
         let mut builder = Server::builder(flavor);
         for line in &settings {
@@ -330,6 +330,12 @@ fn the_example_config_loads_and_states_the_defaults() {
         }
         let server = builder.start();
         let mut admin = server.conn();
+        let registered: Vec<String> = run(&mut admin, &["CONFIG", "GET", "maxage.*"]).unwrap();
+        assert_eq!(
+            settings.len(),
+            registered.len() / 2,
+            "every setting is in the example"
+        );
         for line in &settings {
             let (name, value) = line.split_once(' ').unwrap();
             let got: Vec<String> = run(&mut admin, &["CONFIG", "GET", name]).unwrap();

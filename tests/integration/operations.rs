@@ -6,23 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::harness::*;
-
-fn free_port() -> u16 {
-    loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = listener.local_addr().expect("local addr").port();
-        if port != 6379 {
-            return port;
-        }
-    }
-}
 
 fn accepts(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -176,8 +166,16 @@ fn redis_exporter_exports_info_maxage_through_the_lua_script() {
 
         let first = http_get(port, "/metrics");
         // The exporter connects anew for every scrape; its connection from the first scrape is
-        // gone (closed by the exporter or retired by the module) by the second one.
-        sleep(Duration::from_millis(700));
+        // gone (closed by the exporter or retired by the module) before the second one: the
+        // control connection is then the only client.
+        let mut admin = server.admin();
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                info_field(&mut admin, "maxage_tracked_clients") == Some(1)
+            }),
+            "{flavor:?}: the first scrape's connection stayed: {:?} clients",
+            info_field(&mut admin, "maxage_tracked_clients")
+        );
         let second = http_get(port, "/metrics");
         for metrics in [&first, &second] {
             assert!(metrics.contains("\nredis_up 1\n"), "{flavor:?}:\n{metrics}");
@@ -500,6 +498,7 @@ fn watch_steady_state(
             }
         }
         polls += 1;
+        // The pace of the samples over a fixed window: the time passing is the point.
         sleep(Duration::from_millis(100));
     }
     assert!(polls >= 5);
@@ -527,6 +526,8 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         let stop = self.0.join("stop");
         if !stop.exists() && std::fs::write(&stop, b"").is_ok() {
+            // Only when the test failed before stopping the client itself: there is no handle
+            // to wait on here, so the client gets a fixed moment to see the file.
             sleep(Duration::from_millis(200));
         }
         let _ = std::fs::remove_dir_all(&self.0);
@@ -686,6 +687,8 @@ fn sentinel_failover_with_the_module_retiring_connections_on_every_data_node() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    // A fixed time on purpose: redis-py writes through two of its 400 ms retirements before
+    // the failover, and must see no error in them.
     sleep(Duration::from_millis(1000));
     let before_failover: i64 = run(&mut master.conn(), &["GET", "pyclient"]).expect("GET");
     assert!(

@@ -9,7 +9,7 @@ use crate::harness::{
     login, maxage_list_ids, python, raw_command, run, wait_until,
 };
 
-/// The README's redis-py example (`examples/redis_py_pool.py`): a pool whose connections ask
+/// The redis-py example of docs/commands.md (`examples/redis_py_pool.py`): a pool whose connections ask
 /// for 500 ms, eight threads of INCRs with retries off, with the operator's max age off and at
 /// five minutes. Every connection is retired for its own request, none early, right after the
 /// reply that follows its deadline, and no request is executed twice or lost. A request that
@@ -159,6 +159,8 @@ fn requests_only_shorten_and_are_reported() {
         assert!(wait_until(Duration::from_secs(3), || is_closed(
             &mut exempt
         )));
+        // A fixed time on purpose: the withdrawn request was due with `exempt`'s, and nothing
+        // must close its client during these 300 ms.
         sleep(Duration::from_millis(300));
         assert!(
             !is_closed(&mut withdrawn),
@@ -183,6 +185,7 @@ fn application_users_may_set_their_own_max_age_only() {
         let mut admin = server.conn();
         create_user(&mut admin, "app", &["+@all", "-@admin", "-@dangerous"]);
         let mut app = login(&server, "app");
+        let app_id = crate::harness::client_id(&mut app);
         run::<()>(&mut app, &["MAXAGE.SELF", "300"]).unwrap();
         assert!(error_of(&mut app, &["MAXAGE.KILL", "TYPE", "normal"]).contains("NOPERM"));
         assert!(error_of(&mut app, &["MAXAGE.LIST"]).contains("NOPERM"));
@@ -191,7 +194,15 @@ fn application_users_may_set_their_own_max_age_only() {
             field(&fields, "set-by"),
             redis::Value::BulkString(b"client-requested".to_vec())
         );
-        sleep(Duration::from_millis(1500));
+        // Retired for its request: gone from the server, and audited. (Polling on `app` itself
+        // would keep the client busy and move its moment.)
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                !crate::harness::listed_ids(&mut admin).contains(&app_id)
+                    && !audit_ages(&server, "client-requested").is_empty()
+            }),
+            "{flavor:?}: not retired"
+        );
         assert!(
             run::<String>(&mut app, &["PING"]).is_err(),
             "{flavor:?}: not retired"
@@ -202,7 +213,7 @@ fn application_users_may_set_their_own_max_age_only() {
     }
 }
 
-/// The README's node-redis and ioredis examples (`examples/node_clients.js`): each client asks
+/// The node-redis and ioredis examples of docs/commands.md (`examples/node_clients.js`): each client asks
 /// for 300 ms on every (re)connection, runs INCRs for 2 s, and is retired and reconnects again
 /// and again; nothing is executed twice (ioredis resends unanswered commands by itself).
 #[test]
@@ -237,7 +248,7 @@ fn the_node_redis_and_ioredis_examples_get_their_max_age() {
     }
 }
 
-/// The README's Rust example.
+/// The Rust example of docs/commands.md.
 fn connect_with_max_age(
     client: &redis::Client,
     max_age_ms: u64,
@@ -262,6 +273,7 @@ fn the_rust_example_gets_its_max_age() {
                 reconnects += 1;
                 conn = connect_with_max_age(&client, 200).unwrap();
             }
+            // The example's own pace of INCRs over a fixed 2 s: the time passing is the point.
             sleep(Duration::from_millis(5));
         }
         let retired = audit_ages(&server, "client-requested");
@@ -274,20 +286,20 @@ fn the_rust_example_gets_its_max_age() {
     }
 }
 
-/// The README shows the examples these tests run, word for word.
+/// docs/commands.md shows the examples these tests run, word for word.
 #[test]
-fn the_readme_shows_the_examples_the_tests_run() {
-    let readme = include_str!("../../README.md");
+fn the_docs_show_the_examples_the_tests_run() {
+    let doc = include_str!("../../docs/commands.md");
     let redis_py = include_str!("../../examples/redis_py_pool.py");
     assert!(
-        readme.contains(redis_py.trim()),
-        "README lacks examples/redis_py_pool.py"
+        doc.contains(redis_py.trim()),
+        "docs/commands.md lacks examples/redis_py_pool.py"
     );
     let node = include_str!("../../examples/node_clients.js");
     let shown = node[..node.find("module.exports").unwrap()].trim();
     assert!(
-        readme.contains(shown),
-        "README lacks examples/node_clients.js"
+        doc.contains(shown),
+        "docs/commands.md lacks examples/node_clients.js"
     );
-    assert!(readme.contains("fn connect_with_max_age(client: &redis::Client, max_age_ms: u64)"));
+    assert!(doc.contains("fn connect_with_max_age(client: &redis::Client, max_age_ms: u64)"));
 }
