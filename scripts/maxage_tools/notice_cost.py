@@ -120,8 +120,16 @@ async def one_round(flavor, clients, opt_in):
             "max-evictions-per-sec",
             "0",
         ],
+        # Room for the N clients and the script's own INFO connections.
+        extra_config=[f"maxclients {clients + 100}"],
     ) as server:
+        started = time.monotonic()
         connections = await open_clients(server.port, clients, opt_in)
+        kind = "opted-in" if opt_in else "plain"
+        print(
+            f"notice-cost: {flavor}: {clients} {kind} connections in {time.monotonic() - started:.1f} s",
+            file=sys.stderr,
+        )
         before = info(server.port)
         admin(server.port, "CONFIG", "SET", "maxage.max-age-ms", "3000")
         field = "maxage_notices_sent" if opt_in else "maxage_evicted_connections"
