@@ -5,8 +5,8 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use crate::harness::{
-    BOTH, Server, audit_ages, config_set, create_user, error_of, exclusive, info_field, is_closed,
-    login, maxage_list_ids, python, raw_command, run, wait_until,
+    BOTH, Server, audit_ages, config_set, create_user, error_of, exclusive, info_field,
+    io_threads_slack, is_closed, login, maxage_list_ids, python, raw_command, run, wait_until,
 };
 
 /// The redis-py example of docs/commands.md (`examples/redis_py_pool.py`): a pool whose connections ask
@@ -76,9 +76,16 @@ print(sum(ok), sum(failed), executed)
             // 40 closed in the same millisecond at 532-540 ms (the pool's cadence, not the
             // module's). The median and three quarters are the module's; the last bound is
             // what an unhonoured request (the operator's 5 minutes, or never) could not meet.
+            // With I/O threads a close can wait for the pass before it (`io_threads_slack`).
             let p75 = ages[(ages.len() * 75).div_ceil(100) - 1];
-            assert!(ages[ages.len() / 2] <= 505, "{flavor:?}: median {ages:?}");
-            assert!(p75 <= 520, "{flavor:?}: p75 {p75} ms: {ages:?}");
+            let mut admin = server.conn();
+            let slack = io_threads_slack(&mut admin).map_or(0, |s| s.as_millis() as u64);
+            assert!(
+                ages[ages.len() / 2] <= 505 + slack,
+                "{flavor:?}: median (bound {}) {ages:?}",
+                505 + slack
+            );
+            assert!(p75 <= 520 + slack, "{flavor:?}: p75 {p75} ms: {ages:?}");
             assert!(ages[ages.len() - 1] <= 1_000, "{flavor:?}: {ages:?}");
             // A request that races an idle close is rare (0 in most runs, 1 in 41 retirements
             // once on Redis 7.4), so one in twenty is allowed; none may be executed.
@@ -88,7 +95,6 @@ print(sum(ok), sum(failed), executed)
                 ages.len()
             );
             assert_eq!(ok, executed, "{flavor:?}: executed twice or lost");
-            let mut admin = server.conn();
             assert_eq!(
                 info_field(&mut admin, "maxage_evicted_client_requested"),
                 Some(ages.len() as i64)
