@@ -32,11 +32,6 @@ pub trait PassServer {
     fn unread_input_bytes(&mut self, fd: i32) -> usize;
     /// How this client's close moment can be found on this server.
     fn close_mode(&mut self, client: &ListedClient) -> CloseMode;
-    /// Whether looking a client up pauses the I/O thread that owns it (Redis 8 with I/O
-    /// threads): then a pass looks up only as many clients as it may close, not twice that.
-    fn lookups_pause_threads(&mut self) -> bool {
-        false
-    }
 }
 
 /// A client to retire at once rather than at its moment: observe mode (nothing is closed, the
@@ -123,8 +118,7 @@ impl Policy {
             if operators && !self.backlog_past_slack(now_ms) {
                 may_close = may_close.min(self.closes_paced_now(now_ms));
             }
-            let per_close = if server.lookups_pause_threads() { 1 } else { 2 };
-            let batch = self.take_due(now_ms, LOOKUP_BATCH.min(per_close * may_close), origin);
+            let batch = self.take_due(now_ms, LOOKUP_BATCH.min(2 * may_close), origin);
             if batch.is_empty() {
                 return true;
             }

@@ -20,9 +20,7 @@ use crate::server::notices;
 use crate::server::retire::{
     audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
 };
-use crate::server::server_view::{
-    list_clients, look_up_clients, reply_text, threads_own_clients, tracking_sources_of,
-};
+use crate::server::server_view::{list_clients, look_up_clients, reply_text, tracking_sources_of};
 use crate::server::shut_down;
 use crate::server::state::{MainThreadCell, STATE};
 use crate::server::stats;
@@ -319,10 +317,6 @@ impl PassServer for LiveServer<'_> {
         } else {
             CloseMode::IdleOnly
         }
-    }
-
-    fn lookups_pause_threads(&mut self) -> bool {
-        threads_own_clients()
     }
 
     fn list(&mut self, client_ids: &[u64]) -> Vec<ListedClient> {

@@ -76,11 +76,6 @@ pub fn tracking_sources_of(
         .unwrap_or_default()
 }
 
-/// Whether clients are owned by I/O threads that a look-up pauses (Redis 8 with I/O threads).
-pub fn threads_own_clients() -> bool {
-    THREADS_OWN_CLIENTS.load(Ordering::Relaxed)
-}
-
 /// The server's view of the given clients (those gone are missing), for a batch of due clients
 /// among about `connected` clients. Where I/O threads own clients (Redis 8), `CLIENT LIST ID`
 /// pauses a client's thread for each client it shows, so a batch among few clients is read

@@ -710,21 +710,31 @@ impl Server {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// Runs every thread of the server at nice -10 (a no-op without the right to): precision
+    /// Runs the server's main thread at nice -10 (a no-op without the right to): precision
     /// tests measure the module's timing, not how long a loaded machine takes to schedule the
-    /// server, so the server and the test's client threads are put ahead of other load. Every
-    /// thread, not the process id alone (which on Linux is the main thread only): Redis 8's
-    /// main thread busy-waits for an I/O thread to pause whenever it touches a client that
-    /// thread owns, so an I/O thread left behind other load stalls the main thread with it.
+    /// server, so the server and the test's client threads are put ahead of other load. Where
+    /// I/O threads own clients (Redis 8: `io-thread=` above 0 in `CLIENT LIST`), every thread
+    /// of the server: there the main thread busy-waits for an I/O thread to pause whenever it
+    /// touches one of its clients, so an I/O thread left behind other load stalls it. Not
+    /// elsewhere: Redis 7's and Valkey's I/O threads spin while they have work, and at the
+    /// main thread's priority they would take its core.
     pub fn raise_priority(&self) {
         let pid = self.child.as_ref().map_or(0, Child::id);
-        let threads: Vec<libc::id_t> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|tasks| {
-                tasks
-                    .filter_map(|task| task.ok()?.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_else(|_| vec![pid]);
+        let listing: String = run(&mut self.conn(), &["CLIENT", "LIST"]).unwrap_or_default();
+        let threads_own_clients = listing
+            .split([' ', '\n'])
+            .any(|field| field.strip_prefix("io-thread=").is_some_and(|t| t != "0"));
+        let threads: Vec<libc::id_t> = if threads_own_clients {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks
+                        .filter_map(|task| task.ok()?.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_else(|_| vec![pid])
+        } else {
+            vec![pid]
+        };
         // SAFETY: plain system calls; a failure (not root) leaves the priority as it was.
         unsafe {
             for tid in threads {
