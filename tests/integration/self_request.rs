@@ -76,16 +76,26 @@ print(sum(ok), sum(failed), executed)
             // 40 closed in the same millisecond at 532-540 ms (the pool's cadence, not the
             // module's). The median and three quarters are the module's; the last bound is
             // what an unhonoured request (the operator's 5 minutes, or never) could not meet.
-            // With I/O threads a close can wait for the pass before it (`io_threads_slack`).
+            //
+            // With `io-threads 2` on 2 cores the server takes both while the pool is busy
+            // (Redis 7's and Valkey's I/O threads spin while they have work; Redis 8's main
+            // thread busy-waits for its thread at each look-up), so the pool's 8 threads get
+            // the CPU late, and a whole round of 8 waits for the pool's next requests (measured:
+            // rounds at 517-860 ms, medians 533-644 ms, 0 failed). A connection the pool leaves
+            // idle is closed 250 ms after its deadline (IDLE_CLOSE_MS): with threads that is
+            // the bound of the median and of three quarters, the plain bounds elsewhere.
             let p75 = ages[(ages.len() * 75).div_ceil(100) - 1];
             let mut admin = server.conn();
-            let slack = io_threads_slack(&mut admin).map_or(0, |s| s.as_millis() as u64);
+            let threads = io_threads_slack(&mut admin).is_some();
+            let (median_bound, p75_bound) = if threads { (750, 800) } else { (505, 520) };
             assert!(
-                ages[ages.len() / 2] <= 505 + slack,
-                "{flavor:?}: median (bound {}) {ages:?}",
-                505 + slack
+                ages[ages.len() / 2] <= median_bound,
+                "{flavor:?}: median (bound {median_bound}) {ages:?}"
             );
-            assert!(p75 <= 520 + slack, "{flavor:?}: p75 {p75} ms: {ages:?}");
+            assert!(
+                p75 <= p75_bound,
+                "{flavor:?}: p75 {p75} ms (bound {p75_bound}): {ages:?}"
+            );
             assert!(ages[ages.len() - 1] <= 1_000, "{flavor:?}: {ages:?}");
             // A request that races an idle close is rare (0 in most runs, 1 in 41 retirements
             // once on Redis 7.4), so one in twenty is allowed; none may be executed.
