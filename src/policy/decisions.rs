@@ -328,6 +328,13 @@ impl Policy {
         self.pacing.available(now_ms)
     }
 
+    /// Whether pacing has held the backlog back for all of `maxage.max-overdue-ms`: its clients
+    /// need no token, so a pass looks up as many as it may close, not as many as tokens allow.
+    pub fn backlog_past_slack(&self, now_ms: u64) -> bool {
+        self.pacing
+            .backlog_past_slack(now_ms, self.settings.max_overdue_ms)
+    }
+
     /// Due clients are being held back (no token, or the pass is full): the slack clock of
     /// the backlog starts now, unless it is already running.
     pub fn hold_back(&mut self, now_ms: u64) {

@@ -72,6 +72,13 @@ impl Pacing {
         self.retirements.available(now_ms).max(1)
     }
 
+    /// Whether pacing has held clients back for the whole slack: every client due since then
+    /// is past it and needs no token.
+    pub fn backlog_past_slack(&self, now_ms: u64, max_overdue_ms: u64) -> bool {
+        self.backlog_since_ms
+            .is_some_and(|since| now_ms.saturating_sub(since) >= max_overdue_ms)
+    }
+
     /// Due clients are being held back: the backlog's slack clock starts now, unless running.
     pub fn hold_back(&mut self, now_ms: u64) {
         self.backlog_since_ms.get_or_insert(now_ms);

@@ -115,7 +115,7 @@ impl Policy {
                 return false;
             }
             let mut may_close = budget.closes - closed;
-            if operators {
+            if operators && !self.backlog_past_slack(now_ms) {
                 may_close = may_close.min(self.closes_paced_now(now_ms));
             }
             let batch = self.take_due(now_ms, LOOKUP_BATCH.min(2 * may_close), origin);

@@ -20,7 +20,8 @@ use crate::server::notices;
 use crate::server::retire::{
     audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
 };
-use crate::server::server_view::{list_clients, reply_text, tracking_sources_of};
+use crate::server::server_view::{list_clients, look_up_clients, reply_text, tracking_sources_of};
+use crate::server::shut_down;
 use crate::server::state::{MainThreadCell, STATE};
 use crate::server::stats;
 use crate::server::thread_load::sample_load;
@@ -40,6 +41,7 @@ pub fn on_client_change(ctx: &Context, client_id: u64, connected: bool) {
                 policy.on_connect(client_id, monotonic_ms_ceil());
                 None
             } else {
+                shut_down::forget(client_id);
                 policy.on_disconnect(client_id)
             }
         })
@@ -87,7 +89,7 @@ fn update_event_loop_watch(ctx: &Context) {
     }) else {
         return;
     };
-    ffi::watch_next_commands(at_next_command);
+    ffi::watch_next_commands(at_next_command || shut_down::any());
     let handler: Option<ffi::EventLoopHandler> = (adaptive || closing).then_some(on_event_loop);
     if !ffi::watch_event_loop(ctx, handler) {
         ffi::log(
@@ -116,12 +118,12 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
         }
         return;
     }
-    let Some((grace_ms, top)) = STATE.with(|policy| {
+    let Some((grace_ms, top, connected)) = STATE.with(|policy| {
         let grace_ms = policy.settings().grace_ms;
         let top = policy
             .closing()
             .after_sleep(now_ms, grace_ms, ffi::unread_input_bytes);
-        (grace_ms, top)
+        (grace_ms, top, policy.registry().len())
     }) else {
         return;
     };
@@ -132,7 +134,7 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
     if look_now.is_empty() {
         return;
     }
-    let listed: HashMap<u64, ListedClient> = list_clients(ctx, Some(&look_now))
+    let listed: HashMap<u64, ListedClient> = look_up_clients(ctx, &look_now, connected)
         .into_iter()
         .map(|client| (client.id, client))
         .collect();
@@ -194,6 +196,7 @@ pub fn rearm(now_ms: u64) {
                 closing,
                 audit_summary_due_at_ms(),
                 kills_queued().then_some(now_ms),
+                shut_down::next_check_ms(),
                 notices::keys_to_release().then_some(now_ms),
             ]
             .into_iter()
@@ -233,6 +236,7 @@ pub fn on_wakeup(ctx: &Context) {
     let started_us = monotonic_us();
     ARMED.with(|armed| *armed = None);
     close_queued_kills(ctx, monotonic_ms());
+    shut_down::close_leftovers(ctx, monotonic_ms());
     notices::release_keys();
     tick(ctx);
     notices::notice_pass(ctx, monotonic_ms());
@@ -253,9 +257,11 @@ fn tick(ctx: &Context) {
         started_us,
         tracking_clients: None,
         default_user_open: None,
+        connected: 0,
     };
     let Some(outcome) = STATE.with(|policy| {
         sample_load(policy);
+        server.connected = policy.registry().len();
         let budget = policy.start_pass();
         policy.run_pass(now_ms, budget, &mut server)
     }) else {
@@ -293,6 +299,9 @@ struct LiveServer<'a> {
     tracking_clients: Option<u64>,
     /// Whether the `default` user is enabled with `nopass`, read once a pass when needed.
     default_user_open: Option<bool>,
+    /// The clients the module tracks when the pass began (`look_up_clients` weighs a batch's
+    /// look-up against a whole listing with it).
+    connected: usize,
 }
 
 impl PassServer for LiveServer<'_> {
@@ -311,7 +320,7 @@ impl PassServer for LiveServer<'_> {
     }
 
     fn list(&mut self, client_ids: &[u64]) -> Vec<ListedClient> {
-        list_clients(self.ctx, Some(client_ids))
+        look_up_clients(self.ctx, client_ids, self.connected)
     }
     fn tracking_sources(&mut self, target: u64) -> Vec<u64> {
         let tracking_clients = *self

@@ -5,6 +5,7 @@ pub mod notices;
 pub mod retire;
 pub mod server_view;
 pub mod settings_changed;
+pub mod shut_down;
 pub mod state;
 pub mod stats;
 pub mod thread_load;

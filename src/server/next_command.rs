@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 
 use crate::server::ffi::{self, monotonic_ms};
 use crate::server::retire::record_retirement;
+use crate::server::shut_down;
 use crate::server::state::STATE;
 use crate::server::stats;
 
@@ -36,27 +37,32 @@ const STARTS_SOMETHING: [&[u8]; 8] = [
     b"psync",
 ];
 
-/// Called by the next-command filter (only while some client waits for its next command).
-pub fn on_command(client_id: u64, command: &[u8]) {
+/// Called by the next-command filter (only while some client waits for its next command, or a
+/// shut-down client for the server to free it). True: the command must not run, its client
+/// was shut down (shut_down.rs) and what it sent after its last reply is not served.
+pub fn on_command(client_id: u64, command: &[u8]) -> bool {
+    if shut_down::is_shut(client_id) {
+        return true;
+    }
     if STARTS_SOMETHING
         .iter()
         .any(|name| command.eq_ignore_ascii_case(name))
     {
-        return;
+        return false;
     }
     let ctx = ffi::module_ctx();
     if ffi::client_in_transaction(client_id) {
-        return;
+        return false;
     }
     let Some((client, reason)) = STATE
         .with(|policy| policy.closing().take_at_next_command(client_id))
         .flatten()
     else {
-        return;
+        return false;
     };
     // The client is the server's current client: this marks it close-after-command.
     if !ffi::close_client(&ctx, client_id) {
-        return;
+        return false;
     }
     // Its thread writes the reply at once, but the socket is closed only when the main thread
     // frees the client a moment later: the application could read the reply, send its next
@@ -75,4 +81,5 @@ pub fn on_command(client_id: u64, command: &[u8]) {
     stats::CLOSED_AFTER_REPLY.fetch_add(1, Ordering::Relaxed);
     stats::CLOSED_IN_NEXT_COMMAND.fetch_add(1, Ordering::Relaxed);
     record_retirement(&ctx, &client, age_ms, reason, false, now_ms);
+    false
 }

@@ -12,6 +12,7 @@ use crate::policy::client_list::ListedClient;
 use crate::policy::client_type::ClientType;
 use crate::server::ffi::{self, LogLevel};
 use crate::server::server_view::list_clients;
+use crate::server::shut_down;
 use crate::server::state::{AUDIT, MainThreadCell, STATE};
 use crate::server::stats;
 
@@ -120,8 +121,15 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
             .with(|policy| policy.settings().observe_only)
             .unwrap_or(false);
     if !observe_only {
+        // A client of one of Redis 8's I/O threads: its socket is shut down, the server frees
+        // it without a pause of the thread (shut_down.rs). It has had its FIN.
+        let shut =
+            ClientType::of(client) != ClientType::Master && shut_down::applies_to(ctx, client);
         let closed = if ClientType::of(client) == ClientType::Master {
             close_master_link(ctx, client.id)
+        } else if shut {
+            shut_down::close(client, now_ms);
+            true
         } else {
             ffi::close_client(ctx, client.id)
         };
@@ -134,7 +142,7 @@ pub fn retire(ctx: &Context, client: &ListedClient, age_ms: u64, reason: Reason,
         }
         // Only enforcement picks its moment (right after a reply) and needs the FIN out at
         // once; a one-shot kill of thousands would pay a system call per client for nothing.
-        if reason != Reason::ManualKill {
+        if reason != Reason::ManualKill && !shut {
             ffi::send_fin_now(client.fd);
         }
     }

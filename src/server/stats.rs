@@ -153,6 +153,10 @@ pub fn write_info(info: &mut InfoWriter) {
         "full_client_lists",
         get(&crate::server::server_view::FULL_CLIENT_LISTS),
     );
+    info.field_u64(
+        "whole_list_lookups",
+        get(&crate::server::server_view::WHOLE_LIST_LOOKUPS),
+    );
     info.field_u64("notices_sent", get(&NOTICES_SENT));
     info.field_u64("noticed_left_themselves", get(&NOTICED_LEFT_THEMSELVES));
     info.field_u64("noticed_closed_by_module", get(&NOTICED_CLOSED_BY_MODULE));

@@ -7,7 +7,9 @@ use crate::policy::client_list::ListedClient;
 use crate::server::ffi::{self, LogLevel, monotonic_ms};
 use crate::server::server_view::list_clients;
 use crate::server::state::{AUDIT, STATE, fresh_policy};
-use crate::{commands::compat, policy::audit, server::enforcement, server::retire};
+use crate::{
+    commands::compat, policy::audit, server::enforcement, server::retire, server::shut_down,
+};
 
 /// A client through which the server would reach a command of the module's after the unload:
 /// its last command was one (the next `CLIENT LIST` reads its name from the freed command, seen
@@ -43,6 +45,7 @@ pub fn unload(ctx: &Context) -> Status {
         return Status::Err;
     }
     retire::close_all_queued_kills(ctx, monotonic_ms());
+    shut_down::close_all(ctx);
     enforcement::disarm();
     compat::stop_filter(ctx);
     ffi::unregister_next_command_filter(ctx);

@@ -111,10 +111,38 @@ fn idle_clients_are_closed_within_five_ms_of_their_deadline() {
         // docs/performance.md), and a stall delays a whole round of 16: so 505 ms
         // must hold for 90 % of the closes (all but one round), and every round but the odd
         // stall within 520 ms.
+        //
+        // With I/O threads, the second pass of a round waits for the first, whose look-ups
+        // pause the thread that owns the clients (Redis 8; `io_threads_slack` says why that is
+        // the server's time): the bounds add the longest pass, and the first pass of every
+        // round (half the closes) must meet 520 ms.
         let age_p90 = ages[(ages.len() * 90).div_ceil(100) - 1];
-        assert!(age_p90 <= 505, "{flavor:?}: p90 {age_p90} ms: {ages:?}");
-        assert!(age_p99 <= 520, "{flavor:?}: p99 {age_p99} ms: {ages:?}");
-        assert!(p99 <= Duration::from_millis(520), "{flavor:?}: p99 {p99:?}");
+        let (p90_bound, late_bound) = match io_threads_slack(&mut admin) {
+            None => (505, 520),
+            Some(slack) => {
+                let slack_ms = slack.as_millis() as u64;
+                eprintln!("{flavor:?}: with I/O threads, the longest pass {slack_ms} ms");
+                assert!(
+                    slack <= MAX_THREADS_SLACK,
+                    "{flavor:?}: a pass of {slack:?}"
+                );
+                let age_p50 = ages[ages.len().div_ceil(2) - 1];
+                assert!(age_p50 <= 520, "{flavor:?}: p50 {age_p50} ms: {ages:?}");
+                (505 + slack_ms, 520 + slack_ms)
+            }
+        };
+        assert!(
+            age_p90 <= p90_bound,
+            "{flavor:?}: p90 {age_p90} ms (bound {p90_bound}): {ages:?}"
+        );
+        assert!(
+            age_p99 <= late_bound,
+            "{flavor:?}: p99 {age_p99} ms (bound {late_bound}): {ages:?}"
+        );
+        assert!(
+            p99 <= Duration::from_millis(late_bound),
+            "{flavor:?}: p99 {p99:?} (bound {late_bound} ms)"
+        );
         assert!(max < Duration::from_secs(2), "{flavor:?}: never closed");
         assert!(info_field(&mut admin, "maxage_evicted_max_age").unwrap() >= 208);
     }
@@ -131,10 +159,18 @@ fn jitter_spreads_closes_over_the_window_and_none_is_late() {
         let mut lifetimes = lifetimes_of_idle_clients(&server, 50, Duration::from_secs(4));
         lifetimes.sort();
         let (min, max) = (lifetimes[0], lifetimes[49]);
-        eprintln!("{flavor:?}: jittered lifetimes {min:?} .. {max:?}");
+        // With I/O threads a close can wait for the pass before it (`io_threads_slack`).
+        let slack = io_threads_slack(&mut admin).unwrap_or_default();
+        eprintln!(
+            "{flavor:?}: jittered lifetimes {min:?} .. {max:?} (I/O threads' slack {slack:?})"
+        );
+        assert!(
+            slack <= MAX_THREADS_SLACK,
+            "{flavor:?}: a pass of {slack:?}"
+        );
         assert!(min >= Duration::from_millis(900), "{flavor:?}: {min:?}");
         assert!(
-            percentile(&lifetimes, 99.0) <= Duration::from_millis(1005),
+            percentile(&lifetimes, 99.0) <= Duration::from_millis(1005) + slack,
             "{flavor:?}: {max:?}"
         );
         assert!(
@@ -793,17 +829,38 @@ fn adaptive_pacing_slows_down_under_load_within_the_slack() {
         );
         // The slack: everyone is retired within max-overdue-ms of when pacing began holding
         // them back (here, right after the CONFIG SET), plus the full-size passes that follow.
+        // With I/O threads each of those passes can take as long as the longest pass, which
+        // the server's pauses of its threads make (`io_threads_slack`): 50 passes of 8 each.
+        let threads_wait = io_threads_slack(&mut admin).map_or(Duration::ZERO, |slack| slack * 50);
         assert!(
-            wait_until(Duration::from_secs(8), || sockets.iter_mut().all(is_closed)),
-            "{flavor:?}"
+            wait_until(Duration::from_secs(8) + threads_wait, || sockets
+                .iter_mut()
+                .all(is_closed)),
+            "{flavor:?}: {} of 400 closed; {}",
+            sockets
+                .iter_mut()
+                .map(is_closed)
+                .filter(|closed| *closed)
+                .count(),
+            run::<String>(&mut admin, &["INFO", "maxage"]).unwrap_or_default()
         );
         let all_closed_after = set_at.elapsed();
-        eprintln!("{flavor:?}: all 400 retired {all_closed_after:?} after the CONFIG SET");
+        let slack = io_threads_slack(&mut admin);
+        eprintln!(
+            "{flavor:?}: all 400 retired {all_closed_after:?} after the CONFIG SET (I/O threads' slack {slack:?})"
+        );
         assert!(
             all_closed_after >= Duration::from_millis(2400),
             "{flavor:?}: slack not held"
         );
-        assert!(all_closed_after < Duration::from_millis(5000), "{flavor:?}");
+        let bound = Duration::from_millis(5000) + slack.map_or(Duration::ZERO, |s| s * 50);
+        assert!(all_closed_after < bound, "{flavor:?}: bound {bound:?}");
+        if let Some(slack) = slack {
+            assert!(
+                slack <= MAX_THREADS_SLACK,
+                "{flavor:?}: a pass of {slack:?}"
+            );
+        }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         busy.join().unwrap();
 
@@ -821,12 +878,24 @@ fn adaptive_pacing_slows_down_under_load_within_the_slack() {
         let mut fresh: Vec<TcpStream> = (0..300).map(|_| server.idle_socket()).collect();
         let opened_at = Instant::now();
         assert!(
-            wait_until(Duration::from_secs(3), || fresh.iter_mut().all(is_closed)),
+            wait_until(Duration::from_secs(10), || fresh.iter_mut().all(is_closed)),
             "{flavor:?}"
         );
         let took = opened_at.elapsed();
-        eprintln!("{flavor:?}: 300 idle clients retired {took:?} after connecting, server idle");
-        assert!(took < Duration::from_millis(1500), "{flavor:?}: {took:?}");
+        // At 1,000/s the wake-ups come a token at a time, about 300 of them. With I/O threads
+        // each looks at least one client up, which on Redis 8 pauses the thread that owns it:
+        // 2 us with a core to spare, up to 12 ms on 2 busy cores (`thread_pause`), so the bound
+        // with threads is 300 passes of up to 30 ms: 10 s.
+        let threads = io_threads_slack(&mut admin);
+        let bound = if threads.is_some() {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(1500)
+        };
+        eprintln!(
+            "{flavor:?}: 300 idle clients retired {took:?} after connecting, server idle (longest pass {threads:?})"
+        );
+        assert!(took < bound, "{flavor:?}: {took:?} (bound {bound:?})");
     }
 }
 

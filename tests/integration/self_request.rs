@@ -5,8 +5,8 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use crate::harness::{
-    BOTH, Server, audit_ages, config_set, create_user, error_of, exclusive, info_field, is_closed,
-    login, maxage_list_ids, python, raw_command, run, wait_until,
+    BOTH, Server, audit_ages, config_set, create_user, error_of, exclusive, info_field,
+    io_threads_slack, is_closed, login, maxage_list_ids, python, raw_command, run, wait_until,
 };
 
 /// The redis-py example of docs/commands.md (`examples/redis_py_pool.py`): a pool whose connections ask
@@ -76,9 +76,26 @@ print(sum(ok), sum(failed), executed)
             // 40 closed in the same millisecond at 532-540 ms (the pool's cadence, not the
             // module's). The median and three quarters are the module's; the last bound is
             // what an unhonoured request (the operator's 5 minutes, or never) could not meet.
+            //
+            // With `io-threads 2` on 2 cores the server takes both while the pool is busy
+            // (Redis 7's and Valkey's I/O threads spin while they have work; Redis 8's main
+            // thread busy-waits for its thread at each look-up), so the pool's 8 threads get
+            // the CPU late, and a whole round of 8 waits for the pool's next requests (measured:
+            // rounds at 517-860 ms, medians 533-644 ms, 0 failed). A connection the pool leaves
+            // idle is closed 250 ms after its deadline (IDLE_CLOSE_MS): with threads that is
+            // the bound of the median and of three quarters, the plain bounds elsewhere.
             let p75 = ages[(ages.len() * 75).div_ceil(100) - 1];
-            assert!(ages[ages.len() / 2] <= 505, "{flavor:?}: median {ages:?}");
-            assert!(p75 <= 520, "{flavor:?}: p75 {p75} ms: {ages:?}");
+            let mut admin = server.conn();
+            let threads = io_threads_slack(&mut admin).is_some();
+            let (median_bound, p75_bound) = if threads { (750, 800) } else { (505, 520) };
+            assert!(
+                ages[ages.len() / 2] <= median_bound,
+                "{flavor:?}: median (bound {median_bound}) {ages:?}"
+            );
+            assert!(
+                p75 <= p75_bound,
+                "{flavor:?}: p75 {p75} ms (bound {p75_bound}): {ages:?}"
+            );
             assert!(ages[ages.len() - 1] <= 1_000, "{flavor:?}: {ages:?}");
             // A request that races an idle close is rare (0 in most runs, 1 in 41 retirements
             // once on Redis 7.4), so one in twenty is allowed; none may be executed.
@@ -88,7 +105,6 @@ print(sum(ok), sum(failed), executed)
                 ages.len()
             );
             assert_eq!(ok, executed, "{flavor:?}: executed twice or lost");
-            let mut admin = server.conn();
             assert_eq!(
                 info_field(&mut admin, "maxage_evicted_client_requested"),
                 Some(ages.len() as i64)

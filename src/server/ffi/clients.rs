@@ -89,6 +89,17 @@ pub fn send_fin_now(fd: i32) {
     }
 }
 
+/// Ends a connection in both directions without the server: the peer gets its FIN now, and the
+/// server's own read of the socket returns end-of-file, so the server frees the client itself,
+/// as it does any client that hung up (next_command.rs: for clients of Redis 8's I/O threads).
+pub fn shut_down(fd: i32) {
+    if fd >= 0 {
+        // SAFETY: `fd` is the socket of a client the server still has (looked up in this
+        // main-thread pass; I/O threads never free clients); shutdown closes no descriptor.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
 /// The id of the client that sent the current command (0 inside a timer or event).
 pub fn current_client_id(ctx: &Context) -> u64 {
     // SAFETY: `ctx` is the context the server passed to the running callback.

@@ -81,8 +81,12 @@ unsafe extern "C" fn on_command(fctx: *mut raw::RedisModuleCommandFilterCtx) {
 // The next-command filter (Redis 8 with I/O threads): tells the module which client is about
 // to run a command, while clients wait to be closed inside their next command.
 
-/// Gets the id of the client about to run a command and the command's name.
-pub type NextCommandHandler = fn(client_id: u64, command: &[u8]);
+/// Gets the id of the client about to run a command and the command's name; true: the command
+/// must not run (it is renamed to `REFUSED_COMMAND`, which the server answers with an error).
+pub type NextCommandHandler = fn(client_id: u64, command: &[u8]) -> bool;
+
+/// What a refused command is renamed to: no such command exists, so the server runs nothing.
+const REFUSED_COMMAND: &str = "maxage-connection-closed";
 
 static NEXT_COMMAND_HANDLER: HandlerSlot<NextCommandHandler> = HandlerSlot::new();
 /// Whether any client waits for its next command: while none does (nearly always), the filter
@@ -110,8 +114,25 @@ unsafe extern "C" fn on_next_command(fctx: *mut raw::RedisModuleCommandFilterCtx
         }
         // SAFETY: position 0 is below `count`; the slice is not kept past this call.
         let command = unsafe { filter_arg(fctx, 0) };
-        if let Some(handler) = NEXT_COMMAND_HANDLER.get() {
-            handler(client_id, command);
+        let refuse = NEXT_COMMAND_HANDLER
+            .get()
+            .is_some_and(|handler| handler(client_id, command));
+        if refuse {
+            // SAFETY: on success the new string is handed to the server, which owns and frees
+            // it; on failure it is still ours and freed here. `command` is not used after.
+            unsafe {
+                let replacement = raw::RedisModule_CreateString.unwrap()(
+                    ptr::null_mut(),
+                    REFUSED_COMMAND.as_ptr().cast(),
+                    REFUSED_COMMAND.len(),
+                );
+                if raw::RedisModule_CommandFilterArgReplace.unwrap()(fctx, 0, replacement)
+                    != raw::REDISMODULE_OK as c_int
+                {
+                    raw::RedisModule_FreeString.unwrap()(ptr::null_mut(), replacement);
+                    FFI_ERRORS.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     })
 }
