@@ -11,7 +11,7 @@
 
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
 
-use crate::policy::notices::key_of;
+use crate::policy::notices::{key_of, notice_at_ms};
 use crate::server::enforcement::rearm;
 use crate::server::ffi::{self, Reply, monotonic_ms};
 use crate::server::notices::{register_key, registers_for_caller};
@@ -83,7 +83,7 @@ fn opt_in(ctx: &Context, client_id: u64) -> RedisResult {
     rearm(now_ms);
     let in_ms = |at_ms: u64| Reply::Int(at_ms as i64 - now_ms as i64);
     let notice_in = match (deadline, no_push) {
-        (Some(deadline), None) => in_ms(deadline.saturating_sub(lead_ms).max(now_ms)),
+        (Some(deadline), None) => in_ms(notice_at_ms(deadline, lead_ms, now_ms)),
         _ => Reply::Null,
     };
     ffi::reply(
