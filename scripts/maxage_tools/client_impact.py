@@ -392,6 +392,9 @@ def server_counters(client, module):
         for name in (
             "evicted_connections",
             "evicted_max_age_after_grace",
+            "closed_after_reply",
+            "closed_while_idle",
+            "closed_in_next_command",
             "pacing_delays",
             "noticed_left_themselves",
         ):

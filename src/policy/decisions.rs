@@ -103,6 +103,9 @@ pub struct Policy {
     /// Clients to retire now whatever their own deadline: the tracking clients whose
     /// invalidations go to a client that is being retired.
     retire_early: HashSet<u64>,
+    /// Due clients found parked in a pool that were given `PARKED_RECHECK_MS` to send a
+    /// request before being closed idle (pass.rs): each is given it once.
+    parked_rechecks: HashSet<u64>,
     seed: u64,
     /// Connections that asked to be told before their deadline (`MAXAGE.NOTICE`).
     notices: Notices,
@@ -129,6 +132,7 @@ impl Policy {
             closed_pending: HashSet::new(),
             tracking_hold_since_ms: HashMap::new(),
             retire_early: HashSet::new(),
+            parked_rechecks: HashSet::new(),
             seed,
             notices: Notices::default(),
         }
@@ -247,6 +251,7 @@ impl Policy {
         self.drain.remove(&client_id);
         self.closed_pending.remove(&client_id);
         self.retire_early.remove(&client_id);
+        self.parked_rechecks.remove(&client_id);
         self.tracking_hold_since_ms.remove(&client_id);
         self.deadlines.shrink_if_sparse();
         noticed
@@ -583,6 +588,17 @@ impl Policy {
 
     pub fn is_closing(&self, client_id: u64) -> bool {
         self.closed_pending.contains(&client_id)
+    }
+
+    /// Notes that a due client found parked is given time to send a request (pass.rs).
+    pub fn give_parked_time(&mut self, client_id: u64) {
+        self.parked_rechecks.insert(client_id);
+    }
+
+    /// Whether this client was given time while parked, since its last look (then it gets no
+    /// more); forgets it either way.
+    pub fn take_parked_time(&mut self, client_id: u64) -> bool {
+        self.parked_rechecks.remove(&client_id)
     }
 
     /// Clients an operator's graceful kill scheduled that are still connected.

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use crate::policy::audit::{Origin, Reason};
 use crate::policy::client_list::ListedClient;
 use crate::policy::client_type::ClientType;
-use crate::policy::closing::{CloseMode, FULL_RETRY_MS, Moment, quiet_now};
+use crate::policy::closing::{
+    CloseMode, FULL_RETRY_MS, Moment, PARKED_RECHECK_MS, may_be_handed_out, quiet_now,
+};
 use crate::policy::decisions::{Decision, Policy};
 use crate::policy::schedule::PassBudget;
 
@@ -52,6 +54,8 @@ pub struct PassOutcome {
     pub close_quiet: Vec<RetireNow>,
     /// Clients armed for their moment in this pass.
     pub armed: usize,
+    /// Due clients found parked in a pool and given `PARKED_RECHECK_MS` to send a request.
+    pub parked_given_time: u64,
     pub exempted: u64,
     pub pacing_delays: u64,
 }
@@ -135,6 +139,7 @@ impl Policy {
                 else {
                     continue;
                 };
+                let given_time_already = self.take_parked_time(*client_id);
                 let decision = if operators {
                     self.decide(client, now_ms)
                 } else {
@@ -169,6 +174,16 @@ impl Policy {
                 let observe_this =
                     observe_only && matches!(reason, Reason::MaxAge | Reason::MaxAgeGraceExpired);
                 let at_once = observe_this || ClientType::of(client) == ClientType::Master;
+                let quiet = !at_once && {
+                    let unread_input_bytes = server.unread_input_bytes(client.fd);
+                    quiet_now(client, Moment { unread_input_bytes })
+                };
+                if quiet && !given_time_already && may_be_handed_out(client) {
+                    self.give_parked_time(*client_id);
+                    look_again.push((*client_id, now_ms + PARKED_RECHECK_MS, origin));
+                    outcome.parked_given_time += 1;
+                    continue;
+                }
                 if !at_once && !self.closing().has_room(origin) {
                     look_again.push((*client_id, now_ms + FULL_RETRY_MS, origin));
                     continue;
@@ -185,10 +200,6 @@ impl Policy {
                     look_again.extend(batch[position..].iter().map(|id| (*id, now_ms, origin)));
                     return false;
                 }
-                let quiet = !at_once && {
-                    let unread_input_bytes = server.unread_input_bytes(client.fd);
-                    quiet_now(client, Moment { unread_input_bytes })
-                };
                 if at_once || quiet {
                     let age_ms = self
                         .registry()
@@ -241,6 +252,8 @@ mod tests {
         replicas: Vec<u64>,
         /// Never sent a command (`cmd=NULL`): parked.
         parked: Vec<u64>,
+        /// Sent commands, but none for a second: parked in a pool.
+        pooled: Vec<u64>,
         /// With bytes of a request waiting in their socket.
         unread: Vec<u64>,
         lists: usize,
@@ -261,9 +274,10 @@ mod tests {
                     } else {
                         "get"
                     };
+                    let idle = u8::from(self.pooled.contains(id));
                     parse_client_line(&format!(
                         "id={id} addr=127.0.0.1:1 fd={id} flags={flags} db=0 qbuf=0 obl=0 oll=0 \
-                         cmd={cmd} idle=0 user=default resp=2"
+                         cmd={cmd} idle={idle} user=default resp=2"
                     ))
                     .unwrap()
                 })
@@ -355,6 +369,50 @@ mod tests {
         assert_eq!(outcome.armed, 3);
         assert!(!policy.closing().contains(1) && policy.closing().contains(2));
         assert_eq!(server.lists, 1);
+    }
+
+    #[test]
+    fn pooled_clients_parked_at_their_deadline_get_time_to_send_a_request_once() {
+        let mut policy = Policy::new(settings(100, 0), 1, 0);
+        for id in 1..=3 {
+            policy.on_connect(id, 0);
+        }
+        let mut server = FakeServer {
+            pooled: vec![1, 2, 3],
+            ..FakeServer::default()
+        };
+        let outcome = policy.run_pass(100, FULL_PASS, &mut server);
+        assert!(outcome.close_quiet.is_empty() && outcome.armed == 0);
+        assert_eq!(outcome.parked_given_time, 3);
+        // Not looked at again before their time is up, and then once only.
+        assert!(
+            policy
+                .run_pass(100 + PARKED_RECHECK_MS - 1, FULL_PASS, &mut server)
+                .parked_given_time
+                == 0
+        );
+        assert_eq!(server.lists, 1);
+        // Meanwhile 2 sent a request (it is closed after its reply) and 3 is serving one.
+        server.pooled = vec![1];
+        server.unread = vec![3];
+        let outcome = policy.run_pass(100 + PARKED_RECHECK_MS, FULL_PASS, &mut server);
+        let closed: Vec<u64> = outcome.close_quiet.iter().map(|r| r.client.id).collect();
+        assert_eq!(
+            (closed, outcome.armed, outcome.parked_given_time),
+            (vec![1], 2, 0)
+        );
+        assert!(policy.closing().contains(2) && policy.closing().contains(3));
+        // A client that leaves meanwhile is forgotten.
+        policy.on_connect(4, 200);
+        server.pooled = vec![4];
+        assert_eq!(
+            policy
+                .run_pass(300, FULL_PASS, &mut server)
+                .parked_given_time,
+            1
+        );
+        policy.on_disconnect(4);
+        assert!(!policy.take_parked_time(4));
     }
 
     #[test]

@@ -269,6 +269,7 @@ fn tick(ctx: &Context) {
     };
     stats::EXEMPTIONS.fetch_add(outcome.exempted, Ordering::Relaxed);
     stats::PACING_DELAYS.fetch_add(outcome.pacing_delays, Ordering::Relaxed);
+    stats::PARKED_GIVEN_TIME.fetch_add(outcome.parked_given_time, Ordering::Relaxed);
     for RetireNow {
         client,
         age_ms,

@@ -29,6 +29,8 @@ pub static OBSERVED_WOULD_EVICT: AtomicU64 = AtomicU64::new(0);
 pub static EXEMPTIONS: AtomicU64 = AtomicU64::new(0);
 pub static SAFE_MOMENT_POLLS: AtomicU64 = AtomicU64::new(0);
 pub static PACING_DELAYS: AtomicU64 = AtomicU64::new(0);
+/// Due clients found parked in a pool and given time to send a request (policy/closing.rs).
+pub static PARKED_GIVEN_TIME: AtomicU64 = AtomicU64::new(0);
 pub static COMPAT_KILLS: AtomicU64 = AtomicU64::new(0);
 /// The longest one wake-up has held the event loop, in microseconds (the server's own work of
 /// freeing the clients it closed comes after it, in the same pass).
@@ -145,6 +147,7 @@ pub fn write_info(info: &mut InfoWriter) {
     info.field_u64("exempted", get(&EXEMPTIONS));
     info.field_u64("safe_moment_polls", get(&SAFE_MOMENT_POLLS));
     info.field_u64("pacing_delays", get(&PACING_DELAYS));
+    info.field_u64("parked_given_time", get(&PARKED_GIVEN_TIME));
     info.field_u64("compat_client_kill_calls", get(&COMPAT_KILLS));
     info.field_u64("longest_wakeup_us", get(&LONGEST_WAKEUP_US));
     info.field_u64("wakeups", get(&WAKEUPS));
