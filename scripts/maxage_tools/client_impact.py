@@ -111,7 +111,6 @@ server failed) or nothing could run; 130 / 143 when interrupted by SIGINT / SIGT
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -130,7 +129,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import matrix, processes, report, servers
+from . import processes, report, servers
 from .processes import CannotRun, Terminated
 
 ROOT = processes.ROOT
@@ -626,46 +625,21 @@ def run_row(ctx, row, server, tls_ca, control, mode):
         )
 
 
-class SetupServer(servers.Server):
-    """servers.Server on a given binary (servers.Server takes find_server(flavor)'s)."""
-
-    def __init__(self, binary, *args, **kwargs):
-        self._setup_binary = binary
-        super().__init__(*args, **kwargs)
-
-    def start(self):
-        self.binary = self._setup_binary
-        super().start()
-
-
 def setup_binary(setup):
     """(binary, None) or (None, (status, reason)) for a setup's server. A matrix entry comes
-    from scripts/matrix's cache, built there (make, 1-2 minutes) when it is not yet; a cached
-    binary is used even when its tarball has gone."""
+    from the shared finder (servers.find_release_server: scripts/matrix's cache, built there
+    when it is not yet)."""
     if not setup.build:
         binary = servers.find_server(setup.flavor)
         if not os.access(binary, os.X_OK):
             raise CannotRun(f"{binary} is missing or not executable")
         return binary, None
-    entry = next(e for e in matrix.ENTRIES if e.name == setup.build)
-    root = matrix.cache_root()
-    cached = root / entry.name / "bin" / entry.binary_name
-    root.mkdir(parents=True, exist_ok=True)
-    matrix.LOG_DIR.mkdir(parents=True, exist_ok=True)
-    # scripts/matrix's lock: a matrix run building the same server is waited for.
-    with (root / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            binary, fresh = matrix.prepare(entry, root)
-        except matrix.Unavailable as why:
-            if cached.is_file() and os.access(cached, os.X_OK):
-                log(f"{entry.name}: using the cached {cached} ({why})")
-                return str(cached), None
-            return None, ("n/a", f"{entry.name} cannot be built here: {why}")
-        except (matrix.BuildError, subprocess.CalledProcessError) as why:
-            return None, ("error", f"{entry.name}: build failed: {why}")
-    log(f"{entry.name}: {'built' if fresh else 'cached'} {binary}")
-    return str(binary), None
+    try:
+        return servers.find_release_server(setup.build, log), None
+    except servers.ServerUnavailable as why:
+        return None, ("n/a", str(why))
+    except servers.ServerError as why:
+        return None, ("error", str(why))
 
 
 def server_refusal(error):
@@ -682,9 +656,9 @@ def run_group(ctx, mode, setup, transport, rows):
     tls = ctx.tls if transport == "tls" else None
     binary = ctx.binaries[setup.name]
     try:
-        server = SetupServer(
-            binary,
+        server = servers.Server(
             setup.flavor,
+            binary=binary,
             module_args=["max-age-ms", MODULE_MAX_AGE_MS, "notice-lead-ms", MODULE_NOTICE_LEAD_MS],
             extra_config=list(setup.config),
             load_module=mode == "module",

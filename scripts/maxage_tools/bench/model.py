@@ -98,6 +98,52 @@ QUICK = Plan(
 
 
 # --------------------------------------------------------------------------------------------
+# Server setups
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The servers of a run. Every redis-server a row starts (the module's, the stock baseline,
+    the A/A pair) gets the same binary and config, so that a ratio compares the module alone."""
+
+    name: str  # the command-line option that selects it (none for the default)
+    description: str  # printed above the table
+    rows: frozenset  # the rows it runs
+    # A release scripts/matrix builds (servers.find_release_server), else Debian's redis-server.
+    redis_release: str | None
+    redis_config: tuple  # config lines of every redis-server
+    # Row 3's baseline, a server's own CLIENT KILL MAXAGE: "valkey" (Valkey 9.1: Debian's Redis
+    # 7.0 has none) or "redis" (the setup's own stock redis-server, Redis 7.4+).
+    native_kill: str
+    # Each row's line and JSON name the servers it ran on. The default run's table and JSON stay
+    # as docs/performance.md shows them.
+    names_servers: bool
+
+
+DEFAULT_SETUP = Setup(
+    name="",
+    description="",
+    rows=frozenset(ROW_TITLES),
+    redis_release=None,
+    redis_config=(),
+    native_kill="valkey",
+    names_servers=False,
+)
+# Issue 26: the rows a thread could change (throughput, the kill, many due at once) on Redis 8,
+# whose I/O threads own their clients (the module's look-up of one pauses its thread).
+REDIS_8_IO_THREADS = Setup(
+    name="--redis-8-io-threads",
+    description="Redis 8.0.6 (scripts/matrix's source build) with io-threads 2 on every server "
+    "(module, stock baseline, A/A pair); row 3's baseline is Redis 8.0.6's own CLIENT KILL MAXAGE",
+    rows=frozenset({1, 3, 4}),
+    redis_release="redis-8.0.6",
+    redis_config=("io-threads 2",),
+    native_kill="redis",
+    names_servers=True,
+)
+
+
+# --------------------------------------------------------------------------------------------
 # Results and verdicts
 
 
@@ -124,6 +170,8 @@ class Figure:
     # How finely the figure can be read at all (e.g. clock ticks), added to the A/A floor.
     resolution: float | None = None
     failed: bool = False  # the measurement itself failed (see stderr)
+    # The servers the row ran on, as they report themselves (set when the setup names them).
+    server: str | None = None
 
     @property
     def value(self):
@@ -166,9 +214,11 @@ class Figure:
         return "unresolved"
 
     def as_json(self):
+        named = {"server": self.server} if self.server is not None else {}
         return {
             "row": self.row,
             "row_title": ROW_TITLES[self.row],
+            **named,
             "figure": self.figure,
             "unit": self.unit,
             "module": self.module,

@@ -46,8 +46,22 @@ def table_cells(figure):
 HEADER = ["row", "figure", "module", "baseline", "ratio / diff", "A/A floor", "goal", "verdict"]
 
 
+def table(figures):
+    """The header and the lines, with a server column after the row when the rows name their
+    servers (a setup other than the default's)."""
+    if not any(f.server for f in figures):
+        return HEADER, [table_cells(f) for f in figures]
+    header = [HEADER[0], "server", *HEADER[1:]]
+    lines = []
+    for figure in figures:
+        cells = table_cells(figure)
+        lines.append([cells[0], figure.server or "-", *cells[1:]])
+    return header, lines
+
+
 def text_table(figures):
-    return report.text_table([HEADER] + [table_cells(f) for f in figures])
+    header, lines = table(figures)
+    return report.text_table([header, *lines])
 
 
 LEGEND = (
@@ -64,7 +78,7 @@ def footnotes(figures, notes):
 
 def markdown_table(figures, notes, machine, run_line):
     out = [f"{run_line}", "", f"Machine: {machine}", ""]
-    out.append(report.markdown_table(HEADER, [table_cells(f) for f in figures]))
+    out.append(report.markdown_table(*table(figures)))
     out += ["", LEGEND, ""] + footnotes(figures, notes)
     return "\n".join(out)
 

@@ -40,11 +40,13 @@ class Server:
     own directory, gone with the bench) sized for thousands of clients, with one control
     connection."""
 
-    def __init__(self, label, flavor, module=None, module_args=()):
+    def __init__(self, label, flavor, module=None, module_args=(), binary=None, config=()):
         self.label = label
         self.flavor = flavor
         self.module = module
         self.module_args = [str(arg) for arg in module_args]
+        self.binary = binary  # None: servers.find_server(flavor)'s
+        self.config = list(config)
         self.process = None
         self.port = None
         self._control = None
@@ -56,12 +58,14 @@ class Server:
             load_module=self.module is not None,
             module=self.module,
             prefix=f"maxage-bench-{self.label}-",
+            binary=self.binary,
             extra_config=[
                 f"maxclients {MAX_CLIENTS}",
                 # Thousands of clients connect in a burst: with the default backlog (511) the
                 # kernel drops SYNs when the server falls behind, and those connects retry a
                 # second later.
                 f"tcp-backlog {TCP_BACKLOG}",
+                *self.config,
             ],
         )
         self.port = self.process.port
@@ -128,6 +132,11 @@ class Server:
         if "valkey_version" in server:
             return f"Valkey {server['valkey_version']}"
         return f"Redis {server['redis_version']}"
+
+    def description(self):
+        """Its version and I/O threads as the server reports them: "Redis 8.0.6, io-threads 2"."""
+        threads = self.control.config_get("io-threads").get("io-threads", "?")
+        return f"{self.version()}, io-threads {threads}"
 
 
 def proc_cpu_seconds(pid):
