@@ -156,9 +156,10 @@ fn jitter_spreads_closes_over_the_window_and_none_is_late() {
         let mut admin = server.admin();
         config_set(&mut admin, "maxage.jitter-pct", "10");
         config_set(&mut admin, "maxage.max-age-ms", "1000");
-        let mut lifetimes = lifetimes_of_idle_clients(&server, 50, Duration::from_secs(4));
+        // 36: every close is logged (the audit log's cap is 40 lines a second).
+        let mut lifetimes = lifetimes_of_idle_clients(&server, 36, Duration::from_secs(4));
         lifetimes.sort();
-        let (min, max) = (lifetimes[0], lifetimes[49]);
+        let (min, max) = (lifetimes[0], lifetimes[35]);
         // With I/O threads a close can wait for the pass before it (`io_threads_slack`).
         let slack = io_threads_slack(&mut admin).unwrap_or_default();
         eprintln!(
@@ -169,8 +170,28 @@ fn jitter_spreads_closes_over_the_window_and_none_is_late() {
             "{flavor:?}: a pass of {slack:?}"
         );
         assert!(min >= Duration::from_millis(900), "{flavor:?}: {min:?}");
+        // The module's own view (the audit log's ages) meets the deadline within 5 ms; the client's view adds how soon
+        // this shared 2-core machine schedules the test, which stalls 5-15 ms now and then
+        // (a CI run saw 1.022 s here on Redis 8 with threads), as in the idle test above.
+        let ages: Vec<u64> = server
+            .log()
+            .lines()
+            .filter(|line| line.contains("reason=max-age"))
+            .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("age_ms=")))
+            .filter_map(|age| age.parse().ok())
+            .collect();
+        let latest_ms = ages.iter().copied().max().unwrap_or(0);
+        eprintln!(
+            "{flavor:?}: {} ages logged, the latest {latest_ms} ms",
+            ages.len()
+        );
+        assert_eq!(ages.len(), 36, "{flavor:?}: {ages:?}");
         assert!(
-            percentile(&lifetimes, 99.0) <= Duration::from_millis(1005) + slack,
+            Duration::from_millis(latest_ms) <= Duration::from_millis(1005) + slack,
+            "{flavor:?}: closed at {latest_ms} ms: {ages:?}"
+        );
+        assert!(
+            percentile(&lifetimes, 99.0) <= Duration::from_millis(1020) + slack,
             "{flavor:?}: {max:?}"
         );
         assert!(
