@@ -394,6 +394,7 @@ def server_counters(client, module):
             "closed_after_reply",
             "closed_while_idle",
             "closed_in_next_command",
+            "parked_given_time",
             "pacing_delays",
             "noticed_left_themselves",
         ):
