@@ -76,7 +76,7 @@ pub fn may_be_handed_out(client: &ListedClient) -> bool {
 }
 
 /// How long a due connection found parked in a pool is given to send a request (see
-/// `may_be_handed_out`); it is given this once per deadline.
+/// `may_be_handed_out`), once per deadline, and never more than `grace-ms`.
 pub const PARKED_RECHECK_MS: u64 = IDLE_CLOSE_MS;
 
 /// At most this many clients of each origin (the operator's, the clients' own requests) wait

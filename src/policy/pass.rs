@@ -178,9 +178,11 @@ impl Policy {
                     let unread_input_bytes = server.unread_input_bytes(client.fd);
                     quiet_now(client, Moment { unread_input_bytes })
                 };
-                if quiet && !given_time_already && may_be_handed_out(client) {
+                // The time given is part of the wait for a safe moment, which grace bounds.
+                let recheck_ms = PARKED_RECHECK_MS.min(self.settings().grace_ms);
+                if quiet && recheck_ms > 0 && !given_time_already && may_be_handed_out(client) {
                     self.give_parked_time(*client_id);
-                    look_again.push((*client_id, now_ms + PARKED_RECHECK_MS, origin));
+                    look_again.push((*client_id, now_ms + recheck_ms, origin));
                     outcome.parked_given_time += 1;
                     continue;
                 }
@@ -413,6 +415,19 @@ mod tests {
         );
         policy.on_disconnect(4);
         assert!(!policy.take_parked_time(4));
+        // Grace bounds the time given: with none, a parked client is closed at once.
+        let mut policy = Policy::new(
+            Settings {
+                grace_ms: 0,
+                ..settings(100, 0)
+            },
+            1,
+            0,
+        );
+        policy.on_connect(5, 0);
+        server.pooled = vec![5];
+        let outcome = policy.run_pass(100, FULL_PASS, &mut server);
+        assert_eq!((outcome.close_quiet.len(), outcome.parked_given_time), (1, 0));
     }
 
     #[test]
