@@ -375,7 +375,14 @@ mod tests {
 
     #[test]
     fn pooled_clients_parked_at_their_deadline_get_time_to_send_a_request_once() {
-        let mut policy = Policy::new(settings(100, 0), 1, 0);
+        let mut policy = Policy::new(
+            Settings {
+                grace_ms: 1000,
+                ..settings(100, 0)
+            },
+            1,
+            0,
+        );
         for id in 1..=3 {
             policy.on_connect(id, 0);
         }
@@ -427,7 +434,10 @@ mod tests {
         policy.on_connect(5, 0);
         server.pooled = vec![5];
         let outcome = policy.run_pass(100, FULL_PASS, &mut server);
-        assert_eq!((outcome.close_quiet.len(), outcome.parked_given_time), (1, 0));
+        assert_eq!(
+            (outcome.close_quiet.len(), outcome.parked_given_time),
+            (1, 0)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::policy::closing::{CloseMode, Look};
 use crate::policy::config;
 use crate::policy::pass::{PassServer, RetireNow};
 use crate::server::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
+use crate::server::next_command;
 use crate::server::notices;
 use crate::server::retire::{
     audit_summary_due_at_ms, close_queued_kills, flush_audit, kills_queued, retire,
@@ -42,6 +43,7 @@ pub fn on_client_change(ctx: &Context, client_id: u64, connected: bool) {
                 None
             } else {
                 shut_down::forget(client_id);
+                next_command::on_disconnect(client_id);
                 policy.on_disconnect(client_id)
             }
         })

@@ -984,3 +984,89 @@ fn preview_reports_a_proposed_rule_set_and_changes_nothing() {
         );
     }
 }
+
+/// A multiplexing client (ioredis, the Rust crate's multiplexed connection) writes requests
+/// without waiting for replies, so a retired connection has requests behind the one after which
+/// it is closed. Those are not run (the client may resend them); every one that was run must
+/// have had its reply delivered, or the client resends it and it runs twice. On Redis 8 with
+/// I/O threads, where a due client is closed inside its own next command, the socket used to
+/// be closed with requests unread, which sends a reset and dropped the corked reply (ioredis
+/// with its default resend: 73 executed twice in 454 retirements).
+#[test]
+fn a_pipelining_client_gets_the_reply_of_every_request_the_server_ran() {
+    use std::io::{BufRead, BufReader, Write};
+
+    /// Connects again and again until `until`; on each connection keeps two requests in flight
+    /// (two callers sharing it, as ioredis's do), writing the next one the moment a reply comes.
+    /// Returns the connections made and the replies read.
+    fn pipeline_until(port: u16, key: String, until: Instant) -> (u64, u64) {
+        let request = format!("INCR {key}\r\n");
+        let (mut connections, mut replies) = (0, 0);
+        while Instant::now() < until {
+            let Ok(socket) = TcpStream::connect(("127.0.0.1", port)) else {
+                continue;
+            };
+            socket.set_nodelay(true).expect("nodelay");
+            connections += 1;
+            let mut writer = socket.try_clone().expect("clone");
+            if writer.write_all(request.repeat(2).as_bytes()).is_err() {
+                continue;
+            }
+            let mut reader = BufReader::new(socket);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if line.starts_with(':') => replies += 1,
+                    Ok(_) => panic!("unexpected reply {line:?}"),
+                }
+                // A write on a connection the server has closed fails, or is answered by
+                // nothing: the read above then ends.
+                let _ = writer.write_all(request.as_bytes());
+            }
+        }
+        (connections, replies)
+    }
+
+    for flavor in BOTH {
+        let server = Server::start(flavor);
+        let mut admin = server.admin();
+        config_set(&mut admin, "maxage.jitter-pct", "0");
+        config_set(&mut admin, "maxage.max-age-ms", "200");
+        let until = Instant::now() + Duration::from_secs(3);
+        let loops: Vec<_> = (0..8)
+            .map(|i| {
+                let port = server.port;
+                std::thread::spawn(move || pipeline_until(port, format!("pipelined:{i}"), until))
+            })
+            .collect();
+        let joined: Vec<(u64, u64)> = loops
+            .into_iter()
+            .map(|handle| handle.join().expect("pipelining client"))
+            .collect();
+        eprintln!(
+            "{flavor:?}: closed in the next command {:?}, after a reply {:?}, idle {:?}, after grace {:?}",
+            info_field(&mut admin, "maxage_closed_in_next_command"),
+            info_field(&mut admin, "maxage_closed_after_reply"),
+            info_field(&mut admin, "maxage_closed_while_idle"),
+            info_field(&mut admin, "maxage_evicted_max_age_after_grace"),
+        );
+        for (i, (connections, replies)) in joined.into_iter().enumerate() {
+            let ran: Option<u64> =
+                run(&mut admin, &["GET", &format!("pipelined:{i}")]).expect("GET");
+            let ran = ran.unwrap_or(0);
+            eprintln!(
+                "{flavor:?}: client {i}: {connections} connections, {ran} INCRs run, {replies} replies"
+            );
+            assert!(
+                connections >= 5,
+                "{flavor:?}: client {i}: {connections} connections"
+            );
+            assert_eq!(
+                ran, replies,
+                "{flavor:?}: client {i}: a reply was lost for a request the server ran"
+            );
+        }
+    }
+}
