@@ -217,13 +217,23 @@ impl ClosingSet {
             .any(|a| a.mode == CloseMode::AtNextCommand)
     }
 
-    /// Disarms a client armed to be closed inside its next command, which has come: returns it
-    /// as armed and why it goes.
-    pub fn take_at_next_command(&mut self, client_id: u64) -> Option<(ListedClient, Reason)> {
+    /// Disarms a client armed to be closed inside its next command, which has come, if nothing
+    /// more has come behind it (`unread(fd)`: bytes waiting in its socket): returns it as armed
+    /// and why it goes. A request behind it would not be run, and a multiplexing client (valkey-
+    /// glide, node-redis) fails it; the client waits for a command with nothing behind it, or
+    /// the end of its grace.
+    pub fn take_at_next_command(
+        &mut self,
+        client_id: u64,
+        unread: impl FnOnce(i32) -> usize,
+    ) -> Option<(ListedClient, Reason)> {
         let position = self
             .armed
             .iter()
             .position(|a| a.client.id == client_id && a.mode == CloseMode::AtNextCommand)?;
+        if unread(self.armed[position].client.fd) > 0 {
+            return None;
+        }
         let armed = self.armed.remove(position);
         Some((armed.client, armed.on_time))
     }
@@ -667,12 +677,14 @@ mod tests {
             set.after_sleep(1001 + IDLE_CLOSE_MS, GRACE, quiet).look_now,
             vec![5, 6]
         );
-        // Its next command came: taken out, to be closed inside it.
+        // Its next command came with another behind it: kept for a later one.
+        assert_eq!(set.take_at_next_command(5, |_| 30), None);
+        // Its next command came alone: taken out, to be closed inside it.
         assert_eq!(
-            set.take_at_next_command(5).map(|(c, r)| (c.id, r)),
+            set.take_at_next_command(5, |_| 0).map(|(c, r)| (c.id, r)),
             Some((5, Reason::MaxAge))
         );
-        assert_eq!(set.take_at_next_command(6).map(|(c, _)| c.id), None);
+        assert_eq!(set.take_at_next_command(6, |_| 0).map(|(c, _)| c.id), None);
         assert!(!set.any_at_next_command());
     }
 

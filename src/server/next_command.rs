@@ -74,7 +74,11 @@ pub fn on_command(client_id: u64, command: &[u8]) -> bool {
         return false;
     }
     let Some((client, reason)) = STATE
-        .with(|policy| policy.closing().take_at_next_command(client_id))
+        .with(|policy| {
+            policy
+                .closing()
+                .take_at_next_command(client_id, ffi::unread_input_bytes)
+        })
         .flatten()
     else {
         return false;
