@@ -176,7 +176,13 @@ impl Policy {
                 let at_once = observe_this || ClientType::of(client) == ClientType::Master;
                 let quiet = !at_once && {
                     let unread_input_bytes = server.unread_input_bytes(client.fd);
-                    quiet_now(client, Moment { unread_input_bytes })
+                    quiet_now(
+                        client,
+                        Moment {
+                            unread_input_bytes,
+                            ..Moment::default()
+                        },
+                    )
                 };
                 // The time given is part of the wait for a safe moment, which grace bounds.
                 let recheck_ms = PARKED_RECHECK_MS.min(self.settings().grace_ms);

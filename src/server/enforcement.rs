@@ -12,7 +12,7 @@ use redis_module::{Context, RedisValue};
 use crate::policy::audit::Reason;
 use crate::policy::client_list::ListedClient;
 use crate::policy::client_type::ClientType;
-use crate::policy::closing::{CloseMode, Look};
+use crate::policy::closing::{CloseMode, Look, Moment};
 use crate::policy::config;
 use crate::policy::pass::{PassServer, RetireNow};
 use crate::server::ffi::{self, LogLevel, monotonic_ms, monotonic_ms_ceil, monotonic_us};
@@ -150,7 +150,11 @@ fn on_event_loop(ctx: &Context, top_of_pass: bool) {
         let unread = ffi::unread_input_bytes(client.fd);
         let Some((look, reply_sent, age_ms)) = STATE.with(|policy| {
             let reply_sent = policy.closing().reply_sent(client_id);
-            let look = policy.closing().look(client, unread, now_ms, grace_ms);
+            let moment = Moment {
+                unread_input_bytes: unread,
+                unsent_output_bytes: ffi::unsent_output_bytes(client.fd),
+            };
+            let look = policy.closing().look_at(client, moment, now_ms, grace_ms);
             let age_ms = policy
                 .registry()
                 .get(client_id)

@@ -39,6 +39,23 @@ pub fn unread_input_bytes(fd: i32) -> usize {
     }
 }
 
+/// Bytes of output in a client's socket that the kernel has not sent yet (`SIOCOUTQNSD`): a
+/// reply held by the cork counts, one that has left (acknowledged or not) does not.
+pub fn unsent_output_bytes(fd: i32) -> usize {
+    if fd < 0 {
+        return 0;
+    }
+    let mut unsent: c_int = 0;
+    // SAFETY: SIOCOUTQNSD only reads the length of the send queue's unsent part into
+    // `unsent`; an fd that is not a TCP socket makes the call fail, which reads as 0.
+    let status = unsafe { libc::ioctl(fd, libc::SIOCOUTQNSD, &mut unsent) };
+    if status == 0 {
+        unsent.max(0) as usize
+    } else {
+        0
+    }
+}
+
 /// Holds a connection's output in the kernel (`TCP_CORK`) or releases it. The module corks a
 /// due client's socket just before the server writes its reply and then either closes it
 /// (the reply and the FIN leave together) or releases it at the top of the next pass, which
