@@ -50,6 +50,17 @@ fn lifetimes_of_idle_clients(server: &Server, count: usize, wait: Duration) -> V
     lifetimes
 }
 
+/// The age of each client the module retired for its max age, from the audit log.
+fn close_ages_ms(server: &Server) -> Vec<u64> {
+    server
+        .log()
+        .lines()
+        .filter(|line| line.contains("reason=max-age"))
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("age_ms=")))
+        .filter_map(|age| age.parse().ok())
+        .collect()
+}
+
 fn percentile(sorted: &[Duration], pct: f64) -> Duration {
     let rank = ((pct / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -81,13 +92,7 @@ fn idle_clients_are_closed_within_five_ms_of_their_deadline() {
         // The module's own view: the age of each client when it was closed, from the audit
         // log (every line is logged: 16 a round stays under the 40-a-second cap). The
         // client's view adds how soon the loaded machine schedules the test.
-        let mut ages: Vec<u64> = server
-            .log()
-            .lines()
-            .filter(|line| line.contains("reason=max-age"))
-            .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("age_ms=")))
-            .filter_map(|age| age.parse().ok())
-            .collect();
+        let mut ages = close_ages_ms(&server);
         ages.sort_unstable();
         let age_p99 = ages[(ages.len() * 99).div_ceil(100) - 1];
         eprintln!(
@@ -170,16 +175,10 @@ fn jitter_spreads_closes_over_the_window_and_none_is_late() {
             "{flavor:?}: a pass of {slack:?}"
         );
         assert!(min >= Duration::from_millis(900), "{flavor:?}: {min:?}");
-        // The module's own view (the audit log's ages) meets the deadline within 5 ms; the client's view adds how soon
-        // this shared 2-core machine schedules the test, which stalls 5-15 ms now and then
+        // The module's own view (the audit log's ages) meets the deadline within 5 ms; the
+        // client's view adds how soon this shared 2-core machine schedules the test, which stalls 5-15 ms now and then
         // (a CI run saw 1.022 s here on Redis 8 with threads), as in the idle test above.
-        let ages: Vec<u64> = server
-            .log()
-            .lines()
-            .filter(|line| line.contains("reason=max-age"))
-            .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("age_ms=")))
-            .filter_map(|age| age.parse().ok())
-            .collect();
+        let ages = close_ages_ms(&server);
         let latest_ms = ages.iter().copied().max().unwrap_or(0);
         eprintln!(
             "{flavor:?}: {} ages logged, the latest {latest_ms} ms",

@@ -25,32 +25,27 @@ pub fn close_client(ctx: &Context, client_id: u64) -> bool {
 /// Bytes waiting unread in a client's socket: a request the client has sent and the server has
 /// not read yet. The module lives in the server's process, so the server's fd is valid here.
 pub fn unread_input_bytes(fd: i32) -> usize {
-    if fd < 0 {
-        return 0;
-    }
-    let mut pending: c_int = 0;
-    // SAFETY: FIONREAD only reads the socket's receive-queue length into `pending`; it does not
-    // change the socket. An fd that is not a socket makes the call fail, which reads as 0.
-    let status = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut pending) };
-    if status == 0 {
-        pending.max(0) as usize
-    } else {
-        0
-    }
+    socket_queue_bytes(fd, libc::FIONREAD)
 }
 
 /// Bytes of output in a client's socket that the kernel has not sent yet (`SIOCOUTQNSD`): a
 /// reply held by the cork counts, one that has left (acknowledged or not) does not.
 pub fn unsent_output_bytes(fd: i32) -> usize {
+    socket_queue_bytes(fd, libc::SIOCOUTQNSD)
+}
+
+/// The length `request` (FIONREAD or SIOCOUTQNSD) reads of one of a socket's queues; 0 if the
+/// call fails.
+fn socket_queue_bytes(fd: i32, request: libc::c_ulong) -> usize {
     if fd < 0 {
         return 0;
     }
-    let mut unsent: c_int = 0;
-    // SAFETY: SIOCOUTQNSD only reads the length of the send queue's unsent part into
-    // `unsent`; an fd that is not a TCP socket makes the call fail, which reads as 0.
-    let status = unsafe { libc::ioctl(fd, libc::SIOCOUTQNSD, &mut unsent) };
+    let mut bytes: c_int = 0;
+    // SAFETY: both requests only read a queue's length into `bytes`; they do not change the
+    // socket. An fd that is not a TCP socket makes the call fail, which reads as 0.
+    let status = unsafe { libc::ioctl(fd, request, &mut bytes) };
     if status == 0 {
-        unsent.max(0) as usize
+        bytes.max(0) as usize
     } else {
         0
     }
