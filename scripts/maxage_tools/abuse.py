@@ -28,9 +28,9 @@ abuse runs at nice 10 for the same reason):
 
 Checks (exit status 1 when one fails, 2 on a harness error):
 - pipeline-memory: maxage_registry_bytes grows by less than --max-pipeline-growth (1 KB) over the
-  pipeline, read while its connection is still open (no other client connects meanwhile: the
-  operator's waves and the probe's connects pause, so the module's per-client table keeps its
-  size);
+  pipeline, read while its connection is still open (no other client connects or is retired
+  meanwhile: the operator's waves and the probe's connects pause and the last wave is retired
+  before the pipeline starts, so the module's per-client tables keep their size);
 - memory-per-connection: maxage_registry_bytes, less what it was just after the server started,
   never exceeds --max-bytes-per-conn (512 B) times the most clients the module has tracked so
   far (its memory is bounded by the connections it has seen, whatever they sent);
@@ -245,9 +245,11 @@ def probe_main(port, stop, quiet, out):
     out.close()
 
 
-def watcher_main(port, wave_size, stop, quiet, out):
+def watcher_main(port, wave_size, stop, quiet, settled, out):
     """Opens a wave of wave_size idle default-user connections every WAVE_PERIOD_S until stop,
-    then waits for the last ones. Sends {"closes": [(wave, opened_at, age or None)], ...}."""
+    then waits for the last ones. Sends {"closes": [(wave, opened_at, age or None)], ...}.
+    Sets settled while quiet holds and none of its connections is open: the module then has
+    no operator connection to retire (a wave retired during the pipeline churns its tables)."""
     processes.die_with_parent()
     servers.raise_open_file_limit()
     selector = selectors.DefaultSelector()
@@ -270,6 +272,8 @@ def watcher_main(port, wave_size, stop, quiet, out):
             wave += 1
             next_wave = max(next_wave + WAVE_PERIOD_S, time.monotonic())
         registered = list(selector.get_map().values())
+        if quiet.is_set() and not registered:
+            settled.set()
         if stop.is_set() and not registered:
             break
         for key in registered:
@@ -764,7 +768,7 @@ class AbuseRun:
         }
 
 
-def abuser_main(port, flavor, options, quiet, out):
+def abuser_main(port, flavor, options, quiet, settled, out):
     """The application user's abuse, in a child process at nice 10 (so that the measuring
     processes get a core first on a small box). Sends its figures and phase times."""
     processes.die_with_parent()
@@ -774,10 +778,13 @@ def abuser_main(port, flavor, options, quiet, out):
     result = {"phases": {}, "errors": run.errors}
     admin = Admin(port)
     try:
-        # No new client while the pipeline's memory is measured (quiet is set by the harness
-        # before this process starts): a wave of operator connections would grow the module's
-        # per-client table by more than the 1 KB the pipeline may. The last wave is given time
-        # to be registered first.
+        # No client connects or is retired while the pipeline's memory is measured (quiet is
+        # set by the harness before this process starts): a wave of operator connections
+        # opened or retired meanwhile grows or reshapes the module's per-client tables by more
+        # than the 1 KB the pipeline may (CI saw +2,040 B, a registry doubling, when the last
+        # wave was retired during the pipeline). So the last wave's connections are closed
+        # first (2 s after they opened), and the server is given time to register it.
+        settled.wait(timeout=WAVE_CLOSE_TIMEOUT_S)
         time.sleep(0.5)
         start = time.monotonic()
         conn, figures = run.pipeline(
@@ -962,13 +969,18 @@ class Harness:
         # Set from the end of the baseline to the end of the pipeline: no operator wave, no
         # probe connect + PING + close then.
         quiet = self.context.Event()
+        settled = self.context.Event()
         probe, probe_out = self.start(probe_main, port, stop, quiet)
         children.append(probe)
         # Without the module nothing closes the operator's connections: no waves then.
         watcher = watcher_out = None
         if not options["stock"]:
-            watcher, watcher_out = self.start(watcher_main, port, options["idle"], stop, quiet)
+            watcher, watcher_out = self.start(
+                watcher_main, port, options["idle"], stop, quiet, settled
+            )
             children.append(watcher)
+        else:
+            settled.set()
         # The first half second is the probe's and the watcher's own start.
         baseline_start = time.monotonic() + 0.5
         self.sample_until(admin, baseline_start + options["baseline_s"])
@@ -988,7 +1000,9 @@ class Harness:
             )
         }
         quiet.set()
-        abuser, abuser_out = self.start(abuser_main, port, self.flavor, abuser_options, quiet)
+        abuser, abuser_out = self.start(
+            abuser_main, port, self.flavor, abuser_options, quiet, settled
+        )
         children.append(abuser)
         # Every phase is bounded (the pipeline, the hold, the mix, 60 s to stop its threads):
         # beyond that the abuse process is stuck, which is the harness's fault.
@@ -1279,7 +1293,9 @@ def print_figures(flavor, figures, options):
             f"{_num((pipeline.get('before') or {}).get('registry_bytes'))} -> "
             f"{_num((pipeline.get('after') or {}).get('registry_bytes'))} "
             f"(+{_num(figures.get('pipeline_registry_growth'))} B), used_memory "
-            f"+{_num(figures.get('pipeline_used_memory_growth'))} B; after its close: "
+            f"+{_num(figures.get('pipeline_used_memory_growth'))} B; tracked clients "
+            f"{_num((pipeline.get('before') or {}).get('tracked_clients'))} -> "
+            f"{_num((pipeline.get('after') or {}).get('tracked_clients'))}; after its close: "
             f"{_num((figures.get('after_pipeline_close') or {}).get('registry_bytes'))} B"
         )
         memory = figures["memory"]
