@@ -124,6 +124,24 @@ pub fn whole_list_answers_lookup(
 }
 
 impl ListedClient {
+    /// Heap bytes of its text fields (each kept to a bounded prefix by the parser).
+    pub fn heap_bytes(&self) -> usize {
+        [
+            &self.addr,
+            &self.laddr,
+            &self.name,
+            &self.flags,
+            &self.capa,
+            &self.cmd,
+            &self.user,
+            &self.lib_name,
+            &self.lib_ver,
+        ]
+        .iter()
+        .map(|text| text.capacity())
+        .sum()
+    }
+
     /// The IP part of `addr`: everything before the last colon (`[::1]` for `[::1]:6379`).
     pub fn ip(&self) -> &str {
         self.addr

@@ -288,6 +288,15 @@ impl ClosingSet {
         self.armed.len()
     }
 
+    pub fn heap_bytes(&self) -> usize {
+        self.armed.capacity() * std::mem::size_of::<Armed>()
+            + self
+                .armed
+                .iter()
+                .map(|armed| armed.client.heap_bytes())
+                .sum::<usize>()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.armed.is_empty()
     }

@@ -13,7 +13,9 @@ use crate::policy::config::Settings;
 use crate::policy::notices::{Notices, OptedIn, notice_at_ms};
 use crate::policy::pacing::Pacing;
 use crate::policy::registry::{Registry, TrackedClient};
-use crate::policy::schedule::{DeadlineQueue, PassBudget, deadline_ms};
+use crate::policy::schedule::{
+    ClientTable, DeadlineQueue, PassBudget, deadline_ms, shrink_if_sparse,
+};
 use crate::policy::self_requests::SelfRequests;
 use crate::policy::thread_load::BusyCounter;
 
@@ -254,6 +256,13 @@ impl Policy {
         self.parked_rechecks.remove(&client_id);
         self.tracking_hold_since_ms.remove(&client_id);
         self.deadlines.shrink_if_sparse();
+        // A wave of graceful kills, parked pools or tracking redirects leaves these as large
+        // as the wave was.
+        shrink_if_sparse(&mut self.drain);
+        shrink_if_sparse(&mut self.closed_pending);
+        shrink_if_sparse(&mut self.retire_early);
+        shrink_if_sparse(&mut self.parked_rechecks);
+        shrink_if_sparse(&mut self.tracking_hold_since_ms);
         noticed
     }
 
@@ -700,12 +709,19 @@ impl Policy {
         self.registry.oldest().map(|c| c.age_ms(now_ms))
     }
 
-    /// Heap bytes of the per-client structures (registry, requests and deadline queues).
+    /// Heap bytes of the per-client structures (registry, requests and deadline queues, and
+    /// the sets of clients in some state), so that INFO's `registry_bytes` bounds all of them.
     pub fn heap_bytes(&self) -> usize {
         self.registry.heap_bytes()
             + self.deadlines.heap_bytes()
             + self.self_requests.heap_bytes()
             + self.notices.heap_bytes()
+            + self.closing.heap_bytes()
+            + self.drain.heap_bytes()
+            + self.closed_pending.heap_bytes()
+            + self.retire_early.heap_bytes()
+            + self.parked_rechecks.heap_bytes()
+            + self.tracking_hold_since_ms.heap_bytes()
     }
 }
 
@@ -744,6 +760,30 @@ mod tests {
             (1..=10).collect::<Vec<_>>()
         );
         assert_eq!(policy.next_wake_ms(1510), Some(1511));
+    }
+
+    #[test]
+    fn a_wave_in_every_per_client_set_is_counted_and_given_back() {
+        let mut policy = Policy::new(settings(600_000), 1, 0);
+        policy.on_connect(1, 0);
+        let quiet_bytes = policy.heap_bytes();
+        let wave: Vec<u64> = (2..=10_001).collect();
+        for client_id in &wave {
+            policy.on_connect(*client_id, 0);
+            policy.give_parked_time(*client_id);
+            policy.mark_closed(*client_id);
+        }
+        assert_eq!(policy.drain(&wave, 10), wave.len());
+        // Each set holds an entry a client: 10,000 clients cost at least 3 x 8 bytes each.
+        assert!(policy.heap_bytes() > quiet_bytes + wave.len() * 24);
+        for client_id in &wave {
+            policy.on_disconnect(*client_id);
+        }
+        assert!(
+            policy.heap_bytes() <= quiet_bytes + 2048,
+            "{} bytes left after the wave, {quiet_bytes} before",
+            policy.heap_bytes()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use crate::policy::schedule::{DeadlineQueue, shrink_if_sparse};
+use crate::policy::schedule::{ClientTable, DeadlineQueue, shrink_if_sparse};
 
 /// The keys whose invalidation is a notice start with this; adapters match on it.
 pub const KEY_PREFIX: &str = "__maxage__:notice:";
@@ -174,8 +174,7 @@ impl Notices {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.opted_in.capacity() * (std::mem::size_of::<(u64, OptedIn)>() + 1)
-            + self.look_at.heap_bytes()
+        self.opted_in.heap_bytes() + self.look_at.heap_bytes()
     }
 }
 

@@ -2,7 +2,8 @@
 
 use crate::policy::thread_load::{BusyCounter, CounterGauge};
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::Hash;
 
 /// Where in `[max_age * (1 - jitter), max_age]` a client's deadline falls.
 ///
@@ -109,18 +110,57 @@ impl DeadlineQueue {
 
     /// Heap bytes, estimated: the map's table plus a B-tree node's share per entry.
     pub fn heap_bytes(&self) -> usize {
-        const MAP_SLOT: usize = std::mem::size_of::<(u64, u64)>() + 1;
         const TREE_ENTRY: usize = std::mem::size_of::<(u64, u64)>() * 3 / 2;
-        self.deadline_of.capacity() * MAP_SLOT + self.by_deadline.len() * TREE_ENTRY
+        ClientTable::heap_bytes(&self.deadline_of) + self.by_deadline.len() * TREE_ENTRY
     }
 }
 
-/// Gives a map's memory back after a wave of disconnects, keeping headroom for the next wave
+/// The per-client hash tables (maps and sets keyed by client id), for memory accounting and
+/// shrinking after a wave of disconnects.
+pub trait ClientTable {
+    fn slots(&self) -> usize;
+    fn entries(&self) -> usize;
+    fn shrink_to_fit_entries(&mut self, entries: usize);
+    /// Heap bytes, estimated: each slot holds an entry plus a control byte.
+    fn heap_bytes(&self) -> usize;
+}
+
+impl<K: Hash + Eq, V> ClientTable for HashMap<K, V> {
+    fn slots(&self) -> usize {
+        self.capacity()
+    }
+    fn entries(&self) -> usize {
+        self.len()
+    }
+    fn shrink_to_fit_entries(&mut self, entries: usize) {
+        self.shrink_to(entries);
+    }
+    fn heap_bytes(&self) -> usize {
+        self.capacity() * (std::mem::size_of::<(K, V)>() + 1)
+    }
+}
+
+impl<K: Hash + Eq> ClientTable for HashSet<K> {
+    fn slots(&self) -> usize {
+        self.capacity()
+    }
+    fn entries(&self) -> usize {
+        self.len()
+    }
+    fn shrink_to_fit_entries(&mut self, entries: usize) {
+        self.shrink_to(entries);
+    }
+    fn heap_bytes(&self) -> usize {
+        self.capacity() * (std::mem::size_of::<K>() + 1)
+    }
+}
+
+/// Gives a table's memory back after a wave of disconnects, keeping headroom for the next wave
 /// (a few entries' worth at least, so that a server with a handful of clients keeps about as
 /// little as before the wave).
-pub fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > 16 && map.capacity() > map.len() * 4 {
-        map.shrink_to((map.len() * 2).max(8));
+pub fn shrink_if_sparse(table: &mut impl ClientTable) {
+    if table.slots() > 16 && table.slots() > table.entries() * 4 {
+        table.shrink_to_fit_entries((table.entries() * 2).max(8));
     }
 }
 

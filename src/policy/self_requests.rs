@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use crate::policy::registry::TrackedClient;
-use crate::policy::schedule::{DeadlineQueue, shrink_if_sparse};
+use crate::policy::schedule::{ClientTable, DeadlineQueue, shrink_if_sparse};
 
 #[derive(Debug, Default)]
 pub struct SelfRequests {
@@ -50,7 +50,6 @@ impl SelfRequests {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        const REQUEST_SLOT: usize = std::mem::size_of::<(u64, u64)>() + 1;
-        self.queue.heap_bytes() + self.max_age_ms.capacity() * REQUEST_SLOT
+        self.queue.heap_bytes() + self.max_age_ms.heap_bytes()
     }
 }
