@@ -9,7 +9,8 @@ sends what it may:
   (hold) while other app connections connect, AUTH, PING and close in a loop;
 - then, all at once (mixed): MAXAGE.SELF in every form (no argument, 0, 1, 10 years, garbage,
   negative, too many arguments), MULTI/EXEC/DISCARD with MAXAGE.SELF queued, 32 connections
-  that send `MAXAGE.SELF 1` then `MULTI` and wait (replaced when closed), BLPOP with short
+  that send `MAXAGE.SELF 1` then `MULTI` and wait (replaced when closed), 32 that send
+  `MAXAGE.SELF 1500` and wait (parked at their deadline; replaced when closed), BLPOP with short
   timeouts, SUBSCRIBE on RESP3 while sending commands, CLIENT TRACKING ON and BCAST with writes
   and new RESP3 connections asking `MAXAGE.SELF 1`, CLIENT SETNAME / CLIENT SETINFO LIB-NAME of
   1-8 MB, 200 connections opening and closing, and --app-idle idle app connections.
@@ -44,6 +45,11 @@ Checks (exit status 1 when one fails, 2 on a harness error):
   full-speed pipeline delays the others by about a millisecond by itself;
 - operator-on-time: every operator idle connection, in the baseline and during the abuse, is
   closed by --on-time-s (2.2 s) of age (max-age 2000, jitter 0);
+- parked-self-on-time: the app's connections that ask `MAXAGE.SELF 1500` and then stay silent
+  (32 at a time, each replaced when closed: parked at their deadline, so the module gives each
+  250 ms once) are closed no earlier than asked and by 2.15 s (asked + 250 ms + two looks
+  100 ms apart while the multi-holders fill the app's closing slots + the 200 ms of
+  --on-time-s);
 - replies: the probe lost no connection and got every reply (PONG within 5 s), and no app
   command waited 5 s for its reply;
 - alive: the server answers PING at the end (and did not exit).
@@ -94,6 +100,14 @@ PROBE_CYCLE_EVERY = 20
 # The probe waits this long for a reply; one that takes over REPLY_TIMEOUT_S is an error.
 PROBE_GIVE_UP_S = 60.0
 MULTI_HOLDERS = 32
+# Connections that ask to be closed at this age and then stay silent (parked at their deadline).
+PARKED_SELF_HOLDERS = 32
+PARKED_SELF_MS = 1500
+# The time the module gives a due connection parked in a pool, and how often due clients are
+# looked at while 32 others hold their origin's closing slots (policy/closing.rs): the
+# multi-holders hold the app's slots through the mix.
+PARKED_RECHECK_MS = 250
+FULL_LOOK_MS = 100
 CHURN_CONNECTIONS = 200
 
 SELF_FORMS = [
@@ -449,6 +463,7 @@ class AbuseRun:
         self.stop = threading.Event()
         self.errors = []
         self.rng = random.Random(seed)
+        self.parked_self_ages = []
 
     def thread(self, name, body):
         def wrapped():
@@ -510,6 +525,24 @@ class AbuseRun:
     def multi_holders(self, rng):
         """The issue's item 3: connections that fall due at once (MAXAGE.SELF 1) and then sit in
         MULTI, where the module cannot close them safely; each closed one is replaced."""
+        self.holders("multi-holders", MULTI_HOLDERS, [[b"MAXAGE.SELF", b"1"], [b"MULTI"]])
+
+    def parked_self(self, rng):
+        """Connections that ask MAXAGE.SELF PARKED_SELF_MS and then say nothing: at their
+        deadline they look parked in a pool (a command run, idle a second), so the module gives
+        each PARKED_RECHECK_MS once before closing it (policy/pass.rs); each closed one is
+        replaced. Their ages at close (from the request's reply) are checked."""
+        self.holders(
+            "parked-self",
+            PARKED_SELF_HOLDERS,
+            [[b"MAXAGE.SELF", str(PARKED_SELF_MS).encode()]],
+            self.parked_self_ages,
+        )
+
+    def holders(self, scenario, count, commands, close_ages=None):
+        """count connections that each send AUTH and commands in one write, read the replies
+        and then wait without a word; each one the server closes is replaced (its age from the
+        last reply goes to close_ages)."""
         selector = selectors.DefaultSelector()
         counts = self.counts
 
@@ -518,26 +551,25 @@ class AbuseRun:
             try:
                 conn.send(
                     encode([b"AUTH", APP_USER, APP_PASSWORD])
-                    + encode([b"MAXAGE.SELF", b"1"])
-                    + encode([b"MULTI"])
+                    + b"".join(encode(argv) for argv in commands)
                 )
-                for _ in range(3):
+                for _ in range(1 + len(commands)):
                     if isinstance(conn.read_reply(REPLY_TIMEOUT_S), RespError):
-                        counts.add("multi-holders", "error_replies")
+                        counts.add(scenario, "error_replies")
             except ConnClosed:
-                counts.add("multi-holders", "closed_awaiting_reply")
+                counts.add(scenario, "closed_awaiting_reply")
                 conn.close()
                 return
             except ReplyTimeout:
-                counts.add("multi-holders", "reply_timeouts")
+                counts.add(scenario, "reply_timeouts")
                 conn.close()
                 return
-            counts.add("multi-holders", "connects")
+            counts.add(scenario, "connects")
             conn.sock.setblocking(False)
-            selector.register(conn.sock, selectors.EVENT_READ, conn)
+            selector.register(conn.sock, selectors.EVENT_READ, (conn, time.monotonic()))
 
         while not self.stop.is_set():
-            missing = MULTI_HOLDERS - len(selector.get_map())
+            missing = count - len(selector.get_map())
             for _ in range(missing):
                 if self.stop.is_set():
                     break
@@ -551,11 +583,14 @@ class AbuseRun:
                     data = b""
                 if data:
                     continue
+                conn, replied_at = key.data
+                if close_ages is not None:
+                    close_ages.append(time.monotonic() - replied_at)
                 selector.unregister(key.fileobj)
-                key.data.close()
-                counts.add("multi-holders", "closed_by_server")
+                conn.close()
+                counts.add(scenario, "closed_by_server")
         for key in list(selector.get_map().values()):
-            key.data.close()
+            key.data[0].close()
 
     def blpop(self, rng, index):
         """BLPOP with short timeouts, some after MAXAGE.SELF 1 (blocked when due), some served
@@ -816,6 +851,7 @@ def abuser_main(port, flavor, options, quiet, settled, out):
             "self-forms": run.forms,
             "multi": run.multi,
             "multi-holders": run.multi_holders,
+            "parked-self": run.parked_self,
             "blpop-0": lambda rng: run.blpop(rng, 0),
             "blpop-1": lambda rng: run.blpop(rng, 1),
             "pubsub-resp3": run.pubsub,
@@ -852,6 +888,7 @@ def abuser_main(port, flavor, options, quiet, settled, out):
     admin.close()
     result["admin_missed_reads"] = admin.missed
     result["counts"] = run.counts.as_dict()
+    result["parked_self_ages"] = run.parked_self_ages
     out.send(result)
     out.close()
 
@@ -1096,6 +1133,13 @@ class Harness:
             "baseline": close_summary(closes, (0.0, baseline[1]), True, options["on_time_s"]),
             "abuse": close_summary(closes, abuse, False, options["on_time_s"]),
         }
+        # The app's own parked connections (MAXAGE.SELF, then silent).
+        ages = abuse_result.get("parked_self_ages", [])
+        out["parked_self"] = {
+            "n": len(ages),
+            "min_s": min(ages) if ages else None,
+            "max_s": max(ages) if ages else None,
+        }
         out["app_counts"] = abuse_result.get("counts", {})
         out["checks"] = self.checks(out)
         return out
@@ -1158,6 +1202,26 @@ class Harness:
                 + " / ".join(_num(a, "{:.3f}") + " s" for a in ages)
                 + f" (baseline / abuse), {sum(late)} of {counted} late",
                 f"<= {options['on_time_s']} s",
+            )
+            # Closed no earlier than asked, and no later than asked plus the time a parked
+            # connection is given, two looks while the slots are full (at the deadline and
+            # after the time given) and the operator's on-time allowance.
+            parked = out["parked_self"]
+            asked_s = PARKED_SELF_MS / 1000
+            latest_s = (
+                asked_s
+                + (PARKED_RECHECK_MS + 2 * FULL_LOOK_MS) / 1000
+                + options["on_time_s"]
+                - MAX_AGE_MS / 1000
+            )
+            check(
+                "parked-self-on-time",
+                parked["n"] > 0
+                and parked["min_s"] >= asked_s - 0.005
+                and parked["max_s"] <= latest_s,
+                f"{parked['n']} closed at {_num(parked['min_s'], '{:.3f}')}-"
+                f"{_num(parked['max_s'], '{:.3f}')} s after asking {asked_s:.1f} s",
+                f"{asked_s:.1f}-{latest_s:.2f} s",
             )
         app_timeouts = sum(c.get("reply_timeouts", 0) for c in out["app_counts"].values())
         probe_errors = len(out["probe_errors"])

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use crate::policy::audit::{Origin, Reason};
 use crate::policy::client_list::ListedClient;
 use crate::policy::client_type::ClientType;
-use crate::policy::closing::ClosingSet;
+use crate::policy::closing::{ClosingSet, FULL_LOOK_MS};
 use crate::policy::config::Settings;
 use crate::policy::notices::{Notices, OptedIn, notice_at_ms};
 use crate::policy::pacing::Pacing;
@@ -111,6 +111,9 @@ pub struct Policy {
     seed: u64,
     /// Connections that asked to be told before their deadline (`MAXAGE.NOTICE`).
     notices: Notices,
+    /// While an origin's closing slots are full: when its due clients may next be looked at
+    /// (`FULL_LOOK_MS`), the operator's then the clients' own.
+    full_look_at_ms: [u64; 2],
 }
 
 impl Policy {
@@ -137,6 +140,32 @@ impl Policy {
             parked_rechecks: HashSet::new(),
             seed,
             notices: Notices::default(),
+            full_look_at_ms: [0; 2],
+        }
+    }
+
+    /// Whether the due clients of an origin whose slots are full may be looked at now (one
+    /// batch, for those quiet now); if so, the next such look is `FULL_LOOK_MS` later.
+    pub fn look_while_full(&mut self, origin: Origin, now_ms: u64) -> bool {
+        let look_at_ms = &mut self.full_look_at_ms[origin as usize];
+        if now_ms < *look_at_ms {
+            return false;
+        }
+        *look_at_ms = now_ms + FULL_LOOK_MS;
+        true
+    }
+
+    /// The next pass may look at the due clients of a full set again at once.
+    pub fn look_again_while_full(&mut self, origin: Origin) {
+        self.full_look_at_ms[origin as usize] = 0;
+    }
+
+    /// When the next wake-up is due for an origin's queue whose next entry is at `due_ms`.
+    fn wake_for(&self, origin: Origin, due_ms: u64) -> u64 {
+        if self.closing.has_room(origin) {
+            due_ms
+        } else {
+            due_ms.max(self.full_look_at_ms[origin as usize])
         }
     }
 
@@ -610,6 +639,14 @@ impl Policy {
         self.parked_rechecks.remove(&client_id)
     }
 
+    /// A client looked at but put back without a decision (no budget or slot left in this
+    /// pass) keeps the time it was given, so that it is not given time twice.
+    pub fn keep_parked_time(&mut self, client_id: u64, given_time_already: bool) {
+        if given_time_already {
+            self.parked_rechecks.insert(client_id);
+        }
+    }
+
     /// Clients an operator's graceful kill scheduled that are still connected.
     pub fn clients_draining(&self) -> usize {
         self.drain.len()
@@ -664,8 +701,7 @@ impl Policy {
             .self_requests
             .queue
             .next_deadline()
-            .filter(|_| self.closing.has_room(Origin::Client))
-            .map(|(deadline, _)| deadline.max(now_ms));
+            .map(|(deadline, _)| self.wake_for(Origin::Client, deadline).max(now_ms));
         let notice = self
             .notices
             .next_look_ms()
@@ -678,11 +714,9 @@ impl Policy {
     }
 
     fn next_operator_wake_ms(&mut self, now_ms: u64) -> Option<u64> {
-        if !self.closing.has_room(Origin::Operator) {
-            return None;
-        }
         let (deadline, _) = self.deadlines.next_deadline()?;
-        Some(self.pacing.next_look_ms(deadline, now_ms))
+        let look_ms = self.pacing.next_look_ms(deadline, now_ms);
+        Some(self.wake_for(Origin::Operator, look_ms))
     }
 
     pub fn next_deadline_ms(&self) -> Option<u64> {

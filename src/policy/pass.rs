@@ -110,13 +110,40 @@ impl Policy {
         outcome: &mut PassOutcome,
         look_again: &mut Vec<(u64, u64, Origin)>,
     ) -> bool {
+        let closes = |outcome: &PassOutcome| outcome.close_quiet.len() + outcome.retire_now.len();
+        let closes_before = closes(outcome);
+        let drained = self.work_queue(origin, now_ms, budget, server, outcome, look_again);
+        if closes(outcome) > closes_before {
+            // A look at a full set that closed clients quiet now may have stopped at the
+            // pass's budget with more of them due: the next pass looks again at once (each such
+            // look closes one at least, so these look-ups are bounded by the closes).
+            self.look_again_while_full(origin);
+        }
+        drained
+    }
+
+    fn work_queue(
+        &mut self,
+        origin: Origin,
+        now_ms: u64,
+        budget: PassBudget,
+        server: &mut impl PassServer,
+        outcome: &mut PassOutcome,
+        look_again: &mut Vec<(u64, u64, Origin)>,
+    ) -> bool {
         let operators = origin == Origin::Operator;
         let observe_only = operators && self.settings().observe_only;
         let mut closed = 0;
+        // Whether this pass is the FULL_LOOK_MS look at the due clients of a full set (then it
+        // goes on within the pass's budget, closing those quiet now).
+        let mut looking_while_full = false;
         while closed < budget.closes && server.elapsed_us() < budget.micros {
-            if !self.closing().has_room(origin) {
-                // Full: a slot freed re-arms the wake-up (`next_wake_ms`).
-                return false;
+            if !looking_while_full && !self.closing().has_room(origin) {
+                if !self.look_while_full(origin, now_ms) {
+                    // A slot freed, or FULL_LOOK_MS later, re-arms the wake-up (`next_wake_ms`).
+                    return false;
+                }
+                looking_while_full = true;
             }
             let mut may_close = budget.closes - closed;
             if operators && !self.backlog_past_slack(now_ms) {
@@ -192,7 +219,12 @@ impl Policy {
                     outcome.parked_given_time += 1;
                     continue;
                 }
-                if !at_once && !self.closing().has_room(origin) {
+                // Only a client that must wait for its moment takes a slot: one quiet now is
+                // closed whatever the set holds (32 connections sitting in MULTI past their
+                // deadline, which an application user can open, would otherwise hold every
+                // quiet due client of their origin until grace ran out).
+                if !at_once && !quiet && !self.closing().has_room(origin) {
+                    self.keep_parked_time(*client_id, given_time_already);
                     look_again.push((*client_id, now_ms + FULL_RETRY_MS, origin));
                     continue;
                 }
@@ -201,6 +233,8 @@ impl Policy {
                     !self.try_take_token(now_ms, deadline_ms)
                 };
                 if closed >= budget.closes || paced_out {
+                    // Put back for a later pass: the time it was given still counts then.
+                    self.keep_parked_time(*client_id, given_time_already);
                     if operators {
                         self.hold_back(now_ms);
                         outcome.pacing_delays += 1;
@@ -249,7 +283,7 @@ pub fn may_receive_invalidations(client: &ListedClient) -> bool {
 mod tests {
     use super::*;
     use crate::policy::client_list::parse_client_line;
-    use crate::policy::closing::MAX_CLOSING;
+    use crate::policy::closing::{FULL_LOOK_MS, MAX_CLOSING};
     use crate::policy::config::Settings;
     use crate::policy::schedule::FULL_PASS;
 
@@ -359,6 +393,31 @@ mod tests {
     }
 
     #[test]
+    fn a_full_closing_set_does_not_hold_back_a_client_quiet_now() {
+        let mut policy = Policy::new(settings(100, 0), 1, 0);
+        let busy = MAX_CLOSING as u64;
+        for id in 1..=busy + 2 {
+            policy.on_connect(id, 0);
+        }
+        // The first MAX_CLOSING have a request waiting: they fill the set. Of the last two,
+        // one never sent a command (quiet now) and one has a request waiting.
+        let mut server = FakeServer {
+            parked: vec![busy + 1],
+            unread: (1..=busy).chain([busy + 2]).collect(),
+            ..FakeServer::default()
+        };
+        let budget = PassBudget {
+            closes: usize::MAX,
+            ..FULL_PASS
+        };
+        let outcome = policy.run_pass(100, budget, &mut server);
+        let closed: Vec<u64> = outcome.close_quiet.iter().map(|r| r.client.id).collect();
+        assert_eq!(closed, vec![busy + 1]);
+        assert_eq!(outcome.armed, MAX_CLOSING);
+        assert!(!policy.closing().contains(busy + 2));
+    }
+
+    #[test]
     fn parked_clients_with_nothing_in_flight_are_closed_in_the_pass() {
         let mut policy = Policy::new(settings(100, 0), 1, 0);
         for id in 1..=4 {
@@ -377,6 +436,45 @@ mod tests {
         assert_eq!(outcome.armed, 3);
         assert!(!policy.closing().contains(1) && policy.closing().contains(2));
         assert_eq!(server.lists, 1);
+    }
+
+    #[test]
+    fn parked_clients_put_back_for_want_of_budget_are_not_given_time_twice() {
+        let mut policy = Policy::new(
+            Settings {
+                grace_ms: 1000,
+                ..settings(100, 0)
+            },
+            1,
+            0,
+        );
+        let wave = 3 * FULL_PASS.closes as u64;
+        for id in 1..=wave {
+            policy.on_connect(id, 0);
+        }
+        let mut server = FakeServer {
+            pooled: (1..=wave).collect(),
+            ..FakeServer::default()
+        };
+        let mut given = 0;
+        let mut now = 100;
+        while given < wave {
+            given += policy
+                .run_pass(now, FULL_PASS, &mut server)
+                .parked_given_time;
+            now += 1;
+        }
+        // Their time is up: FULL_PASS.closes a pass, and none is given time again.
+        let mut closed = 0;
+        now = 100 + PARKED_RECHECK_MS;
+        while closed < wave as usize {
+            let outcome = policy.run_pass(now, FULL_PASS, &mut server);
+            assert_eq!(outcome.parked_given_time, 0, "at {now}");
+            assert!(outcome.close_quiet.len() <= FULL_PASS.closes);
+            closed += outcome.close_quiet.len();
+            now += 1;
+        }
+        assert_eq!(now, 100 + PARKED_RECHECK_MS + 3);
     }
 
     #[test]
@@ -458,15 +556,26 @@ mod tests {
             policy.run_pass(now, FULL_PASS, &mut server);
             now += 1;
         }
+        // Full: the 5 waiting are looked at once a FULL_LOOK_MS (to close those quiet now),
+        // not at every event-loop pass.
         let lookups = server.looked_up;
-        assert_eq!(policy.run_pass(now, FULL_PASS, &mut server).armed, 0);
-        assert_eq!(server.looked_up, lookups, "nobody is looked up while full");
-        let later = now + FULL_RETRY_MS;
-        assert_eq!(policy.clients_due(later), 5);
-        // They wait for a slot, not for the next event-loop pass.
-        assert_eq!(policy.next_wake_ms(later), None);
+        let end = now + 2 * FULL_LOOK_MS;
+        while now < end {
+            assert_eq!(policy.run_pass(now, FULL_PASS, &mut server).armed, 0);
+            now += 1;
+        }
+        assert!(
+            server.looked_up - lookups <= 2 * 5,
+            "{}",
+            server.looked_up - lookups
+        );
+        assert_eq!(policy.clients_due(now + FULL_RETRY_MS), 5);
+        let wake_ms = policy.next_wake_ms(now).unwrap();
+        assert!(wake_ms <= now + FULL_LOOK_MS, "{wake_ms} at {now}");
+        // A slot freed: they are armed as soon as they are due.
         policy.on_disconnect(1);
-        assert_eq!(policy.next_wake_ms(later), Some(later));
+        let later = now + FULL_RETRY_MS;
+        assert!(policy.next_wake_ms(later).unwrap() <= later);
         assert_eq!(policy.run_pass(later, FULL_PASS, &mut server).armed, 1);
     }
 
