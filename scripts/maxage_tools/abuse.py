@@ -1134,11 +1134,13 @@ class Harness:
             "abuse": close_summary(closes, abuse, False, options["on_time_s"]),
         }
         # The app's own parked connections (MAXAGE.SELF, then silent).
-        ages = abuse_result.get("parked_self_ages", [])
+        ages = sorted(abuse_result.get("parked_self_ages", []))
         out["parked_self"] = {
             "n": len(ages),
-            "min_s": min(ages) if ages else None,
-            "max_s": max(ages) if ages else None,
+            "min_s": ages[0] if ages else None,
+            "p50_s": ages[len(ages) // 2] if ages else None,
+            "p99_s": ages[min(len(ages) - 1, len(ages) * 99 // 100)] if ages else None,
+            "max_s": ages[-1] if ages else None,
         }
         out["app_counts"] = abuse_result.get("counts", {})
         out["checks"] = self.checks(out)
@@ -1220,7 +1222,8 @@ class Harness:
                 and parked["min_s"] >= asked_s - 0.005
                 and parked["max_s"] <= latest_s,
                 f"{parked['n']} closed at {_num(parked['min_s'], '{:.3f}')}-"
-                f"{_num(parked['max_s'], '{:.3f}')} s after asking {asked_s:.1f} s",
+                f"{_num(parked['max_s'], '{:.3f}')} s (p50 {_num(parked['p50_s'], '{:.3f}')})"
+                f" after asking {asked_s:.1f} s",
                 f"{asked_s:.1f}-{latest_s:.2f} s",
             )
         app_timeouts = sum(c.get("reply_timeouts", 0) for c in out["app_counts"].values())

@@ -94,9 +94,9 @@ pub const HELD_POLL_MS: u64 = 10;
 /// again at every pass: Valkey's I/O threads write a pass's replies after the module's
 /// before-sleep hook, so at the top of the next pass the write may still be under way.
 pub const REPLY_WRITE_WAIT_MS: u64 = 10;
-/// How soon a client that found the set full is looked at again.
-pub const FULL_RETRY_MS: u64 = 10;
-/// While an origin's slots are full, its due clients are still looked at, one batch this often:
+/// While an origin's slots are full, its due clients are still looked at, one pass this often
+/// (and a client found not quiet then goes to the back of the queue, this much later, so that
+/// at each look those not yet looked at come first):
 /// one quiet now is closed without a slot, so clients that hold their slots (32 connections
 /// left in MULTI past their deadline, which an application user can open) do not keep the
 /// others of their origin waiting until grace runs out (the abuse harness saw 5.2 s for a

@@ -11,7 +11,7 @@ use crate::policy::audit::{Origin, Reason};
 use crate::policy::client_list::ListedClient;
 use crate::policy::client_type::ClientType;
 use crate::policy::closing::{
-    CloseMode, FULL_RETRY_MS, Moment, PARKED_RECHECK_MS, may_be_handed_out, quiet_now,
+    CloseMode, FULL_LOOK_MS, Moment, PARKED_RECHECK_MS, may_be_handed_out, quiet_now,
 };
 use crate::policy::decisions::{Decision, Policy};
 use crate::policy::schedule::PassBudget;
@@ -225,7 +225,7 @@ impl Policy {
                 // quiet due client of their origin until grace ran out).
                 if !at_once && !quiet && !self.closing().has_room(origin) {
                     self.keep_parked_time(*client_id, given_time_already);
-                    look_again.push((*client_id, now_ms + FULL_RETRY_MS, origin));
+                    look_again.push((*client_id, now_ms + FULL_LOOK_MS, origin));
                     continue;
                 }
                 let paced_out = operators && {
@@ -283,7 +283,7 @@ pub fn may_receive_invalidations(client: &ListedClient) -> bool {
 mod tests {
     use super::*;
     use crate::policy::client_list::parse_client_line;
-    use crate::policy::closing::{FULL_LOOK_MS, MAX_CLOSING};
+    use crate::policy::closing::MAX_CLOSING;
     use crate::policy::config::Settings;
     use crate::policy::schedule::FULL_PASS;
 
@@ -569,12 +569,12 @@ mod tests {
             "{}",
             server.looked_up - lookups
         );
-        assert_eq!(policy.clients_due(now + FULL_RETRY_MS), 5);
+        assert_eq!(policy.clients_due(now + FULL_LOOK_MS), 5);
         let wake_ms = policy.next_wake_ms(now).unwrap();
         assert!(wake_ms <= now + FULL_LOOK_MS, "{wake_ms} at {now}");
         // A slot freed: they are armed as soon as they are due.
         policy.on_disconnect(1);
-        let later = now + FULL_RETRY_MS;
+        let later = now + FULL_LOOK_MS;
         assert!(policy.next_wake_ms(later).unwrap() <= later);
         assert_eq!(policy.run_pass(later, FULL_PASS, &mut server).armed, 1);
     }
