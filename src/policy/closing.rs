@@ -94,14 +94,14 @@ pub const HELD_POLL_MS: u64 = 10;
 /// again at every pass: Valkey's I/O threads write a pass's replies after the module's
 /// before-sleep hook, so at the top of the next pass the write may still be under way.
 pub const REPLY_WRITE_WAIT_MS: u64 = 10;
-/// While an origin's slots are full, its due clients are still looked at, one pass this often
-/// (and a client found not quiet then goes to the back of the queue, this much later, so that
-/// at each look those not yet looked at come first):
-/// one quiet now is closed without a slot, so clients that hold their slots (32 connections
-/// left in MULTI past their deadline, which an application user can open) do not keep the
-/// others of their origin waiting until grace runs out (the abuse harness saw 5.2 s for a
-/// 1.5 s request), and the look-ups stay bounded however many clients wait: at most
-/// `LOOKUP_BATCH` ten times a second (on Redis 8 with I/O threads a look-up pauses a thread).
+/// While an origin's slots are full, its due clients are still looked at, one pass this often,
+/// and those quiet now are closed without a slot: clients that hold their slots (32
+/// connections left in MULTI past their deadline, which an application user can open) would
+/// otherwise keep the others of their origin waiting until grace ran out (the abuse harness saw
+/// 5.2 s for a 1.5 s request). A client found busy then goes to the back of the queue, this
+/// much later, so that each look starts with those not looked at yet. The look-ups stay bounded
+/// however many clients wait: one pass's budget ten times a second (on Redis 8 with I/O
+/// threads each look-up pauses a thread).
 pub const FULL_LOOK_MS: u64 = 100;
 /// A due client that sends no request for this long is closed while idle. An idle close races
 /// a request the application sends in the microseconds around the FIN (its pool checked the

@@ -144,8 +144,8 @@ impl Policy {
         }
     }
 
-    /// Whether the due clients of an origin whose slots are full may be looked at now (one
-    /// batch, for those quiet now); if so, the next such look is `FULL_LOOK_MS` later.
+    /// Whether the due clients of an origin whose slots are full may be looked at now (in this
+    /// pass, for those quiet now); if so, the next such look is `FULL_LOOK_MS` later.
     pub fn look_while_full(&mut self, origin: Origin, now_ms: u64) -> bool {
         let look_at_ms = &mut self.full_look_at_ms[origin as usize];
         if now_ms < *look_at_ms {
