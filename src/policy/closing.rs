@@ -244,7 +244,7 @@ impl ClosingSet {
         if unread(self.armed[position].client.fd) > 0 {
             return None;
         }
-        let armed = self.armed.remove(position);
+        let armed = self.take(position);
         Some((armed.client, armed.on_time))
     }
 
@@ -264,7 +264,7 @@ impl ClosingSet {
     /// caller must release.
     pub fn remove(&mut self, client_id: u64) -> Option<i32> {
         let position = self.armed.iter().position(|a| a.client.id == client_id)?;
-        let armed = self.armed.remove(position);
+        let armed = self.take(position);
         (armed.phase == Phase::ReplySent).then_some(armed.client.fd)
     }
 
@@ -279,7 +279,22 @@ impl ClosingSet {
             }
             kept
         });
+        self.shrink_if_sparse();
         corked
+    }
+
+    fn take(&mut self, position: usize) -> Armed {
+        let armed = self.armed.remove(position);
+        self.shrink_if_sparse();
+        armed
+    }
+
+    /// An armed client takes a few hundred bytes (the server's view of it): after a wave the
+    /// set gives them back, as the registry does.
+    fn shrink_if_sparse(&mut self) {
+        if self.armed.capacity() > 4 && self.armed.capacity() > self.armed.len() * 4 {
+            self.armed.shrink_to(self.armed.len() * 2);
+        }
     }
 
     /// Every socket the module holds corked (to release them all at unload).
@@ -451,7 +466,7 @@ impl ClosingSet {
             Look::Keep
         };
         if verdict != Look::Keep {
-            self.armed.remove(position);
+            self.take(position);
         }
         verdict
     }
@@ -673,6 +688,13 @@ mod tests {
         assert!(!set.has_room(Origin::Client) && !set.has_room(Origin::Operator));
         set.remove(999);
         assert!(set.has_room(Origin::Operator) && !set.has_room(Origin::Client));
+        // Emptied, it gives its memory back.
+        let full_bytes = set.heap_bytes();
+        for id in (1..MAX_CLOSING as u64).chain(1000..1000 + MAX_CLOSING as u64) {
+            set.remove(id);
+        }
+        assert!(set.is_empty());
+        assert!(set.heap_bytes() * 8 < full_bytes, "{} of {full_bytes}", set.heap_bytes());
     }
 
     #[test]
