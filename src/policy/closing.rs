@@ -694,7 +694,11 @@ mod tests {
             set.remove(id);
         }
         assert!(set.is_empty());
-        assert!(set.heap_bytes() * 8 < full_bytes, "{} of {full_bytes}", set.heap_bytes());
+        assert!(
+            set.heap_bytes() * 8 < full_bytes,
+            "{} of {full_bytes}",
+            set.heap_bytes()
+        );
     }
 
     #[test]
