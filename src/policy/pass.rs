@@ -110,27 +110,6 @@ impl Policy {
         outcome: &mut PassOutcome,
         look_again: &mut Vec<(u64, u64, Origin)>,
     ) -> bool {
-        let closes = |outcome: &PassOutcome| outcome.close_quiet.len() + outcome.retire_now.len();
-        let closes_before = closes(outcome);
-        let drained = self.work_queue(origin, now_ms, budget, server, outcome, look_again);
-        if closes(outcome) > closes_before {
-            // A look at a full set that closed clients quiet now may have stopped at the
-            // pass's budget with more of them due: the next pass looks again at once (each such
-            // look closes one at least, so these look-ups are bounded by the closes).
-            self.look_again_while_full(origin);
-        }
-        drained
-    }
-
-    fn work_queue(
-        &mut self,
-        origin: Origin,
-        now_ms: u64,
-        budget: PassBudget,
-        server: &mut impl PassServer,
-        outcome: &mut PassOutcome,
-        look_again: &mut Vec<(u64, u64, Origin)>,
-    ) -> bool {
         let operators = origin == Origin::Operator;
         let observe_only = operators && self.settings().observe_only;
         let mut closed = 0;
@@ -257,6 +236,11 @@ impl Policy {
                     } else {
                         outcome.close_quiet.push(retirement);
                     }
+                    // A look at a full set that closes clients quiet now may stop at the
+                    // pass's budget with more of them due: the next pass looks again at once
+                    // (each such look closes one at least, so these look-ups are bounded by the
+                    // closes).
+                    self.look_again_while_full(origin);
                 } else {
                     let mode = server.close_mode(client);
                     self.closing()
